@@ -33,7 +33,12 @@ class DatasetError(RetrainerError):
 
 
 class ImageError(RetrainerError):
-    """One image could not be decoded."""
+    """One image could not be read or decoded; ``reason`` says why, without the name."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 class ModelDirError(RetrainerError):

@@ -1,0 +1,53 @@
+"""Bottlenecks: backbone outputs, computed once per image content and cached on disk."""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
+
+from ..sources.base import ImageRecord, Skipped
+from .cache import BottleneckCache, default_cache_dir
+from .local import LocalEngine, default_workers
+
+__all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records"]
+
+
+def get_engine(name: str = "local", **options: object):
+    """The extraction engine by name; every engine fills the same cache."""
+    if name == "local":
+        return LocalEngine(**options)  # type: ignore[arg-type]
+    from ..errors import RetrainerError
+
+    raise RetrainerError(f"unknown engine {name!r}.", "Use 'local'.")
+
+
+def content_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_records(records: Sequence[ImageRecord], workers: int | None = None
+                 ) -> tuple[list[str | None], list[Skipped]]:
+    """SHA-256 of every record's bytes (None where it cannot be read), in record order."""
+    from ..progress import bar
+
+    def one(rec: ImageRecord) -> str | Skipped:
+        try:
+            data = rec.read()
+        except OSError as exc:
+            return Skipped(rec.display, f"cannot read ({exc.strerror or exc})")
+        if not data:
+            return Skipped(rec.display, "empty file")
+        return content_key(data)
+
+    keys: list[str | None] = []
+    skipped: list[Skipped] = []
+    with ThreadPoolExecutor(workers or default_workers()) as pool, \
+            bar(len(records), "reading images") as progress:
+        for result in pool.map(one, records, chunksize=16):
+            if isinstance(result, Skipped):
+                keys.append(None)
+                skipped.append(result)
+            else:
+                keys.append(result)
+            progress.update(1)
+    return keys, skipped

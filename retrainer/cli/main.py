@@ -1,0 +1,130 @@
+"""The root command: lazy subcommands, verbosity, and one place that turns errors into exits.
+
+Subcommands are imported only when named, so ``retrainer --help`` never imports TensorFlow.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from ..errors import RetrainerError
+
+#: name -> "module:attribute" of each subcommand.
+COMMANDS = {
+    "train": "retrainer.cli.train:train",
+    "label": "retrainer.cli.label:label",
+    "evaluate": "retrainer.cli.evaluate:evaluate",
+    "backbones": "retrainer.cli.backbones:backbones",
+}
+
+EXIT_INTERRUPTED = 130
+
+
+class LazyGroup(click.Group):
+    """A group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, _, attr = target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and name not in COMMANDS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            ctx.fail(f"No such command '{name}'.{hint}")
+        return super().resolve_command(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RetrainerError as exc:
+            if _debug(ctx):
+                traceback.print_exc()
+            click.echo(f"Error: {exc.message}", err=True)
+            if exc.hint:
+                click.echo(exc.hint, err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: unexpected {type(exc).__name__}: {exc}", err=True)
+            click.echo("Run again with --debug for the traceback, and please report it.", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear progress bars apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            msg = self.format(record)
+            if record.levelno >= logging.WARNING:
+                msg = f"{record.levelname.lower()}: {msg}"
+            tqdm.write(msg, file=sys.stderr)
+        except Exception:  # noqa: BLE001
+            self.handleError(record)
+
+
+def configure_output(verbose: int, quiet: bool) -> None:
+    """-q: warnings and errors only, no bars; -v: debug; -vv: TensorFlow's own logs too."""
+    from .. import progress
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    progress.enabled = False if quiet else None
+    logger = logging.getLogger("retrainer")
+    logger.handlers[:] = [_TqdmHandler()]
+    logger.setLevel(level)
+    logger.propagate = False
+    if verbose < 2:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
+        for name in ("tensorflow", "absl", "keras"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
+                                              "auto_envvar_prefix": "RETRAINER"})
+@click.version_option(package_name="retrainer")
+@click.option("-v", "--verbose", count=True, help="More detail (-vv: TensorFlow's logs too).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors; no progress bars.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """Retrain an image classifier on your own folder of labelled photos.
+
+    \b
+      retrainer train --image-dir photos/     # one sub-folder per class
+      retrainer label photo.jpg               # top-5 labels with scores
+    """
+    ctx.obj = {"debug": debug, "verbose": verbose, "quiet": quiet}
+    configure_output(verbose, quiet)
+
+
+def main() -> None:
+    cli(prog_name="retrainer")

@@ -1,0 +1,94 @@
+"""``retrainer train``."""
+from __future__ import annotations
+
+import click
+
+from ..config import HeadConfig, TrainConfig
+from .common import echo_json, json_option
+
+_T = TrainConfig()
+_H = HeadConfig()
+
+
+def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not 0 <= value < 100:
+        raise click.BadParameter("must be between 0 and 100.")
+    return value
+
+
+@click.command()
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder with one sub-folder of images per class (or train/ val/ test/ folders).")
+@click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
+              help="Where the model, labels and metadata are written.")
+@click.option("--architecture", default=_T.architecture, show_default=True,
+              help="Backbone name (see 'retrainer backbones') or the path of a .keras model.")
+@click.option("--weights", default=None,
+              help="Local weights file for the backbone, or 'random' (default: its pretrained weights).")
+@click.option("--feature-layer", default=None,
+              help="With a .keras model: the layer whose output is the bottleneck.")
+@click.option("--bottleneck-dir", type=click.Path(file_okay=False), default=None,
+              help="Bottleneck cache folder (default: the user cache dir).")
+@click.option("--validation-percentage", default=_T.validation_percentage, show_default=True,
+              type=float, callback=_percentage, help="Share of images used for validation.")
+@click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
+              type=float, callback=_percentage, help="Share of images used for the final test.")
+@click.option("--learning-rate", default=_H.learning_rate, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--epochs", default=_H.epochs, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="Training steps (batches) instead of --epochs.")
+@click.option("--batch-size", default=_H.batch_size, show_default=True, type=click.IntRange(min=1),
+              help="Head training batch size.")
+@click.option("--seed", default=_H.seed, show_default=True, type=int, help="Seed for everything random.")
+@click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
+              type=click.IntRange(min=1), help="Images per backbone forward pass.")
+@click.option("--workers", default=None, type=click.IntRange(min=1), help="Image decoding threads.")
+@click.option("--output-graph", type=click.Path(dir_okay=False), default=None,
+              help="Explicit path for the frozen graph (retrain.py's --output_graph).")
+@click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
+              help="Explicit path for the labels file (retrain.py's --output_labels).")
+@click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
+@json_option
+def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
+          batch_size: int, **options: object) -> None:
+    """Train a new classifier head on a pretrained backbone and export it.
+
+    \b
+      retrainer train --image-dir cats/ --architecture efficientnet_lite0
+    """
+    from ..training import train as run_train
+
+    head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
+                      batch_size=batch_size, seed=seed)
+    config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
+    result = run_train(config)
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    _print_summary(result, config)
+
+
+def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
+    echo = click.echo
+    if result.skipped:
+        echo(f"Skipped {len(result.skipped)} unusable file(s):")
+        for s in result.skipped:
+            echo(f"  {s.name}: {s.reason}")
+    echo(f"Bottlenecks: {result.bottlenecks_computed} computed, {result.bottlenecks_cached} cached")
+    if result.validation_accuracy is not None:
+        n_val = sum(result.counts["validation"].values())
+        echo(f"Best epoch {result.best_epoch}: validation accuracy "
+             f"{result.validation_accuracy:.4f} (N={n_val})")
+    test = result.test
+    if test and test.n:
+        echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")
+        for label in result.labels:
+            row = test.per_class[label]
+            if row["support"]:
+                echo(f"  {label}: {row['recall']:.3f} (N={row['support']})")
+        if config.print_misclassified:
+            echo("Misclassified test images:")
+            for m in test.misclassified:
+                echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
+    echo(f"Exported to {config.output_dir}: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(result.outputs.items())))

@@ -1,0 +1,53 @@
+"""Every default in one place: the CLI reads its option defaults from these dataclasses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HeadConfig:
+    """How the new softmax head is trained on cached bottlenecks."""
+
+    learning_rate: float = 0.001
+    epochs: int = 40
+    steps: int | None = None  # when set, overrides epochs (retrain.py's --how_many_training_steps)
+    batch_size: int = 64
+    dropout: float = 0.2
+    l2: float = 1e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One ``retrainer train`` run."""
+
+    image_dir: str | None = None
+    output_dir: str = "retrained"
+    architecture: str = "inception_v3"
+    weights: str | None = None
+    feature_layer: str | None = None
+    precision: str = "fp32"
+    bottleneck_dir: str | None = None  # None: the user cache dir
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+    extract_batch_size: int = 32
+    workers: int | None = None
+    engine: str = "local"
+    head: HeadConfig = field(default_factory=HeadConfig)
+    output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
+    output_labels: str | None = None
+    export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
+    print_misclassified: bool = False
+    assert_accuracy_at_least: float | None = None
+
+
+@dataclass
+class LabelConfig:
+    """One ``retrainer label`` run."""
+
+    model_dir: str = "retrained"
+    graph: str | None = None
+    labels: str | None = None
+    top_k: int = 5
+    batch_size: int = 32

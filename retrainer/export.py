@@ -1,0 +1,135 @@
+"""Writing a trained classifier out: frozen graph, labels, SavedModel, TFLite, metadata.
+
+Every export carries ``metadata.json`` (backbone, input size, normalisation, resize method,
+labels, training figures), and the graphs take raw RGB 0..255 with the normalisation built in,
+so nothing about preprocessing is passed by hand at label time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .bottlenecks.cache import atomic_write
+from .graph import INPUT_NAME, OUTPUT_NAME, freeze
+
+log = logging.getLogger(__name__)
+
+GRAPH_FILE = "retrained_graph.pb"
+LABELS_FILE = "retrained_labels.txt"
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_DIR = "saved_model"
+TFLITE_FILE = "model.tflite"
+FORMATS = ("graph", "saved_model", "tflite")
+
+
+def build_classifier(backbone_model: Any, head_model: Any) -> Any:
+    """Backbone and head as one Keras model: RGB 0..255 in, class probabilities out."""
+    import keras
+
+    inputs = keras.Input(backbone_model.input_shape[1:], name=INPUT_NAME)
+    outputs = head_model(backbone_model(inputs))
+    return keras.Model(inputs, outputs, name="retrained")
+
+
+def write_labels(path: Path, labels: list[str]) -> None:
+    atomic_write(path, lambda fh: fh.write("".join(f"{label}\n" for label in labels).encode()))
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
+                 formats: tuple[str, ...] = FORMATS, output_graph: str | None = None,
+                 output_labels: str | None = None) -> dict[str, str]:
+    """Write ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    labels_path = Path(output_labels) if output_labels else out / LABELS_FILE
+    write_labels(labels_path, labels)
+    written["labels"] = str(labels_path)
+    if "graph" in formats:
+        graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
+        graph_def = freeze(model)
+        atomic_write(graph_path, lambda fh: fh.write(graph_def.SerializeToString()))
+        written["graph"] = str(graph_path)
+    if "saved_model" in formats or "tflite" in formats:
+        saved = out / SAVED_MODEL_DIR
+        write_saved_model(model, saved, metadata)
+        if "saved_model" in formats:
+            written["saved_model"] = str(saved)
+        if "tflite" in formats:
+            tflite_path = out / TFLITE_FILE
+            write_tflite(saved, tflite_path)
+            written["tflite"] = str(tflite_path)
+            if "saved_model" not in formats:
+                shutil.rmtree(saved)
+    meta = dict(metadata, labels=labels, files={k: _rel(v, out) for k, v in written.items()})
+    write_json(out / METADATA_FILE, meta)
+    written["metadata"] = str(out / METADATA_FILE)
+    log.info("exported %s to %s", ", ".join(sorted(written)), out)
+    return written
+
+
+def _rel(path: str, base: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def write_saved_model(model: Any, path: Path, metadata: dict[str, Any]) -> None:
+    """A TF Serving-ready SavedModel with two signatures.
+
+    ``serving_default``: float ``images`` (N, H, W, 3), RGB 0..255 -> ``scores``.
+    ``classify_images``: encoded image bytes (N,) -> ``scores``; decoding and resizing run in TF.
+    """
+    import keras
+    import tensorflow as tf
+
+    height, width = model.input_shape[1:3]
+    method = metadata.get("backbone", {}).get("resize", "bilinear")
+
+    def scores(images: Any) -> Any:
+        return {"scores": tf.cast(model(images, training=False), tf.float32)}
+
+    def decode_one(data: Any) -> Any:
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        img = tf.image.resize(tf.cast(img, tf.float32), (height, width), method=method,
+                              antialias=True)
+        return tf.clip_by_value(img, 0.0, 255.0)
+
+    def from_bytes(data: Any) -> Any:
+        images = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
+            (height, width, 3), tf.float32))
+        return scores(images)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", scores, input_signature=[
+        tf.TensorSpec((None, height, width, 3), tf.float32, name="images")])
+    archive.add_endpoint("classify_images", from_bytes, input_signature=[
+        tf.TensorSpec((None,), tf.string, name="image_bytes")])
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    archive.write_out(str(tmp), verbose=False)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def write_tflite(saved_model: Path, path: Path) -> None:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=["serving_default"])
+    blob = converter.convert()
+    atomic_write(path, lambda fh: fh.write(blob))
+
+
+__all__ = ["build_classifier", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
+           "OUTPUT_NAME"]

@@ -1,0 +1,155 @@
+"""Loading an export and scoring images with it (``label``, ``evaluate``, ``serve``).
+
+The frozen graph is run directly: no Keras model is rebuilt, and preprocessing (input size,
+resize method) comes from the export's metadata, so it always matches training.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ModelDirError
+from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE
+from .images import load_pixels
+from .sources.base import ImageRecord
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Prediction:
+    label: str
+    score: float
+
+
+@dataclass
+class LabelResult:
+    """The top-k predictions for one image, or why it could not be labelled."""
+
+    path: str
+    predictions: list[Prediction] = field(default_factory=list)
+    error: str | None = None
+    probabilities: np.ndarray | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"path": self.path, "error": self.error}
+        return {"path": self.path,
+                "predictions": [{"label": p.label, "score": round(p.score, 6)}
+                                for p in self.predictions]}
+
+
+def read_labels(path: str | Path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
+    return [line for line in text.split("\n") if line != ""]
+
+
+class Classifier:
+    """An exported model, ready to score pixels or encoded images."""
+
+    def __init__(self, graph_def: Any, labels: list[str], metadata: dict[str, Any]) -> None:
+        from .graph import GraphRunner
+
+        self.runner = GraphRunner(graph_def)
+        self.labels = labels
+        self.metadata = metadata
+        if self.runner.output_dim != len(labels):
+            raise ModelDirError(f"the graph has {self.runner.output_dim} outputs but the labels "
+                                f"file lists {len(labels)} labels.")
+        self.input_size = self.runner.input_size
+        self.resize = metadata.get("backbone", {}).get("resize", "bilinear")
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = "retrained", graph: str | None = None,
+             labels: str | None = None) -> "Classifier":
+        """Load from an export folder, or from explicit ``graph`` and ``labels`` files."""
+        from .graph import load_graph_def
+
+        base = Path(model_dir) if model_dir else None
+        graph_path = Path(graph) if graph else (base / GRAPH_FILE if base else None)
+        labels_path = Path(labels) if labels else (base / LABELS_FILE if base else None)
+        if graph_path is None or labels_path is None:
+            raise ModelDirError("give a model folder, or both a graph and a labels file.")
+        if not graph_path.is_file():
+            raise ModelDirError(f"no frozen graph at '{graph_path}'.",
+                                "Train a model first: retrainer train --image-dir DIR.")
+        metadata: dict[str, Any] = {}
+        meta_path = (base / METADATA_FILE) if base else graph_path.with_name(METADATA_FILE)
+        if meta_path.is_file():
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        try:
+            graph_def = load_graph_def(str(graph_path))
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
+            raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
+        return cls(graph_def, read_labels(labels_path), metadata)
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, H, W, 3) RGB 0..255 -> (N, classes) probabilities."""
+        return self.runner(pixels)
+
+    def prepare(self, data: bytes, name: str = "<bytes>") -> np.ndarray:
+        return load_pixels(data, self.input_size, self.resize, name=name)
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[Prediction]:
+        order = np.argsort(-probs, kind="stable")[: max(1, k)]
+        return [Prediction(self.labels[i], float(probs[i])) for i in order]
+
+    def label_records(self, records: Sequence[ImageRecord], top_k: int = 5,
+                      batch_size: int = 32, workers: int | None = None) -> Iterator[LabelResult]:
+        """Score records in batches, decoding in parallel; failures come back as results."""
+        from .bottlenecks.local import decode_stream, default_workers
+
+        pending: list[tuple[ImageRecord, np.ndarray]] = []
+
+        def flush() -> Iterator[LabelResult]:
+            probs = self.predict(np.stack([p for _, p in pending]))
+            for (rec, _), row in zip(pending, probs):
+                yield LabelResult(rec.display, self.top_k(row, top_k), probabilities=row)
+            pending.clear()
+
+        items = ((rec.key, rec) for rec in records)
+        stream = decode_stream(items, self.input_size, self.resize,
+                               workers or default_workers(), window=2 * batch_size)
+        for _, rec, pixels, error in stream:
+            if pixels is None:
+                yield from flush() if pending else ()
+                yield LabelResult(rec.display, error=error)
+                continue
+            pending.append((rec, pixels))
+            if len(pending) >= batch_size:
+                yield from flush()
+        if pending:
+            yield from flush()
+
+    def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
+        records = [ImageRecord(key=p, label="", read=Path(p).read_bytes, path=p) for p in paths]
+        return self.label_records(records, **kw)
+
+
+def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Files, folders (recursively) and globs -> (image paths, inputs that matched nothing)."""
+    paths: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                paths.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                             if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        elif os.path.exists(item):
+            paths.append(item)
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            paths.extend(found) if found else missing.append(item)
+        else:
+            missing.append(item)
+    return paths, missing

@@ -1,0 +1,185 @@
+"""``train``: source -> split -> bottlenecks -> head -> export, one straight line."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .config import TrainConfig
+from .errors import AccuracyGateFailed, DatasetError
+from .evaluation import EvaluationReport, evaluate_predictions
+from .sources.base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord, Skipped
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: counts, accuracies, timings and where the export went."""
+
+    labels: list[str]
+    counts: dict[str, dict[str, int]]
+    bottlenecks_cached: int
+    bottlenecks_computed: int
+    skipped: list[Skipped]
+    history: list[dict[str, float]]
+    best_epoch: int
+    validation_accuracy: float | None
+    test: EvaluationReport | None
+    outputs: dict[str, str]
+    backbone: str
+    cache_dir: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.test.accuracy if self.test and self.test.n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in asdict(self).items() if k not in ("test", "skipped")}
+        data["skipped"] = [{"name": s.name, "reason": s.reason} for s in self.skipped]
+        data["test"] = self.test.to_dict() if self.test else None
+        data["test_accuracy"] = self.test_accuracy
+        return data
+
+
+def load_dataset(config: TrainConfig) -> Dataset:
+    """The configured source, with every record given a split."""
+    from .sources.folder import scan_folder
+    from .split import assign_splits
+
+    if not config.image_dir:
+        raise DatasetError("no images to train on.", "Give an image folder (--image-dir DIR).")
+    exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
+    dataset = scan_folder(config.image_dir, exclude=exclude)
+    return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
+
+
+def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
+    """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
+    from .backbones.factory import create_backbone
+    from .bottlenecks import BottleneckCache, default_cache_dir, get_engine, hash_records
+    from .export import build_classifier, export_model
+    from .head import train_head
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dataset = dataset or load_dataset(config)
+    log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
+
+    backbone = create_backbone(config.architecture, config.weights, config.feature_layer,
+                               config.precision)
+    spec = backbone.spec
+    cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
+    cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
+                            info={"backbone": spec.to_dict(), "precision": config.precision,
+                                  "weights_sha256": backbone.weights_digest})
+    timings["setup"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    keys, skipped = hash_records(dataset.records, config.workers)
+    todo: dict[str, ImageRecord] = {}
+    for key, rec in zip(keys, dataset.records):
+        if key is not None and key not in todo:
+            todo[key] = rec
+    missing = set(cache.missing(todo))
+    n_cached = len(todo) - len(missing)
+    log.info("bottlenecks: %d cached, %d to compute (cache: %s)", n_cached, len(missing), cache.dir)
+    if missing:
+        from .bottlenecks.extractor import make_forward
+
+        forward = make_forward(backbone)
+        engine = get_engine(config.engine, workers=config.workers)
+        items = [(k, r) for k, r in todo.items() if k in missing]
+        skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
+                                  batch_size=config.extract_batch_size)
+    timings["bottlenecks"] = time.perf_counter() - t
+    n_computed = len(missing) - sum(1 for k in missing if k not in cache)
+    if skipped:
+        log.warning("skipped %d unusable file(s); see the summary", len(skipped))
+
+    usable = [(k, r) for k, r in zip(keys, dataset.records) if k is not None and k in cache]
+    class_index = {label: i for i, label in enumerate(dataset.classes)}
+    by_split = {s: [(k, r) for k, r in usable if r.split == s] for s in (TRAINING, VALIDATION, TESTING)}
+    _check_classes(dataset.classes, usable, by_split[TRAINING])
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        pairs = by_split[split]
+        x = cache.load([k for k, _ in pairs]) if pairs else np.zeros((0, spec.feature_dim), np.float32)
+        y = np.array([class_index[r.label] for _, r in pairs], dtype=int)
+        return x, y, [r.display for _, r in pairs]
+
+    x_tr, y_tr, _ = arrays(TRAINING)
+    x_val, y_val, _ = arrays(VALIDATION)
+    x_te, y_te, te_paths = arrays(TESTING)
+    counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
+              for s, pairs in by_split.items()}
+    log.info("training on %d, validating on %d, testing on %d images",
+             len(x_tr), len(x_val), len(x_te))
+
+    t = time.perf_counter()
+    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val)
+    timings["head"] = time.perf_counter() - t
+    val_acc = None
+    if len(x_val):
+        val_acc = float((head.model.predict(x_val, verbose=0).argmax(1) == y_val).mean())
+    test = None
+    if len(x_te):
+        test = evaluate_predictions(y_te, head.model.predict(x_te, verbose=0),
+                                    dataset.classes, te_paths)
+    else:
+        log.info("no test images (testing percentage 0 or a tree without test/)")
+
+    gate_acc = test.accuracy if test else val_acc
+    if config.assert_accuracy_at_least is not None:
+        if gate_acc is None or gate_acc < config.assert_accuracy_at_least:
+            shown = "no test or validation images" if gate_acc is None else f"{gate_acc:.4f}"
+            raise AccuracyGateFailed(
+                f"accuracy {shown} is below the required {config.assert_accuracy_at_least}; "
+                "nothing was exported.")
+
+    t = time.perf_counter()
+    result = TrainResult(
+        labels=dataset.classes, counts=counts, bottlenecks_cached=n_cached,
+        bottlenecks_computed=n_computed, skipped=skipped, history=head.history,
+        best_epoch=head.best_epoch, validation_accuracy=val_acc, test=test, outputs={},
+        backbone=spec.name, cache_dir=str(cache.dir), timings=timings)
+    metadata = {
+        "retrainer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": spec.to_dict(),
+        "backbone_cache_id": backbone.cache_id,
+        "precision": config.precision,
+        "input": {"name": "input", "shape": [None, *spec.input_size, 3],
+                  "pixels": "RGB 0..255, float32; normalisation is inside the graph"},
+        "output": {"name": "final_result", "kind": "softmax"},
+        "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
+                     "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
+                     "test_accuracy": result.test_accuracy},
+    }
+    classifier = build_classifier(backbone.model, head.model)
+    result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
+                                  config.export_formats, config.output_graph, config.output_labels)
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return result
+
+
+def _check_classes(classes: list[str], usable: list[tuple[str, ImageRecord]],
+                   training: list[tuple[str, ImageRecord]]) -> None:
+    have = {r.label for _, r in usable}
+    empty = [c for c in classes if c not in have]
+    if empty:
+        raise DatasetError(f"class {', '.join(repr(c) for c in empty)} has no usable image.",
+                           "Add images to it or remove the folder.")
+    untrained = sorted({c for c in classes} - {r.label for _, r in training})
+    if untrained:
+        raise DatasetError(
+            f"class {', '.join(repr(c) for c in untrained)} has no training image.",
+            "Put some of its images in the train/ folder.")
