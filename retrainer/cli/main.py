@@ -103,7 +103,6 @@ def configure_output(verbose: int, quiet: bool) -> None:
     logger.propagate = False
     if verbose < 2:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "2")
         for name in ("tensorflow", "absl", "keras"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -127,4 +126,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 
 
 def main() -> None:
+    if not any(a in ("-vv", "-vvv") for a in sys.argv[1:]) and sys.argv[1:].count("-v") + \
+            sys.argv[1:].count("--verbose") < 2:
+        from .quiet import filter_native_logs
+
+        filter_native_logs()
     cli(prog_name="retrainer")

@@ -1,0 +1,86 @@
+"""Shared fixtures: generated images and a tiny backbone, so tests need no downloads."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue sky": (20, 40, 230)}
+TINY = "tiny_test_backbone"
+
+
+def make_image(path: Path, colour: tuple[int, int, int], size: int = 32, seed: int = 0,
+               fmt: str | None = None) -> Path:
+    """A noisy solid-colour image: easy to classify, different bytes for every seed."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour) + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+def make_colour_tree(root: Path, per_class: int = 12, colours: dict | None = None) -> Path:
+    """root/<colour name>/<i>.png for each colour."""
+    for c, (name, rgb) in enumerate((colours or COLOURS).items()):
+        for i in range(per_class):
+            make_image(root / name / f"img{i:03d}.png", rgb, seed=1000 * c + i)
+    return root
+
+
+def tiny_builder(spec, weights):  # noqa: ANN001 - registry builder signature
+    """Input -> per-channel mean colour: enough to tell solid colours apart."""
+    import keras
+
+    inputs = keras.Input((*spec.input_size, 3), name="input")
+    x = keras.layers.Rescaling(1.0 / spec.std, offset=-spec.mean / spec.std, name="preprocess")(inputs)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="avg_pool")(x))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_backbone():
+    """Registers 'tiny_test_backbone' (32x32, 3-d bottleneck) for every test."""
+    from retrainer.backbones import BackboneSpec, register, unregister
+
+    register(BackboneSpec(TINY, (32, 32), 0.0, 255.0, 3, tiny_builder, weights="none"),
+             replace=True)
+    yield TINY
+    unregister(TINY)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never write to the real user cache from tests (converted weights are shared per session)."""
+    monkeypatch.setenv("RETRAINER_CACHE_DIR", str(_session_cache(tmp_path_factory)))
+
+
+_CACHE: list[Path] = []
+
+
+def _session_cache(factory) -> Path:  # noqa: ANN001
+    if not _CACHE:
+        _CACHE.append(factory.mktemp("retrainer-cache"))
+    return _CACHE[0]
+
+
+@pytest.fixture
+def colour_tree(tmp_path: Path) -> Path:
+    return make_colour_tree(tmp_path / "images")
+
+
+@pytest.fixture
+def fast_config(tmp_path: Path):
+    """A TrainConfig for the tiny backbone that trains in a second or two."""
+    from retrainer.config import HeadConfig, TrainConfig
+
+    def make(image_dir: Path, **kw):
+        head = kw.pop("head", HeadConfig(epochs=60, learning_rate=0.05, dropout=0.0, l2=0.0))
+        return TrainConfig(image_dir=str(image_dir), output_dir=str(tmp_path / "out"),
+                           architecture=TINY, bottleneck_dir=str(tmp_path / "bottlenecks"),
+                           head=head, **kw)
+
+    return make
