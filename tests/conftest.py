@@ -52,19 +52,14 @@ def tiny_backbone():
     unregister(TINY)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never write to the real user cache from tests (converted weights are shared per session)."""
-    monkeypatch.setenv("RETRAINER_CACHE_DIR", str(_session_cache(tmp_path_factory)))
-
-
-_CACHE: list[Path] = []
-
-
-def _session_cache(factory) -> Path:  # noqa: ANN001
-    if not _CACHE:
-        _CACHE.append(factory.mktemp("retrainer-cache"))
-    return _CACHE[0]
+@pytest.fixture(scope="session", autouse=True)
+def retrainer_cache_dir(tmp_path_factory):
+    """Never write to the real user cache from tests; converted weights are shared per session."""
+    root = tmp_path_factory.mktemp("retrainer-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RETRAINER_CACHE_DIR", str(root))
+    yield root
+    patch.undo()
 
 
 @pytest.fixture

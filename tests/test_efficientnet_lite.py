@@ -19,13 +19,9 @@ from retrainer.errors import WeightsUnavailable
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """A private cache root for the whole session (conversion takes a few seconds)."""
-    root = tmp_path_factory.mktemp("retrainer_cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RETRAINER_CACHE_DIR", str(root))
-    yield root
-    mp.undo()
+def cache_dir(retrainer_cache_dir):
+    """The session's private cache root (see conftest): conversion happens once per run."""
+    return retrainer_cache_dir
 
 
 @pytest.fixture(scope="session")
