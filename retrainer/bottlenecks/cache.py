@@ -23,8 +23,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.npz"
-#: Entries buffered before a shard is written: what a hard kill can lose at most.
+#: A shard is written every FLUSH_EVERY entries or FLUSH_SECONDS, whichever comes first:
+#: that bounds what a hard kill can lose, in images and in time.
 FLUSH_EVERY = 256
+FLUSH_SECONDS = 10.0
 #: More shards than this are merged into one when a writer closes.
 COMPACT_ABOVE = 64
 
@@ -68,6 +70,7 @@ class BottleneckCache:
         self._index: dict[bytes, tuple[Path, int]] | None = None
         self._pending_keys: list[bytes] = []
         self._pending_rows: list[np.ndarray] = []
+        self._last_flush = time.monotonic()
         self.written = 0
 
     # -- reading ------------------------------------------------------------------------
@@ -140,15 +143,17 @@ class BottleneckCache:
 
     # -- writing ------------------------------------------------------------------------
     def add(self, keys: list[str], bottlenecks: np.ndarray) -> None:
-        """Buffer entries; every FLUSH_EVERY of them become one shard on disk."""
+        """Buffer entries; they reach the disk as one shard per FLUSH_EVERY or FLUSH_SECONDS."""
         bottlenecks = np.asarray(bottlenecks, dtype=np.float32).reshape(len(keys), self.dim)
         for key, row in zip(keys, bottlenecks):
             self._pending_keys.append(bytes.fromhex(key))
             self._pending_rows.append(row)
-        if len(self._pending_keys) >= FLUSH_EVERY:
+        if len(self._pending_keys) >= FLUSH_EVERY or \
+                time.monotonic() - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        self._last_flush = time.monotonic()
         if not self._pending_keys:
             return
         keys = np.frombuffer(b"".join(self._pending_keys), dtype=np.uint8).reshape(-1, 32)

@@ -1,0 +1,78 @@
+"""The bottleneck cache: round trip, atomic shards, damaged entries never read back."""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import pytest
+
+from retrainer.bottlenecks import cache as cache_mod
+from retrainer.bottlenecks.cache import BottleneckCache
+
+
+def key(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def rows(n: int, dim: int = 5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def test_round_trip_across_instances(tmp_path):
+    data = rows(10)
+    with BottleneckCache(tmp_path, "bb", 5, info={"x": 1}) as cache:
+        cache.add([key(i) for i in range(10)], data)
+    again = BottleneckCache(tmp_path, "bb", 5)
+    assert len(again) == 10 and key(3) in again and key(99) not in again
+    order = [key(i) for i in (7, 0, 3)]
+    assert np.array_equal(again.load(order), data[[7, 0, 3]])
+    assert again.missing([key(1), key(42)]) == [key(42)]
+    assert (tmp_path / "bb" / "backbone.json").is_file()
+
+
+def test_shards_are_written_every_flush_every_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "FLUSH_EVERY", 4)
+    cache = BottleneckCache(tmp_path, "bb", 5)
+    data = rows(10)
+    for start in range(0, 10, 2):  # batches of 2, as an engine adds them
+        cache.add([key(i) for i in range(start, start + 2)], data[start:start + 2])
+    assert len(cache.shards()) == 2  # 10 entries: two shards of 4, 2 still buffered
+    cache.close()
+    assert len(cache.shards()) == 3 and len(BottleneckCache(tmp_path, "bb", 5)) == 10
+
+
+def test_leftover_temporary_files_are_never_read(tmp_path):
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1)], rows(1))
+    (tmp_path / "bb" / ".tmp-deadbeef-shard-1.npz").write_bytes(b"half a shard")
+    assert len(BottleneckCache(tmp_path, "bb", 5)) == 1
+
+
+def test_a_damaged_shard_is_set_aside_and_recomputed(tmp_path, caplog):
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1), key(2)], rows(2))
+    shard = cache.shards()[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # e.g. a copy cut short
+    with caplog.at_level(logging.WARNING):
+        fresh = BottleneckCache(tmp_path, "bb", 5)
+        assert fresh.missing([key(1), key(2)]) == [key(1), key(2)]
+    assert "damaged shard" in caplog.text
+    assert not shard.exists() and shard.with_suffix(".bad").exists()
+
+
+def test_a_shard_of_the_wrong_width_is_rejected(tmp_path):
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1)], rows(1))
+    with pytest.raises(KeyError):
+        BottleneckCache(tmp_path, "bb", 7).load([key(1)])
+
+
+def test_compaction_keeps_every_entry(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "FLUSH_EVERY", 1)
+    monkeypatch.setattr(cache_mod, "COMPACT_ABOVE", 3)
+    data = rows(6)
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(i) for i in range(6)], data)
+    assert len(cache.shards()) == 1
+    assert np.array_equal(BottleneckCache(tmp_path, "bb", 5).load([key(i) for i in range(6)]), data)
