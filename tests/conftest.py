@@ -73,7 +73,8 @@ def fast_config(tmp_path: Path):
     from retrainer.config import HeadConfig, TrainConfig
 
     def make(image_dir: Path, **kw):
-        head = kw.pop("head", HeadConfig(epochs=60, learning_rate=0.05, dropout=0.0, l2=0.0))
+        kw.setdefault("export_formats", ("graph",))  # SavedModel/TFLite are tested on their own
+        head = kw.pop("head", HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0))
         return TrainConfig(image_dir=str(image_dir), output_dir=str(tmp_path / "out"),
                            architecture=TINY, bottleneck_dir=str(tmp_path / "bottlenecks"),
                            head=head, **kw)

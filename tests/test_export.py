@@ -1,0 +1,108 @@
+"""The exported files work without retrainer and agree with each other and with `label`."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from conftest import COLOURS, TINY, make_colour_tree, make_image
+from PIL import Image
+
+from retrainer.config import HeadConfig, TrainConfig
+from retrainer.predict import Classifier
+from retrainer.training import train
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tiny_backbone):
+    base = tmp_path_factory.mktemp("export")
+    root = make_colour_tree(base / "images")
+    config = TrainConfig(image_dir=str(root), output_dir=str(base / "model"), architecture=TINY,
+                         bottleneck_dir=str(base / "bn"),
+                         head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0))
+    train(config)
+    probes = [make_image(base / "probe" / f"{name}.png", rgb, seed=7) for name, rgb in COLOURS.items()]
+    return base / "model", probes
+
+
+def pixels(paths, size=(32, 32)):
+    return np.stack([np.asarray(Image.open(p).convert("RGB").resize(size), np.float32) for p in paths])
+
+
+def test_frozen_graph_loads_with_plain_tensorflow(export):
+    import tensorflow as tf
+
+    model_dir, probes = export
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString((model_dir / "retrained_graph.pb").read_bytes())
+    assert not [n.name for n in graph_def.node if n.op in ("VarHandleOp", "VariableV2")]
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            probs = sess.run("final_result:0", {"input:0": pixels(probes)})
+    labels = (model_dir / "retrained_labels.txt").read_text(encoding="utf-8").splitlines()
+    assert [labels[i] for i in probs.argmax(1)] == list(COLOURS)
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_label_equals_saved_model_and_tflite(export):
+    import tensorflow as tf
+
+    model_dir, probes = export
+    classifier = Classifier.load(model_dir)
+    results = list(classifier.label_paths([str(p) for p in probes], top_k=3))
+    ours = np.stack([r.probabilities for r in results])
+    assert [r.predictions[0].label for r in results] == list(COLOURS)
+
+    batch = pixels(probes)
+    saved = tf.saved_model.load(str(model_dir / "saved_model"))
+    served = saved.signatures["serving_default"](images=tf.constant(batch))["scores"].numpy()
+    np.testing.assert_allclose(served, ours, atol=1e-4)
+
+    interpreter = tf.lite.Interpreter(model_path=str(model_dir / "model.tflite"))
+    runner = interpreter.get_signature_runner()
+    lite = np.concatenate([next(iter(runner(images=batch[i:i + 1]).values())) for i in range(len(batch))])
+    np.testing.assert_allclose(lite, ours, atol=1e-4)
+
+
+def test_saved_model_takes_encoded_image_bytes(export):
+    import tensorflow as tf
+
+    model_dir, probes = export
+    saved = tf.saved_model.load(str(model_dir / "saved_model"))
+    encoded = []
+    for p in probes:
+        buf = io.BytesIO()
+        Image.open(p).save(buf, format="JPEG", quality=95)
+        encoded.append(buf.getvalue())
+    scores = saved.signatures["classify_images"](image_bytes=tf.constant(encoded))["scores"].numpy()
+    labels = (model_dir / "retrained_labels.txt").read_text(encoding="utf-8").splitlines()
+    assert [labels[i] for i in scores.argmax(1)] == list(COLOURS)
+
+
+def test_label_reports_bad_images_and_keeps_going(export, tmp_path):
+    model_dir, probes = export
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    results = list(Classifier.load(model_dir).label_paths([str(probes[0]), str(bad), str(probes[1])]))
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "not an image" in results[1].error
+    assert results[2].predictions[0].label == list(COLOURS)[1]
+
+
+def test_graph_and_labels_files_without_a_model_dir(export):
+    model_dir, probes = export
+    classifier = Classifier.load(None, graph=str(model_dir / "retrained_graph.pb"),
+                                 labels=str(model_dir / "retrained_labels.txt"))
+    assert classifier.input_size == (32, 32)
+    assert next(classifier.label_paths([str(probes[2])])).predictions[0].label == list(COLOURS)[2]
+
+
+def test_mismatched_labels_file_is_a_clear_error(export, tmp_path):
+    from retrainer.errors import ModelDirError
+
+    model_dir, _ = export
+    labels = tmp_path / "labels.txt"
+    labels.write_text("just\ntwo\n", encoding="utf-8")
+    with pytest.raises(ModelDirError, match="3 outputs but the labels file lists 2"):
+        Classifier.load(None, graph=str(model_dir / "retrained_graph.pb"), labels=str(labels))
