@@ -63,19 +63,16 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
-    from .backbones.factory import create_backbone
+    from .backbones.factory import create_backbone, resolve_spec
     from .bottlenecks import BottleneckCache, default_cache_dir, get_engine, hash_records
-    from .export import build_classifier, export_model
-    from .head import train_head
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
     dataset = dataset or load_dataset(config)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
 
-    backbone = create_backbone(config.architecture, config.weights, config.feature_layer,
-                               config.precision)
-    spec = backbone.spec
+    backbone = create_backbone(spec, config.weights, precision=config.precision)
     cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
                             info={"backbone": spec.to_dict(), "precision": config.precision,
@@ -123,6 +120,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     log.info("training on %d, validating on %d, testing on %d images",
              len(x_tr), len(x_val), len(x_te))
 
+    from .head import train_head
+
     t = time.perf_counter()
     head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val)
     timings["head"] = time.perf_counter() - t
@@ -163,6 +162,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
                      "test_accuracy": result.test_accuracy},
     }
+    from .export import build_classifier, export_model
+
     classifier = build_classifier(backbone.model, head.model)
     result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)

@@ -43,10 +43,11 @@ def resolve_spec(architecture: str, feature_layer: str | None = None) -> Backbon
     return spec_for_file(architecture, feature_layer)
 
 
-def create_backbone(architecture: str, weights: str | None = None,
+def create_backbone(architecture: str | BackboneSpec, weights: str | None = None,
                     feature_layer: str | None = None, precision: str = "fp32") -> Backbone:
     """Build the feature model for ``architecture`` and check its output size."""
-    spec = resolve_spec(architecture, feature_layer)
+    spec = (architecture if isinstance(architecture, BackboneSpec)
+            else resolve_spec(architecture, feature_layer))
     log.info("building backbone %s (weights: %s)", spec.name, weights or spec.weights)
     model = spec.build(weights)
     out_dim = int(model.output_shape[-1])

@@ -26,7 +26,7 @@ SHARD_GLOB = "shard-*.npz"
 #: A shard is written every FLUSH_EVERY entries or FLUSH_SECONDS, whichever comes first:
 #: that bounds what a hard kill can lose, in images and in time.
 FLUSH_EVERY = 256
-FLUSH_SECONDS = 10.0
+FLUSH_SECONDS = 2.0
 #: More shards than this are merged into one when a writer closes.
 COMPACT_ABOVE = 64
 

@@ -1,0 +1,30 @@
+# retrainer in a container: mount your photos at /data; bottlenecks and converted weights
+# persist in the /cache volume.
+#   docker build -t retrainer .
+#   docker run --rm -v "$PWD:/data" -v retrainer-cache:/cache retrainer \
+#       train --image-dir photos --architecture efficientnet_lite0 --output-dir retrained
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    RETRAINER_CACHE_DIR=/cache
+
+RUN useradd --create-home --uid 1000 retrainer \
+    && mkdir -p /data /cache \
+    && chown retrainer:retrainer /data /cache
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY retrainer ./retrainer
+RUN pip install --no-cache-dir . \
+    && rm -rf /src/build
+
+USER 1000
+# Convert the bundled EfficientNet-Lite0 weights once, so the image works offline from the start.
+RUN python -c "from retrainer.backbones.efficientnet_lite import pretrained_weights_path as p; p()"
+
+WORKDIR /data
+VOLUME ["/data", "/cache"]
+ENTRYPOINT ["retrainer"]
+CMD ["--help"]
