@@ -23,7 +23,7 @@ demo: venv
 	$(PY) examples/make_demo_set.py demo/images
 	$(VENV)/bin/retrainer train --image-dir demo/images --architecture efficientnet_lite0 \
 		--output-dir demo/model --bottleneck-dir demo/bottlenecks
-	$(VENV)/bin/retrainer label --model-dir demo/model demo/images/*/crop_000.png
+	$(VENV)/bin/retrainer label --model-dir demo/model demo/images/*/crop_000.jpg
 
 test: system-deps venv
 	$(PY) -m pytest
