@@ -91,7 +91,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     if missing:
         from .bottlenecks.extractor import make_forward
 
-        forward = make_forward(backbone)
+        forward = make_forward(backbone, cache_root)
         engine = get_engine(config.engine, workers=config.workers)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
@@ -162,10 +162,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
                      "test_accuracy": result.test_accuracy},
     }
-    from .export import build_classifier, export_model
+    from .bottlenecks.extractor import backbone_graph
+    from .export import export_graph
+    from .graph import compose, freeze
 
-    classifier = build_classifier(backbone.model, head.model)
-    result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
+    # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
+    # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
+    classifier = compose(backbone_graph(backbone, cache_root, "fp32"), freeze(head.model))
+    result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
