@@ -42,6 +42,10 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--seed", default=_H.seed, show_default=True, type=int, help="Seed for everything random.")
 @click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
               type=click.IntRange(min=1), help="Images per backbone forward pass.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_T.precision,
+              show_default=True,
+              help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs with "
+                   "AVX512-BF16/AMX. Exports stay fp32.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Image decoding threads.")
 @click.option("--output-graph", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
