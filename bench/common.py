@@ -158,7 +158,9 @@ def peak_rss_mb() -> float:
 
 
 def retrainer_cmd() -> list[str]:
-    return [sys.executable, "-m", "retrainer"]
+    """The installed ``retrainer`` console script beside this Python (else ``-m retrainer``)."""
+    script = Path(sys.executable).with_name("retrainer")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "retrainer"]
 
 
 def emit(result: dict[str, Any]) -> None:
