@@ -72,7 +72,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     dataset = dataset or load_dataset(config)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
 
-    backbone = create_backbone(spec, config.weights, precision=config.precision)
+    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
                             info={"backbone": spec.to_dict(), "precision": config.precision,

@@ -134,3 +134,32 @@ def test_cli_train_offers_precision():
     assert "--precision [fp32|bf16]" in result.output
     bad = CliRunner().invoke(cli, ["train", "--image-dir", ".", "--precision", "fp8"])
     assert bad.exit_code == 2 and "fp8" in bad.output
+
+
+def test_lazy_backbone_skips_the_build_when_its_weights_file_is_known(tmp_path):
+    """A warm run needs the weights digest, not the model: it is remembered per weights file."""
+    from retrainer.backbones import BackboneSpec, register, unregister
+
+    built = []
+
+    def builder(spec, weights):  # noqa: ANN001
+        from conftest import tiny_builder
+
+        built.append(weights)
+        return tiny_builder(spec, weights)
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"weights v1")
+    register(BackboneSpec("lazy_test", (32, 32), 0.0, 255.0, 3, builder), replace=True)
+    try:
+        first = create_backbone("lazy_test", str(weights), lazy=True)
+        assert first.is_built and len(built) == 1
+        second = create_backbone("lazy_test", str(weights), lazy=True)
+        assert not second.is_built and second.cache_id == first.cache_id and len(built) == 1
+        assert second.model.output_shape == (None, 3) and len(built) == 2  # built on demand
+        weights.write_bytes(b"weights v2, a different size")
+        assert create_backbone("lazy_test", str(weights), lazy=True).is_built  # changed: rebuilt
+        create_backbone("lazy_test", "random", lazy=True)
+        assert create_backbone("lazy_test", "random", lazy=True).is_built  # random: never memoised
+    finally:
+        unregister("lazy_test")
