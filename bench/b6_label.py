@@ -1,9 +1,9 @@
 """6. ``label`` throughput on 500 JPEGs vs the raw forward pass of the same exported graph.
 
 Uses the efficientnet_lite0 model benchmark 2 exported (or trains one). Both run in this
-process after loading: the raw pass on pre-decoded tensors at the label batch size, ``label``
-reading, decoding and resizing the 500 files on its thread pool. The CLI's wall time (TensorFlow
-import and model load included) is reported too.
+process after loading, alternating twice (best of each): the raw pass on pre-decoded tensors at
+its best batch (16/32/64), ``label`` reading, decoding and resizing the 500 files on its thread
+pool at its default batch. The CLI's wall time (TensorFlow import, model load) is reported too.
 """
 from __future__ import annotations
 
@@ -29,22 +29,26 @@ def main() -> None:
     batch = LabelConfig().batch_size
     paths, _ = expand_inputs([str(images)])
     classifier = Classifier.load(model)
-    raw, _ = raw_forward_rate(classifier.runner, classifier.input_size, batches=(batch,))
-    best_raw, best_batch = raw_forward_rate(classifier.runner, classifier.input_size,
-                                            batches=(16, 64))
-    if raw > best_raw:
-        best_raw, best_batch = raw, batch
     list(classifier.label_paths(paths[:batch], batch_size=batch))  # warm-up
-    t = time.perf_counter()
-    results = list(classifier.label_paths(paths, batch_size=batch))
-    rate = len(results) / (time.perf_counter() - t)
+    raw_rates: list[float] = []
+    raw_batches: list[int] = []
+    rates: list[float] = []
+    for _ in range(2):  # alternate, keep the best of each: other work on the machine skews both
+        raw, bs = raw_forward_rate(classifier.runner, classifier.input_size)
+        raw_rates.append(raw)
+        raw_batches.append(bs)
+        t = time.perf_counter()
+        results = list(classifier.label_paths(paths, batch_size=batch))
+        rates.append(len(results) / (time.perf_counter() - t))
+    raw, rate = max(raw_rates), max(rates)
     cli_wall, _, _ = run([*retrainer_cmd(), "-q", "label", "--json", "--model-dir", str(model),
                           str(images)])
     emit({"benchmark": "label", "backbone": "efficientnet_lite0", "results": {
-        "images": len(results), "label_img_s": round(rate, 2),
-        "raw_img_s": round(raw, 2), "raw_batch": batch, "ratio": round(rate / raw, 3),
-        "best_raw_img_s": round(best_raw, 2), "best_raw_batch": best_batch,
-        "cli_wall_s": round(cli_wall, 2)}})
+        "images": len(results), "label_img_s": round(rate, 2), "label_batch": batch,
+        "raw_img_s": round(raw, 2), "raw_batch": raw_batches[raw_rates.index(raw)],
+        "raw_rounds": [round(r, 2) for r in raw_rates],
+        "label_rounds": [round(r, 2) for r in rates],
+        "ratio": round(rate / raw, 3), "cli_wall_s": round(cli_wall, 2)}})
 
 
 if __name__ == "__main__":

@@ -164,5 +164,7 @@ def retrainer_cmd() -> list[str]:
 
 
 def emit(result: dict[str, Any]) -> None:
+    """Print the result, with the machine's load average (other work skews wall times)."""
+    result = dict(result, cpus=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2))
     json.dump(result, sys.stdout, indent=2, default=float)
     sys.stdout.write("\n")

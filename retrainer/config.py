@@ -50,4 +50,4 @@ class LabelConfig:
     graph: str | None = None
     labels: str | None = None
     top_k: int = 5
-    batch_size: int = 32
+    batch_size: int = 16  # as extraction: the best CPU batch for lite0, equal for inception_v3
