@@ -16,6 +16,8 @@ class HeadConfig:
     l2: float = 1e-4
     label_smoothing: float = 0.0
     seed: int = 0
+    patience: int = 10  # early stopping: epochs without a better validation loss
+    class_weight: str = "balanced"  # or "none"
 
 
 @dataclass
@@ -40,6 +42,7 @@ class TrainConfig:
     export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     print_misclassified: bool = False
     assert_accuracy_at_least: float | None = None
+    summaries_dir: str | None = None  # TensorBoard logs of the head training
 
 
 @dataclass

@@ -113,7 +113,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         return x, y, [r.display for _, r in pairs]
 
     x_tr, y_tr, _ = arrays(TRAINING)
-    x_val, y_val, _ = arrays(VALIDATION)
+    x_val, y_val, val_paths = arrays(VALIDATION)
     x_te, y_te, te_paths = arrays(TESTING)
     counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
               for s, pairs in by_split.items()}
@@ -123,15 +123,19 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     from .head import train_head
 
     t = time.perf_counter()
-    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val)
+    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val,
+                      summaries_dir=config.summaries_dir)
     timings["head"] = time.perf_counter() - t
     val_acc = None
+    val_report = None
     if len(x_val):
-        val_acc = float((head.model.predict(x_val, verbose=0).argmax(1) == y_val).mean())
+        val_report = evaluate_predictions(y_val, head.predict(x_val), dataset.classes, val_paths,
+                                          split=VALIDATION)
+        val_acc = val_report.accuracy
     test = None
     if len(x_te):
-        test = evaluate_predictions(y_te, head.model.predict(x_te, verbose=0),
-                                    dataset.classes, te_paths)
+        test = evaluate_predictions(y_te, head.predict(x_te), dataset.classes, te_paths,
+                                    split=TESTING)
     else:
         log.info("no test images (testing percentage 0 or a tree without test/)")
 
@@ -167,6 +171,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     classifier = build_classifier(backbone.model, head.model)
     result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
+    report = test or val_report
+    if report is not None:
+        result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result

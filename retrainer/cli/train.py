@@ -48,9 +48,26 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
+@click.option("--dropout", default=_H.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout on the bottleneck while training the head.")
+@click.option("--l2", default=_H.l2, show_default=True, type=click.FloatRange(min=0),
+              help="L2 penalty on the head's weights.")
+@click.option("--label-smoothing", default=_H.label_smoothing, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True))
+@click.option("--patience", default=_H.patience, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many epochs without a better validation loss (0: never).")
+@click.option("--class-weight", default=_H.class_weight, show_default=True,
+              type=click.Choice(["balanced", "none"]),
+              help="'balanced' weighs each class's loss by its rarity.")
+@click.option("--assert-accuracy-at-least", type=click.FloatRange(0, 1), default=None,
+              help="Fail (exit 3) and export nothing if the test (or validation) accuracy is "
+                   "below this, e.g. 0.9.")
+@click.option("--summaries-dir", type=click.Path(file_okay=False), default=None,
+              help="Write TensorBoard logs of the head training here.")
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
-          batch_size: int, **options: object) -> None:
+          batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
+          class_weight: str, **options: object) -> None:
     """Train a new classifier head on a pretrained backbone and export it.
 
     \b
@@ -59,7 +76,9 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     from ..training import train as run_train
 
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
-                      batch_size=batch_size, seed=seed)
+                      batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
+                      label_smoothing=label_smoothing, patience=patience,
+                      class_weight=class_weight)
     config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
     result = run_train(config)
     if as_json:
@@ -82,10 +101,7 @@ def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
     test = result.test
     if test and test.n:
         echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")
-        for label in result.labels:
-            row = test.per_class[label]
-            if row["support"]:
-                echo(f"  {label}: {row['recall']:.3f} (N={row['support']})")
+        echo(test.table())
         if config.print_misclassified:
             echo("Misclassified test images:")
             for m in test.misclassified:
