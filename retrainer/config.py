@@ -43,6 +43,12 @@ class TrainConfig:
     print_misclassified: bool = False
     assert_accuracy_at_least: float | None = None
     summaries_dir: str | None = None  # TensorBoard logs of the head training
+    # Cached augmentation (retrain.py's names; percentages): on when any distortion is set.
+    flip_left_right: bool = False
+    random_crop: float = 0.0
+    random_scale: float = 0.0
+    random_brightness: float = 0.0
+    augment_variants: int = 4  # distorted copies of each training image, each cached
 
 
 @dataclass

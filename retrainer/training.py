@@ -117,6 +117,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     x_te, y_te, te_paths = arrays(TESTING)
     counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
               for s, pairs in by_split.items()}
+    x_tr, y_tr = _augment(config, spec, cache, backbone, by_split[TRAINING], class_index,
+                          x_tr, y_tr, timings)
     log.info("training on %d, validating on %d, testing on %d images",
              len(x_tr), len(x_val), len(x_te))
 
@@ -177,6 +179,34 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
+             pairs: list[tuple[str, ImageRecord]], class_index: dict[str, int],
+             x_tr: np.ndarray, y_tr: np.ndarray, timings: dict[str, float]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The training bottlenecks plus those of the cached augmented variants (when enabled)."""
+    from .augment import Augmentation, augmented_bottlenecks
+
+    aug = Augmentation(config.flip_left_right, config.random_crop, config.random_scale,
+                       config.random_brightness, config.augment_variants)
+    if not aug.enabled:
+        return x_tr, y_tr
+    from .bottlenecks import get_engine
+    from .bottlenecks.extractor import make_forward
+
+    def extract(items: list) -> list:
+        engine = get_engine(config.engine, workers=config.workers)
+        return engine.extract(items, make_forward(backbone), spec.input_size, spec.resize, cache,
+                              batch_size=config.extract_batch_size)
+
+    t = time.perf_counter()
+    x_aug, y_aug, computed, skipped = augmented_bottlenecks(
+        aug, pairs, class_index, spec.input_size, spec.resize, cache, extract)
+    timings["augmentation"] = time.perf_counter() - t
+    log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
+             len(x_aug), len(pairs), computed, len(skipped))
+    return np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug])
 
 
 def _check_classes(classes: list[str], usable: list[tuple[str, ImageRecord]],

@@ -64,6 +64,17 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
                    "below this, e.g. 0.9.")
 @click.option("--summaries-dir", type=click.Path(file_okay=False), default=None,
               help="Write TensorBoard logs of the head training here.")
+@click.option("--flip-left-right", is_flag=True,
+              help="Augment: mirror half of the variants horizontally.")
+@click.option("--random-crop", default=_T.random_crop, type=click.FloatRange(0, 100),
+              help="Augment: percentage of margin cropped away at random.")
+@click.option("--random-scale", default=_T.random_scale, type=click.FloatRange(0, 100),
+              help="Augment: percentage the image is enlarged by at most before cropping.")
+@click.option("--random-brightness", default=_T.random_brightness, type=click.FloatRange(0, 100),
+              help="Augment: percentage the brightness is changed by at most.")
+@click.option("--augment-variants", default=_T.augment_variants, show_default=True,
+              type=click.IntRange(min=1),
+              help="Distorted variants per training image (each computed once and cached).")
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
           batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
