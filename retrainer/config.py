@@ -60,3 +60,4 @@ class LabelConfig:
     labels: str | None = None
     top_k: int = 5
     batch_size: int = 32
+    min_confidence: float | None = None  # below it the answer is "unknown"

@@ -105,3 +105,17 @@ def test_train_writes_the_report_and_the_gate_blocks_export(tmp_path: Path):
     data = json.loads((tmp_path / "ev" / "report.json").read_text(encoding="utf-8"))
     assert data["split"] == "all" and data["n"] == 36 and data["misclassified"] == []
     assert sorted(data["labels"]) == sorted(COLOURS)
+
+    probe = make_image(tmp_path / "probe.png", (128, 128, 128), seed=3)  # grey: no colour wins
+    plain = json.loads(CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--json",
+                                                str(probe)]).stdout)
+    top = plain["predictions"][0]
+    assert "label" not in plain
+    for floor, answer in ((max(0.0, top["score"] - 0.01), top["label"]),
+                          (min(1.0, top["score"] + 0.01), "unknown")):
+        got = CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--json",
+                                       "--min-confidence", f"{floor:.6f}", str(probe)])
+        assert got.exit_code == 0 and json.loads(got.stdout)["label"] == answer
+    text = CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--min-confidence", "1",
+                                    str(probe)])
+    assert text.exit_code == 0 and "answer: unknown" in text.stdout
