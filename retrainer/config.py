@@ -49,6 +49,11 @@ class TrainConfig:
     random_scale: float = 0.0
     random_brightness: float = 0.0
     augment_variants: int = 4  # distorted copies of each training image, each cached
+    # Optional second stage: unfreeze the backbone's top layers (BatchNorm stays frozen).
+    fine_tune: bool = False
+    fine_tune_layers: int = 12  # weighted layers counted from the top
+    fine_tune_epochs: int = 5
+    fine_tune_learning_rate: float = 1e-4
 
 
 @dataclass

@@ -38,6 +38,8 @@ class HeadResult:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
+    if not logits.size:
+        return logits.astype(np.float32)
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)

@@ -128,15 +128,18 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val,
                       summaries_dir=config.summaries_dir)
     timings["head"] = time.perf_counter() - t
+    probs = {VALIDATION: head.predict(x_val), TESTING: head.predict(x_te)}
+    if config.fine_tune:
+        probs = _fine_tune(config, spec, backbone, head, by_split, class_index, timings)
     val_acc = None
     val_report = None
     if len(x_val):
-        val_report = evaluate_predictions(y_val, head.predict(x_val), dataset.classes, val_paths,
+        val_report = evaluate_predictions(y_val, probs[VALIDATION], dataset.classes, val_paths,
                                           split=VALIDATION)
         val_acc = val_report.accuracy
     test = None
     if len(x_te):
-        test = evaluate_predictions(y_te, head.predict(x_te), dataset.classes, te_paths,
+        test = evaluate_predictions(y_te, probs[TESTING], dataset.classes, te_paths,
                                     split=TESTING)
     else:
         log.info("no test images (testing percentage 0 or a tree without test/)")
@@ -166,6 +169,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         "output": {"name": "final_result", "kind": "softmax"},
         "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
+                     "fine_tuned": config.fine_tune,
                      "test_accuracy": result.test_accuracy},
     }
     from .export import build_classifier, export_model
@@ -207,6 +211,35 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
              len(x_aug), len(pairs), computed, len(skipped))
     return np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug])
+
+
+def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
+               by_split: dict[str, list[tuple[str, ImageRecord]]], class_index: dict[str, int],
+               timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """Fine-tune the backbone's top with the head (in place); new validation/test probabilities."""
+    from .finetune import fine_tune, load_pixels_of, predict
+
+    t = time.perf_counter()
+    pixels, labels = {}, {}
+    for split, pairs in by_split.items():
+        pixels[split] = load_pixels_of([r for _, r in pairs], spec.input_size, spec.resize,
+                                       config.workers)
+        labels[split] = np.array([class_index[r.label] for _, r in pairs], dtype=int)
+    result = fine_tune(backbone.model, head.model, len(class_index), pixels[TRAINING],
+                       labels[TRAINING], pixels[VALIDATION], labels[VALIDATION],
+                       layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
+                       learning_rate=config.fine_tune_learning_rate,
+                       label_smoothing=config.head.label_smoothing,
+                       flip=config.flip_left_right, seed=config.head.seed)
+    head.history += [{**row, "fine_tune": 1.0} for row in result.history]
+
+    def model(x: Any) -> Any:
+        return head.model(backbone.model(x, training=False), training=False)
+
+    out = {split: predict(model, pixels[split]) if len(pixels[split]) else
+           np.zeros((0, len(class_index)), np.float32) for split in (VALIDATION, TESTING)}
+    timings["fine_tune"] = time.perf_counter() - t
+    return out
 
 
 def _check_classes(classes: list[str], usable: list[tuple[str, ImageRecord]],

@@ -75,6 +75,15 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--augment-variants", default=_T.augment_variants, show_default=True,
               type=click.IntRange(min=1),
               help="Distorted variants per training image (each computed once and cached).")
+@click.option("--fine-tune", is_flag=True,
+              help="After the head converges, fine-tune the backbone's top layers with it "
+                   "(slower: runs the backbone on every epoch).")
+@click.option("--fine-tune-layers", default=_T.fine_tune_layers, show_default=True,
+              type=click.IntRange(min=0), help="Weighted backbone layers to unfreeze, from the top.")
+@click.option("--fine-tune-epochs", default=_T.fine_tune_epochs, show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--fine-tune-learning-rate", default=_T.fine_tune_learning_rate, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
           batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
