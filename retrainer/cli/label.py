@@ -15,16 +15,18 @@ _L = LabelConfig()
 @click.option("--top-k", default=_L.top_k, show_default=True, type=click.IntRange(min=1),
               help="How many labels to show per image.")
 @click.option("--batch-size", default=_L.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=_L.min_confidence,
+              help="Answer 'unknown' when the top score is below this (out-of-domain photos).")
 @json_option
 def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: str | None,
-          top_k: int, batch_size: int, as_json: bool) -> None:
+          top_k: int, batch_size: int, min_confidence: float | None, as_json: bool) -> None:
     """Label images (files, folders or globs) with a trained model.
 
     \b
       retrainer label photo.jpg
       retrainer label --json 'photos/*.jpg' > labels.jsonl
     """
-    from ..predict import Classifier, expand_inputs
+    from ..predict import Classifier, apply_min_confidence, expand_inputs
     from ..progress import bar
 
     paths, missing = expand_inputs(images)
@@ -43,10 +45,14 @@ def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: st
                 if as_json:
                     echo_json(result.to_dict())
                 continue
+            if min_confidence is not None:
+                apply_min_confidence(result, min_confidence)
             if as_json:
                 echo_json(result.to_dict())
             else:
                 click.echo(result.path)
+                if result.label is not None:
+                    click.echo(f"answer: {result.label}")
                 for p in result.predictions:
                     click.echo(f"{p.label} (score={p.score:.5f})")
     if not as_json:
