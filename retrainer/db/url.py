@@ -56,7 +56,7 @@ def masked(url: Any) -> str:
 
 
 def _mask_text(text: str) -> str:
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return re.sub(r"(://[^:/@\s]+:).*@", r"\1***@", text)
 
 
 def connect(value: Any, create: bool = True) -> Any:
