@@ -79,3 +79,33 @@ def test_train_and_label_need_one_source(tmp_path):
 def test_not_a_url_is_a_clear_error():
     result = run("db", "stats", "--db", "nosuchdriver://u:pw@host/db")
     assert result.exit_code == 1 and "pw" not in result.output.replace("***", "")
+
+
+def test_fashion_mnist_example_loads_idx_files(tmp_path):
+    """The example on tiny hand-written idx files: import, train, predictions written back."""
+    import gzip
+    import struct
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import fashion_mnist_sql as example
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 60), ("t10k", 20)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = np.clip(labels[:, None, None] * 25 + rng.normal(0, 4, (n, 28, 28)), 0, 255)
+        for name, arr in ((f"{part}-images-idx3-ubyte", images.astype(np.uint8)),
+                          (f"{part}-labels-idx1-ubyte", labels)):
+            header = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + arr.tobytes()))
+    db = str(tmp_path / "fashion.db")
+    summary = example.main(["--idx-dir", str(tmp_path), "--db", db, "--per-class", "0",
+                            "--architecture", TINY, "--output-dir", str(tmp_path / "m"),
+                            "--bottleneck-dir", str(tmp_path / "bn"), "--epochs", "5"])
+    assert summary["imported"]["added"] == 80
+    assert summary["predictions"]["labelled"] == 20
+    stats = json.loads(run("db", "stats", "--db", db, "--json").stdout)
+    assert stats["per_role"]["testing"] == 20 and stats["total"] == 80

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..sources.base import ImageRecord, Skipped
+from ..sources.base import Dataset, ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +76,25 @@ def import_folder(db: Any, image_dir: str | Path, validation_percentage: float =
                   testing_percentage: float = 10.0, batch_size: int = 200,
                   workers: int | None = None) -> ImportResult:
     """Import ``image_dir`` into ``db`` (URL, SQLite path or engine); see :class:`ImportResult`."""
+    from ..sources.folder import scan_folder
+    from ..split import assign_splits
+
+    t0 = time.perf_counter()
+    dataset = assign_splits(scan_folder(image_dir), validation_percentage, testing_percentage)
+    return import_dataset(db, dataset, batch_size, workers, started=t0)
+
+
+def import_dataset(db: Any, dataset: Dataset, batch_size: int = 200, workers: int | None = None,
+                   started: float | None = None) -> ImportResult:
+    """Import any source's records (with their splits as roles, training when unset)."""
     from sqlalchemy import select
 
     from ..bottlenecks.local import default_workers
     from ..progress import bar
-    from ..sources.folder import scan_folder
-    from ..split import assign_splits
     from .schema import ROLE_IDS, categories, images
     from .url import connect, errors
 
-    t0 = time.perf_counter()
-    dataset = assign_splits(scan_folder(image_dir), validation_percentage, testing_percentage)
+    t0 = started if started is not None else time.perf_counter()
     engine = connect(db)
     result = ImportResult()
     with errors(engine, "importing"):
