@@ -17,7 +17,7 @@ RUN useradd --create-home --uid 1000 retrainer \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY retrainer ./retrainer
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[sql]" \
     && rm -rf /src/build
 
 USER 1000
