@@ -109,3 +109,16 @@ def test_fashion_mnist_example_loads_idx_files(tmp_path):
     assert summary["predictions"]["labelled"] == 20
     stats = json.loads(run("db", "stats", "--db", db, "--json").stdout)
     assert stats["per_role"]["testing"] == 20 and stats["total"] == 80
+
+
+def test_db_help_imports_neither_tensorflow_nor_sqlalchemy():
+    import subprocess
+    import sys
+
+    code = ("import sys; from retrainer.cli import cli\n"
+            "for args in (['db', '--help'], ['db', 'import', '--help'], ['db', 'query', '--help']):\n"
+            "    try: cli(args, prog_name='retrainer')\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in ('tensorflow', 'sqlalchemy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]")
