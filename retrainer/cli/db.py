@@ -1,6 +1,7 @@
 """``retrainer db import|stats|query`` and the ``label --db`` output."""
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import click
@@ -113,6 +114,8 @@ def _cell(value: Any) -> Any:
         return f"<{len(value)} bytes>"
     if isinstance(value, (int, float, str)) or value is None:
         return value
+    if isinstance(value, Decimal):  # AVG() on MariaDB/PostgreSQL
+        return float(value)
     return str(value)
 
 
