@@ -17,6 +17,8 @@ RUN useradd --create-home --uid 1000 retrainer \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY retrainer ./retrainer
+# The local checkout is the pinned version; the sql extra adds the database drivers.
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[sql]" \
     && rm -rf /src/build
 

@@ -7,4 +7,10 @@ SQLAlchemy is imported only by these modules, so the CLI stays fast when they ar
 """
 from .url import DatabaseError, connect, database_url, masked
 
+try:
+    import sqlalchemy  # noqa: F401
+except ImportError:  # the CLI shows this as one line with the fix
+    raise DatabaseError("database support is not installed.",
+                        "Install it with: pip install 'retrainer[sql]'.") from None
+
 __all__ = ["DatabaseError", "connect", "database_url", "masked"]
