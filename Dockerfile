@@ -17,7 +17,9 @@ RUN useradd --create-home --uid 1000 retrainer \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY retrainer ./retrainer
-RUN pip install --no-cache-dir . \
+# The local checkout is the pinned version; the sql extra adds the database drivers.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[sql]" \
     && rm -rf /src/build
 
 USER 1000

@@ -25,6 +25,8 @@ class TrainConfig:
     """One ``retrainer train`` run."""
 
     image_dir: str | None = None
+    db: str | None = None  # a SQL database (URL or SQLite path) instead of image_dir
+    db_where: str | None = None  # which of its images to use (retrainer.db.filters)
     output_dir: str = "retrained"
     architecture: str = "inception_v3"
     weights: str | None = None
@@ -66,3 +68,5 @@ class LabelConfig:
     top_k: int = 5
     batch_size: int = 32
     min_confidence: float | None = None  # below it the answer is "unknown"
+    db: str | None = None  # label the images of a SQL database, writing its predictions table
+    where: str | None = None

@@ -54,8 +54,14 @@ def load_dataset(config: TrainConfig) -> Dataset:
     from .sources.folder import scan_folder
     from .split import assign_splits
 
+    if config.db:
+        from .sources.sql import scan_database
+
+        dataset = scan_database(config.db, where=config.db_where)
+        return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
     if not config.image_dir:
-        raise DatasetError("no images to train on.", "Give an image folder (--image-dir DIR).")
+        raise DatasetError("no images to train on.",
+                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
     exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
     dataset = scan_folder(config.image_dir, exclude=exclude)
     return assign_splits(dataset, config.validation_percentage, config.testing_percentage)

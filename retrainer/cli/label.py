@@ -10,8 +10,12 @@ _L = LabelConfig()
 
 
 @click.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
 @model_options
+@click.option("--db", default=None, metavar="URL",
+              help="Label the images of a SQL database and write its predictions table.")
+@click.option("--where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"role = 'testing'\" (see docs/sql.md).")
 @click.option("--top-k", default=_L.top_k, show_default=True, type=click.IntRange(min=1),
               help="How many labels to show per image.")
 @click.option("--batch-size", default=_L.batch_size, show_default=True, type=click.IntRange(min=1))
@@ -19,16 +23,25 @@ _L = LabelConfig()
               help="Answer 'unknown' when the top score is below this (out-of-domain photos).")
 @json_option
 def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: str | None,
-          top_k: int, batch_size: int, min_confidence: float | None, as_json: bool) -> None:
+          top_k: int, batch_size: int, min_confidence: float | None, as_json: bool,
+          db: str | None = None, where: str | None = None) -> None:
     """Label images (files, folders or globs) with a trained model.
 
     \b
       retrainer label photo.jpg
       retrainer label --json 'photos/*.jpg' > labels.jsonl
+      retrainer label --db images.db --where "role = 'testing'"
     """
     from ..predict import Classifier, apply_min_confidence, expand_inputs
     from ..progress import bar
 
+    if db:
+        from .db import label_database_command
+
+        return label_database_command(db, where, images, model_dir, graph, labels, top_k,
+                                      batch_size, as_json)
+    if not images:
+        raise click.UsageError("give images to label, or --db URL.")
     paths, missing = expand_inputs(images)
     for item in missing:
         err(f"error: {item}: no such file")

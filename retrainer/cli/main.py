@@ -21,6 +21,7 @@ COMMANDS = {
     "label": "retrainer.cli.label:label",
     "evaluate": "retrainer.cli.evaluate:evaluate",
     "backbones": "retrainer.cli.backbones:backbones",
+    "db": "retrainer.cli.db:db",
 }
 
 EXIT_INTERRUPTED = 130

@@ -17,8 +17,13 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 
 
 @click.command()
-@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder with one sub-folder of images per class (or train/ val/ test/ folders).")
+@click.option("--db", default=None, metavar="URL",
+              help="Train from a SQL database instead (see 'retrainer db import'): a URL or a "
+                   "SQLite file path. Its roles are the split.")
+@click.option("--where", "db_where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
               help="Where the model, labels and metadata are written.")
 @click.option("--architecture", default=_T.architecture, show_default=True,
@@ -99,6 +104,8 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     """
     from ..training import train as run_train
 
+    if bool(options.get("image_dir")) == bool(options.get("db")):
+        raise click.UsageError("give either --image-dir DIR or --db URL.")
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
                       batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
                       label_smoothing=label_smoothing, patience=patience,
