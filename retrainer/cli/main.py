@@ -21,6 +21,7 @@ COMMANDS = {
     "label": "retrainer.cli.label:label",
     "evaluate": "retrainer.cli.evaluate:evaluate",
     "backbones": "retrainer.cli.backbones:backbones",
+    "serve": "retrainer.cli.serve:serve",
 }
 
 EXIT_INTERRUPTED = 130
