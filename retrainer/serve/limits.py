@@ -37,9 +37,12 @@ def too_large(limit: int) -> ApiError:
 
 
 class BodyTooLarge(ApiError):
+    """Raised while a body streams past the limit; the rest is never read, so the
+    connection cannot be reused and the response says so."""
+
     def __init__(self, limit: int) -> None:
         err = too_large(limit)
-        super().__init__(err.status, err.code, err.message)
+        super().__init__(err.status, err.code, err.message, headers={"Connection": "close"})
 
 
 def check_pixels(data: bytes, max_pixels: int, name: str) -> None:

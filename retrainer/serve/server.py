@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -24,6 +25,16 @@ log = logging.getLogger(__name__)
 
 class ServeError(RetrainerError):
     """The service cannot start: unsafe binding, port in use, missing server packages."""
+
+
+def _stop_before_serving(signum: int, frame: Any) -> None:
+    """SIGTERM/SIGINT while the model loads: nothing is bound or written yet, so leave now.
+
+    An exception raised from here could be swallowed or rewrapped by the import and loading
+    code it interrupts; ending the process directly is the one predictable way.
+    """
+    os.write(2, b"stopped while loading the model\n")
+    os._exit(0)
 
 
 def check_binding(config: ServeConfig) -> None:
@@ -96,36 +107,45 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
     except ImportError as exc:
         raise ServeError(f"the server packages are not installed ({exc.name}).",
                          "pip install 'retrainer[serve]'") from None
-    classifier, info = load_model(config)
-    if not classifier.labels:
-        raise ModelDirError("the labels file is empty.")
-    log.debug("warm-up took %.2f s", warm_up(classifier, config.max_batch_size))
-    app = create_app(classifier, config, info)
-    sock = bind(config.host, config.port)
-    host, port = sock.getsockname()[:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-
-    uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                               timeout_graceful_shutdown=config.graceful_timeout,
-                               server_header=False, timeout_keep_alive=30)
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets=sockets)
-            if self.started and on_ready is not None:
-                on_ready(url)
-
-    server = Server(uv_config)
-    # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
-    # in place that is harmless, and a requested stop ends the process with status 0.
-    previous = {sig: signal.signal(sig, lambda *_: None)
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A stop requested while loading ends the process cleanly (status 0), like one later on.
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _stop_before_serving) for sig in signals}
     try:
-        server.run(sockets=[sock])
+        log.debug("loading the model from %s", config.graph or config.model_dir)
+        classifier, info = load_model(config)
+        if not classifier.labels:
+            raise ModelDirError("the labels file is empty.")
+        log.debug("warm-up took %.2f s", warm_up(classifier, config.max_batch_size))
+        # From here uvicorn catches the signals; it re-raises the one it caught once it has
+        # shut down, which these no-op handlers absorb, so a requested stop exits with status 0.
+        stop_early: list[int] = []
+        for sig in signals:
+            signal.signal(sig, lambda signum, _frame: stop_early.append(signum))
+        app = create_app(classifier, config, info)
+        sock = bind(config.host, config.port)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                   timeout_graceful_shutdown=config.graceful_timeout,
+                                   server_header=False, timeout_keep_alive=30)
+
+        class Server(uvicorn.Server):
+            async def startup(self, sockets: Any = None) -> None:
+                await super().startup(sockets=sockets)
+                if self.started and on_ready is not None:
+                    on_ready(url)
+
+        server = Server(uv_config)
+        if stop_early:
+            sock.close()
+            return {"images": 0, "batches": 0}
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        sock.close()
     if not server.started:
         raise ServeError("the server did not start (see the messages above).")
     stats = app.state.batcher.stats.to_dict()
