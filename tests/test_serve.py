@@ -117,6 +117,16 @@ def test_health_labels_and_model(client):
     assert "image_source" not in json.dumps(model)  # no paths of the training machine
 
 
+def test_small_responses_are_not_held_back_by_nagle(client):
+    """Delayed ACKs would add ~40 ms to every response without TCP_NODELAY."""
+    times = []
+    for _ in range(9):
+        t = time.perf_counter()
+        assert client.get("/v1/labels").status_code == 200
+        times.append(time.perf_counter() - t)
+    assert sorted(times)[4] < 0.03
+
+
 def test_openapi_schema_lists_the_versioned_endpoints(client):
     schema = client.get("/openapi.json").json()
     assert {"/healthz", "/v1/classify", "/v1/classify/batch", "/v1/labels",
