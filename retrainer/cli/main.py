@@ -22,6 +22,7 @@ COMMANDS = {
     "evaluate": "retrainer.cli.evaluate:evaluate",
     "backbones": "retrainer.cli.backbones:backbones",
     "db": "retrainer.cli.db:db",
+    "serve": "retrainer.cli.serve:serve",
 }
 
 EXIT_INTERRUPTED = 130
