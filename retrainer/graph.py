@@ -42,6 +42,7 @@ class GraphRunner:
         def _import() -> None:
             tf.compat.v1.import_graph_def(graph_def, name="")
 
+        self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
         wrapped = tf.compat.v1.wrap_function(_import, [])
         graph = wrapped.graph
         inp = graph.get_tensor_by_name(f"{input_name}:0")

@@ -21,6 +21,7 @@ COMMANDS = {
     "label": "retrainer.cli.label:label",
     "evaluate": "retrainer.cli.evaluate:evaluate",
     "backbones": "retrainer.cli.backbones:backbones",
+    "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
 }
 
 EXIT_INTERRUPTED = 130
