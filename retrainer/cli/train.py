@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import HeadConfig, TrainConfig
+from .bottlenecks import check_engine, engine_options
 from .common import echo_json, json_option
 
 _T = TrainConfig()
@@ -48,6 +49,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
+@engine_options
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
           batch_size: int, **options: object) -> None:
@@ -58,6 +60,7 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     """
     from ..training import train as run_train
 
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
                       batch_size=batch_size, seed=seed)
     config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
