@@ -38,6 +38,7 @@ class TrainConfig:
     extract_batch_size: int = 32
     workers: int | None = None
     engine: str = "local"
+    spark_master: str | None = None  # --engine spark: local[N], spark://HOST:PORT, yarn...
     head: HeadConfig = field(default_factory=HeadConfig)
     output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
     output_labels: str | None = None

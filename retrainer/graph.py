@@ -107,6 +107,7 @@ class GraphRunner:
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME) -> None:
+        self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
         self._fn = graph_function(graph_def, input_name, output_name)
         inp = self._fn.inputs[0]
         out = self._fn.outputs[0]

@@ -98,7 +98,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         from .bottlenecks.extractor import make_forward
 
         forward = make_forward(backbone, cache_root)
-        engine = get_engine(config.engine, workers=config.workers)
+        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)

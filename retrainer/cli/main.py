@@ -23,6 +23,7 @@ COMMANDS = {
     "backbones": "retrainer.cli.backbones:backbones",
     "db": "retrainer.cli.db:db",
     "serve": "retrainer.cli.serve:serve",
+    "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
 }
 
 EXIT_INTERRUPTED = 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import HeadConfig, TrainConfig
+from .bottlenecks import check_engine, engine_options
 from .common import echo_json, json_option
 
 _T = TrainConfig()
@@ -93,6 +94,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               type=click.IntRange(min=1))
 @click.option("--fine-tune-learning-rate", default=_T.fine_tune_learning_rate, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
+@engine_options
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
           batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
@@ -106,6 +108,7 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
 
     if bool(options.get("image_dir")) == bool(options.get("db")):
         raise click.UsageError("give either --image-dir DIR or --db URL.")
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
                       batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
                       label_smoothing=label_smoothing, patience=patience,
