@@ -18,12 +18,15 @@ from common import WEIGHTS, backbones, data_root, emit, parser, work_dir
 DATASETS = ("hymenoptera_data", "flowers")
 
 
-def features(name: str, precision: str, records: list, cache_root) -> tuple[np.ndarray, float]:  # noqa: ANN001
-    from retrainer.backbones.factory import create_backbone
+def features(backbone, precision: str, records: list,  # noqa: ANN001
+             cache_root) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    """Bottlenecks of ``records`` through ``train``'s engine at ``precision``, and its img/s."""
+    from retrainer.backbones.factory import Backbone
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import make_forward
 
-    backbone = create_backbone(name, WEIGHTS[name], precision=precision)
+    # The same weights at both precisions (random weights differ at every build).
+    backbone = Backbone(backbone.spec, backbone.model, backbone.weights_digest, precision)
     forward = make_forward(backbone, cache_root / "graphs")
     spec = backbone.spec
     shutil.rmtree(cache_root / "bn", ignore_errors=True)
@@ -57,9 +60,12 @@ def main() -> None:
     root, work = data_root(args), work_dir(args)
     from retrainer.sources.folder import scan_folder
 
+    from retrainer.backbones.factory import create_backbone
+
     out: dict = {}
     for name in backbones(args):
         out[name] = {}
+        backbone = create_backbone(name, WEIGHTS[name])
         for ds in DATASETS:
             dataset = scan_folder(root / ds)
             records = dataset.records
@@ -69,7 +75,7 @@ def main() -> None:
             row: dict = {"images": len(records)}
             preds = {}
             for precision in ("fp32", "bf16"):
-                x, rate = features(name, precision, records, work / "b3" / name)
+                x, rate = features(backbone, precision, records, work / "b3" / name)
                 preds[precision] = probe(x, y, test)
                 truth = y[test] if test is not None else y
                 row[f"{precision}_img_s"] = round(rate, 2)
