@@ -190,6 +190,7 @@ def bench_split(path: Path, args: argparse.Namespace, salt: int) -> dict[str, An
     if args.fine_tune and (not args.fine_tune_sets or path.name in args.fine_tune_sets):
         # Fine-tuning starts from the head as a user would train it: with the same augmentation.
         ft = run_train(dataset, args, fine_tune=True, fine_tune_epochs=args.fine_tune_epochs,
+                       fine_tune_learning_rate=args.fine_tune_learning_rate,
                        **{"flip_left_right": True, **augment})
         row["head_fine_tuned"] = ft.test_accuracy
         row["fine_tune_seconds"] = ft.timings.get("fine_tune")
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-scale", type=float, default=30.0)
     p.add_argument("--random-brightness", type=float, default=20.0)
     p.add_argument("--fine-tune-epochs", type=int, default=5)
+    p.add_argument("--fine-tune-learning-rate", type=float,
+                   default=TrainConfig().fine_tune_learning_rate)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Print the rows as JSON.")
     p.add_argument("-q", "--quiet", action="store_true")
