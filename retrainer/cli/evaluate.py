@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import echo_json, json_option, model_options
+from .common import echo_json, err, json_option, model_options
 
 
 @click.command()
@@ -31,7 +31,12 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
     report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
                              labels=labels, batch_size=batch_size)
     out = output_dir or (str(Path(graph).parent) if graph else model_dir)
-    written = report.write(out, {"image_dir": image_dir})
+    try:
+        written = report.write(out, {"image_dir": image_dir})
+    except OSError as exc:  # a read-only model folder must not lose the printed report
+        err(f"warning: cannot write the report to '{out}' ({exc.strerror or exc}); "
+            "use --output-dir DIR")
+        written = {}
     if as_json:
         echo_json({**report.to_dict(), "outputs": written})
         return
@@ -40,5 +45,6 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         click.echo("Misclassified images:")
         for m in report.misclassified:
             click.echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
-    click.echo(f"Report: {written['report']}" + (
-        f", confusion matrix: {written['confusion_png']}" if "confusion_png" in written else ""))
+    if written:
+        click.echo(f"Report: {written['report']}" + (
+            f", confusion matrix: {written['confusion_png']}" if "confusion_png" in written else ""))
