@@ -29,3 +29,5 @@ class ServeConfig:
     default_top_k: int = 5
     #: Seconds given to in-flight requests after SIGTERM before they are cancelled.
     graceful_timeout: float = 30.0
+    #: One log line per request (uvicorn's access log).
+    access_log: bool = False
