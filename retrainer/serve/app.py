@@ -6,6 +6,7 @@ forward passes. Everything that goes wrong with a request is a JSON 4xx (see :mo
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -152,12 +153,14 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
                                                 f"{config.default_top_k}).")
 
     async def score(data: bytes, name: str, top_k: int | None) -> list[dict[str, Any]]:
-        pixels = await run_in_threadpool(_decode, classifier, data, name, config.max_pixels)
-        try:
-            row = await batcher.submit(pixels)
-        except QueueFull as exc:
-            raise ApiError(503, "overloaded", f"the server is busy ({exc}); retry shortly",
-                           headers={"Retry-After": "1"}) from None
+        with batcher.incoming():  # the model thread may wait for this image to join a batch
+            pixels = await run_in_threadpool(_decode, classifier, data, name, config.max_pixels)
+            try:
+                future = batcher.enqueue(pixels)
+            except QueueFull as exc:
+                raise ApiError(503, "overloaded", f"the server is busy ({exc}); retry shortly",
+                               headers={"Retry-After": "1"}) from None
+        row = await future
         counters["images"] += 1
         k = top_k or config.default_top_k
         return [{"label": p.label, "score": p.score} for p in classifier.top_k(row, k)]
@@ -222,8 +225,6 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         files = await _form_files(request, config)
         if not files:
             raise ApiError(400, "no_file", "the form has no file fields (send them as 'files')")
-        import asyncio
-
         async def one(name: str, data: bytes) -> dict[str, Any]:
             try:
                 return {"name": name, "predictions": await score(data, name, top_k)}
