@@ -24,7 +24,8 @@ _S = ServeConfig()
               help="Most images per forward pass; 1 turns micro-batching off.")
 @click.option("--max-wait-ms", default=_S.max_wait_ms, show_default=True,
               type=click.FloatRange(min=0),
-              help="How long a request waits for others to share its forward pass.")
+              help="Longest wait for requests still decoding to join a forward pass "
+                   "(a lone request never waits).")
 @click.option("--max-queue", default=_S.max_queue, show_default=True, type=click.IntRange(min=1),
               help="Images waiting for the model beyond this get 503.")
 @click.option("--max-body-mb", default=_S.max_body_bytes / 2**20, show_default=True,

@@ -152,15 +152,17 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
     top_k_query = Query(None, ge=1, description=f"How many labels to return (default "
                                                 f"{config.default_top_k}).")
 
-    async def score(data: bytes, name: str, top_k: int | None) -> list[dict[str, Any]]:
-        with batcher.incoming():  # the model thread may wait for this image to join a batch
-            pixels = await run_in_threadpool(_decode, classifier, data, name, config.max_pixels)
-            try:
-                future = batcher.enqueue(pixels)
-            except QueueFull as exc:
-                raise ApiError(503, "overloaded", f"the server is busy ({exc}); retry shortly",
-                               headers={"Retry-After": "1"}) from None
-        row = await future
+    async def enqueue(data: bytes, name: str) -> asyncio.Future:
+        """Decode on a worker thread, then queue for the model; call inside
+        ``batcher.incoming()`` so the model thread knows this image is on its way."""
+        pixels = await run_in_threadpool(_decode, classifier, data, name, config.max_pixels)
+        try:
+            return batcher.enqueue(pixels)
+        except QueueFull as exc:
+            raise ApiError(503, "overloaded", f"the server is busy ({exc}); retry shortly",
+                           headers={"Retry-After": "1"}) from None
+
+    def answer(row: np.ndarray, top_k: int | None) -> list[dict[str, Any]]:
         counters["images"] += 1
         k = top_k or config.default_top_k
         return [{"label": p.label, "score": p.score} for p in classifier.top_k(row, k)]
@@ -202,14 +204,17 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
     async def classify(request: Request, top_k: int | None = top_k_query) -> dict[str, Any]:
         """Classify one image: a multipart ``file`` field, or the raw image as the body."""
         counters["requests"] += 1
-        if _is_multipart(request):
-            files = await _form_files(request, config)
-            if not files:
-                raise ApiError(400, "no_file", "the form has no file field (send it as 'file')")
-            name, data = files[0]
-        else:
-            name, data = "body", await request.body()
-        return {"predictions": await score(data, name, top_k), "model": summary}
+        with batcher.incoming():  # announced while its body still arrives and decodes
+            if _is_multipart(request):
+                files = await _form_files(request, config)
+                if not files:
+                    raise ApiError(400, "no_file",
+                                   "the form has no file field (send it as 'file')")
+                name, data = files[0]
+            else:
+                name, data = "body", await request.body()
+            future = await enqueue(data, name)
+        return {"predictions": answer(await future, top_k), "model": summary}
 
     @app.post(f"/{API_VERSION}/classify/batch", tags=["classify"], dependencies=v1,
               response_model=BatchOut, response_model_exclude_none=True, responses=_ERRORS,
@@ -227,7 +232,9 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
             raise ApiError(400, "no_file", "the form has no file fields (send them as 'files')")
         async def one(name: str, data: bytes) -> dict[str, Any]:
             try:
-                return {"name": name, "predictions": await score(data, name, top_k)}
+                with batcher.incoming():
+                    future = await enqueue(data, name)
+                return {"name": name, "predictions": answer(await future, top_k)}
             except ApiError as exc:
                 if exc.code == "overloaded":
                     raise

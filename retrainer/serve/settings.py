@@ -16,8 +16,8 @@ class ServeConfig:
     api_key: str | None = None
     #: Most images scored in one forward pass; 1 turns micro-batching off.
     max_batch_size: int = 32
-    #: How long the first image of a batch waits for others (ms). The model never idles to wait:
-    #: while a pass runs, new requests queue and form the next batch anyway.
+    #: Longest wait (ms) for requests still decoding to join a batch; a lone request never
+    #: waits, and while a pass runs new requests queue and form the next batch anyway.
     max_wait_ms: float = 2.0
     #: Requests waiting for the model beyond this are refused with 503 (back-pressure).
     max_queue: int = 512
