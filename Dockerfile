@@ -19,7 +19,9 @@ RUN useradd --create-home --uid 1000 retrainer \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY retrainer ./retrainer
-RUN pip install --no-cache-dir "./[serve]" \
+# The local checkout is the pinned version; the extras add the database drivers and the HTTP service.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[sql,serve]" \
     && rm -rf /src/build
 
 USER 1000

@@ -16,6 +16,8 @@ class HeadConfig:
     l2: float = 1e-4
     label_smoothing: float = 0.0
     seed: int = 0
+    patience: int = 10  # early stopping: epochs without a better validation loss
+    class_weight: str = "balanced"  # or "none"
 
 
 @dataclass
@@ -23,6 +25,8 @@ class TrainConfig:
     """One ``retrainer train`` run."""
 
     image_dir: str | None = None
+    db: str | None = None  # a SQL database (URL or SQLite path) instead of image_dir
+    db_where: str | None = None  # which of its images to use (retrainer.db.filters)
     output_dir: str = "retrained"
     architecture: str = "inception_v3"
     weights: str | None = None
@@ -34,12 +38,25 @@ class TrainConfig:
     extract_batch_size: int = 32
     workers: int | None = None
     engine: str = "local"
+    spark_master: str | None = None  # --engine spark: local[N], spark://HOST:PORT, yarn...
     head: HeadConfig = field(default_factory=HeadConfig)
     output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
     output_labels: str | None = None
     export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     print_misclassified: bool = False
     assert_accuracy_at_least: float | None = None
+    summaries_dir: str | None = None  # TensorBoard logs of the head training
+    # Cached augmentation (retrain.py's names; percentages): on when any distortion is set.
+    flip_left_right: bool = False
+    random_crop: float = 0.0
+    random_scale: float = 0.0
+    random_brightness: float = 0.0
+    augment_variants: int = 4  # distorted copies of each training image, each cached
+    # Optional second stage: unfreeze the backbone's top layers (BatchNorm stays frozen).
+    fine_tune: bool = False
+    fine_tune_layers: int = 12  # weighted layers counted from the top
+    fine_tune_epochs: int = 5
+    fine_tune_learning_rate: float = 1e-4
 
 
 @dataclass
@@ -51,3 +68,6 @@ class LabelConfig:
     labels: str | None = None
     top_k: int = 5
     batch_size: int = 32
+    min_confidence: float | None = None  # below it the answer is "unknown"
+    db: str | None = None  # label the images of a SQL database, writing its predictions table
+    where: str | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,9 +16,13 @@ class Misclassified:
     score: float
 
 
+REPORT_FILE = "report.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
 @dataclass
 class EvaluationReport:
-    """Accuracy, per-class precision/recall/F1, confusion matrix and the mistakes."""
+    """Accuracy, per-class and averaged precision/recall/F1, ROC AUC, confusion, the mistakes."""
 
     labels: list[str]
     n: int
@@ -27,36 +32,121 @@ class EvaluationReport:
     weighted: dict[str, float]
     confusion: list[list[int]]
     misclassified: list[Misclassified] = field(default_factory=list)
+    roc_auc: dict[str, Any] = field(default_factory=dict)
+    split: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "n": self.n, "accuracy": self.accuracy, "labels": self.labels,
+            "split": self.split, "n": self.n, "accuracy": self.accuracy, "labels": self.labels,
             "per_class": self.per_class, "macro": self.macro, "weighted": self.weighted,
-            "confusion_matrix": self.confusion,
+            "roc_auc": self.roc_auc, "confusion_matrix": self.confusion,
             "misclassified": [m.__dict__ for m in self.misclassified],
         }
 
     def table(self) -> str:
-        """A readable per-class table."""
+        """A readable per-class table, the averages, and the confusion matrix."""
         width = max([len(label) for label in self.labels] + [8])
-        lines = [f"{'class':<{width}}  precision  recall  f1      support"]
+        auc = self.roc_auc.get("per_class", {})
+        lines = [f"{'class':<{width}}  precision  recall  f1      roc_auc  support"]
+
+        def fmt_auc(value: float | None) -> str:
+            return f"{value:7.3f}" if value is not None else "      -"
+
         for label in self.labels:
             row = self.per_class[label]
             lines.append(f"{label:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
-                         f"{row['f1']:6.3f}  {int(row['support']):7d}")
+                         f"{row['f1']:6.3f}  {fmt_auc(auc.get(label))}  {int(row['support']):7d}")
         for name, avg in (("macro", self.macro), ("weighted", self.weighted)):
             lines.append(f"{name:<{width}}  {avg['precision']:9.3f}  {avg['recall']:6.3f}  "
-                         f"{avg['f1']:6.3f}  {self.n:7d}")
+                         f"{avg['f1']:6.3f}  {fmt_auc(self.roc_auc.get(name))}  {self.n:7d}")
         lines.append(f"accuracy {self.accuracy:.4f} (N={self.n})")
+        if self.confusion:
+            lines += ["", "confusion matrix (rows: true, columns: predicted)",
+                      self.confusion_text()]
         return "\n".join(lines)
+
+    def confusion_text(self) -> str:
+        """The confusion matrix as aligned text; columns are numbered like the rows."""
+        width = max(len(label) for label in self.labels)
+        cell = max(3, len(str(max((max(r) for r in self.confusion), default=0))))
+        head = " " * (width + 5) + " ".join(f"{j:>{cell}}" for j in range(len(self.labels)))
+        rows = [head]
+        for i, (label, counts) in enumerate(zip(self.labels, self.confusion)):
+            rows.append(f"{i:>3}  {label:<{width}}" + "".join(f" {c:>{cell}}" for c in counts))
+        return "\n".join(rows)
+
+    def write(self, output_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, str]:
+        """``report.json`` and ``confusion_matrix.png`` in ``output_dir``; returns their paths."""
+        from .export import write_json
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        written = {"report": str(out / REPORT_FILE)}
+        write_json(out / REPORT_FILE, {**self.to_dict(), **(extra or {})})
+        if self.confusion:
+            plot_confusion(self, out / CONFUSION_PNG)
+            written["confusion_png"] = str(out / CONFUSION_PNG)
+        return written
+
+
+def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
+    """A confusion-matrix heat map: colour is the share of each true class, text the count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .bottlenecks.cache import atomic_write
+
+    cm = np.asarray(report.confusion, dtype=float)
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    k = len(report.labels)
+    side = min(4 + 0.6 * k, 24)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(k), report.labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), report.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    split = f"{report.split} " if report.split else ""
+    ax.set_title(f"{split}accuracy {report.accuracy:.3f} (N={report.n})")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=9,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=100))
+    plt.close(fig)
+
+
+def roc_auc_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """One-vs-rest ROC AUC per class and averaged; None where a class has no positive or negative."""
+    from sklearn.metrics import roc_auc_score
+
+    per_class: dict[str, float | None] = {}
+    for i, label in enumerate(labels):
+        positives = y_true == i
+        if positives.all() or not positives.any():
+            per_class[label] = None
+        else:
+            per_class[label] = float(roc_auc_score(positives, probs[:, i]))
+    scored = [(v, int((y_true == i).sum())) for i, v in enumerate(per_class.values()) if v is not None]
+    macro = float(np.mean([v for v, _ in scored])) if scored else None
+    weighted = (float(sum(v * n for v, n in scored) / sum(n for _, n in scored))
+                if scored else None)
+    return {"per_class": per_class, "macro": macro, "weighted": weighted}
 
 
 def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[str],
-                         paths: Sequence[str] | None = None) -> EvaluationReport:
+                         paths: Sequence[str] | None = None, split: str = "") -> EvaluationReport:
     """Metrics for class indices ``y_true`` against predicted probabilities (N, classes)."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y_true = np.asarray(y_true, dtype=int)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(y_true), len(labels))
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
     idx = list(range(len(labels)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
@@ -70,12 +160,15 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
     wrong = np.nonzero(y_true != y_pred)[0]
     mistakes = [Misclassified(paths[i] if paths is not None else str(i), labels[y_true[i]],
                               labels[y_pred[i]], float(probs[i, y_pred[i]])) for i in wrong]
+    mistakes.sort(key=lambda m: -m.score)  # the most confident mistakes first
     return EvaluationReport(
         labels=labels, n=int(len(y_true)),
         accuracy=float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         per_class=per_class, macro=averages["macro"], weighted=averages["weighted"],
         confusion=confusion_matrix(y_true, y_pred, labels=idx).tolist() if len(y_true) else [],
         misclassified=mistakes,
+        roc_auc=roc_auc_scores(y_true, probs, labels) if len(y_true) else {},
+        split=split,
     )
 
 
@@ -118,4 +211,5 @@ def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: 
             rows.append(result.probabilities)
             paths.append(result.path)
     probs = np.stack(rows) if rows else np.zeros((0, len(classifier.labels)), np.float32)
-    return evaluate_predictions(y_true, probs, classifier.labels, paths)
+    split = records[0].split if records and records[0].split else ""
+    return evaluate_predictions(y_true, probs, classifier.labels, paths, split=split or "all")

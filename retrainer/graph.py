@@ -3,12 +3,20 @@
 A frozen graph holds its weights as constants, which lets TensorFlow fold BatchNorm into the
 convolutions: it runs markedly faster on CPU than the Keras call, and it is what the export writes
 as ``retrained_graph.pb`` for plain-TF users.
+
+Freezing a large backbone takes seconds (Inception-v3: 5-10 s), so a backbone is frozen once and
+its graph kept beside its bottlenecks (:func:`cached_freeze`); the exported classifier is that
+graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
@@ -21,8 +29,7 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
         convert_variables_to_constants_v2,
     )
 
-    height, width = model.input_shape[1:3]
-    spec = tf.TensorSpec([None, height, width, 3], tf.float32, name=input_name)
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=input_name)
 
     @tf.function(input_signature=[spec])
     def forward(x: Any) -> Any:
@@ -32,23 +39,80 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
     return frozen.graph.as_graph_def()
 
 
+def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
+    """:func:`freeze` of the model ``build()`` returns, kept at ``path`` (written atomically)
+    and read back on the next run without building the model.
+
+    The caller picks a path that changes whenever the model's weights or structure do (the
+    bottleneck cache id does), plus the TensorFlow version.
+    """
+    from .bottlenecks.cache import atomic_write
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load_graph_def(str(path))
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
+            log.warning("frozen graph %s is damaged (%s); freezing again", path.name, exc)
+    graph_def = freeze(build())
+    try:
+        atomic_write(path, lambda fh: fh.write(graph_def.SerializeToString()))
+    except OSError as exc:
+        log.warning("cannot keep the frozen graph at %s (%s)", path, exc.strerror or exc)
+    return graph_def
+
+
+def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
+            output_name: str = OUTPUT_NAME) -> Any:
+    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`."""
+    import tensorflow as tf
+
+    b_in = _node(backbone, input_name)
+    shape = [None] + [int(d.size) for d in b_in.attr["shape"].shape.dim[1:]]
+    with tf.Graph().as_default() as graph:
+        inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
+        (feats,) = tf.compat.v1.import_graph_def(
+            backbone, input_map={f"{input_name}:0": inp},
+            return_elements=[f"{output_name}:0"], name="backbone")
+        (probs,) = tf.compat.v1.import_graph_def(
+            head, input_map={f"{input_name}:0": feats},
+            return_elements=[f"{output_name}:0"], name="head")
+        tf.identity(probs, name=output_name)
+    return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [output_name])
+
+
+def _node(graph_def: Any, name: str) -> Any:
+    for node in graph_def.node:
+        if node.name == name:
+            return node
+    raise ValueError(f"the graph has no node {name!r}")
+
+
+def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
+                   output_name: str = OUTPUT_NAME) -> Any:
+    """A TF2 concrete function running ``graph_def`` from input to output (no Session)."""
+    import tensorflow as tf
+
+    def _import() -> None:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(_import, [])
+    graph = wrapped.graph
+    return wrapped.prune(graph.get_tensor_by_name(f"{input_name}:0"),
+                         graph.get_tensor_by_name(f"{output_name}:0"))
+
+
 class GraphRunner:
     """Calls a frozen GraphDef on numpy batches (no Keras involved)."""
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME) -> None:
-        import tensorflow as tf
-
-        def _import() -> None:
-            tf.compat.v1.import_graph_def(graph_def, name="")
-
-        wrapped = tf.compat.v1.wrap_function(_import, [])
-        graph = wrapped.graph
-        inp = graph.get_tensor_by_name(f"{input_name}:0")
-        out = graph.get_tensor_by_name(f"{output_name}:0")
+        self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
+        self._fn = graph_function(graph_def, input_name, output_name)
+        inp = self._fn.inputs[0]
+        out = self._fn.outputs[0]
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
-        self._fn = wrapped.prune(inp, out)
 
     @property
     def input_size(self) -> tuple[int, int]:

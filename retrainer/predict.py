@@ -36,13 +36,32 @@ class LabelResult:
     predictions: list[Prediction] = field(default_factory=list)
     error: str | None = None
     probabilities: np.ndarray | None = field(default=None, repr=False)
+    label: str | None = None  # the answer under a confidence floor: top label or UNKNOWN
 
     def to_dict(self) -> dict[str, Any]:
         if self.error is not None:
             return {"path": self.path, "error": self.error}
-        return {"path": self.path,
-                "predictions": [{"label": p.label, "score": round(p.score, 6)}
-                                for p in self.predictions]}
+        out: dict[str, Any] = {"path": self.path}
+        if self.label is not None:
+            out["label"] = self.label
+        out["predictions"] = [{"label": p.label, "score": round(p.score, 6)}
+                              for p in self.predictions]
+        return out
+
+
+UNKNOWN = "unknown"
+
+
+def apply_min_confidence(result: LabelResult, min_confidence: float) -> LabelResult:
+    """Set ``result.label``: the top label, or ``unknown`` when its score is below the floor.
+
+    A softmax always picks some class; a floor turns out-of-domain photos (a car shown to a
+    flower model) into an explicit "unknown" instead of a confident-looking wrong label.
+    """
+    if result.error is None and result.predictions:
+        top = result.predictions[0]
+        result.label = top.label if top.score >= min_confidence else UNKNOWN
+    return result
 
 
 def read_labels(path: str | Path) -> list[str]:

@@ -54,8 +54,14 @@ def load_dataset(config: TrainConfig) -> Dataset:
     from .sources.folder import scan_folder
     from .split import assign_splits
 
+    if config.db:
+        from .sources.sql import scan_database
+
+        dataset = scan_database(config.db, where=config.db_where)
+        return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
     if not config.image_dir:
-        raise DatasetError("no images to train on.", "Give an image folder (--image-dir DIR).")
+        raise DatasetError("no images to train on.",
+                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
     exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
     dataset = scan_folder(config.image_dir, exclude=exclude)
     return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
@@ -91,8 +97,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     if missing:
         from .bottlenecks.extractor import make_forward
 
-        forward = make_forward(backbone)
-        engine = get_engine(config.engine, workers=config.workers)
+        forward = make_forward(backbone, cache_root)
+        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)
@@ -113,25 +119,34 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         return x, y, [r.display for _, r in pairs]
 
     x_tr, y_tr, _ = arrays(TRAINING)
-    x_val, y_val, _ = arrays(VALIDATION)
+    x_val, y_val, val_paths = arrays(VALIDATION)
     x_te, y_te, te_paths = arrays(TESTING)
     counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
               for s, pairs in by_split.items()}
+    x_tr, y_tr = _augment(config, spec, cache, backbone, by_split[TRAINING], class_index,
+                          x_tr, y_tr, timings)
     log.info("training on %d, validating on %d, testing on %d images",
              len(x_tr), len(x_val), len(x_te))
 
     from .head import train_head
 
     t = time.perf_counter()
-    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val)
+    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val,
+                      summaries_dir=config.summaries_dir)
     timings["head"] = time.perf_counter() - t
+    probs = {VALIDATION: head.predict(x_val), TESTING: head.predict(x_te)}
+    if config.fine_tune:
+        probs = _fine_tune(config, spec, backbone, head, by_split, class_index, timings)
     val_acc = None
+    val_report = None
     if len(x_val):
-        val_acc = float((head.model.predict(x_val, verbose=0).argmax(1) == y_val).mean())
+        val_report = evaluate_predictions(y_val, probs[VALIDATION], dataset.classes, val_paths,
+                                          split=VALIDATION)
+        val_acc = val_report.accuracy
     test = None
     if len(x_te):
-        test = evaluate_predictions(y_te, head.model.predict(x_te, verbose=0),
-                                    dataset.classes, te_paths)
+        test = evaluate_predictions(y_te, probs[TESTING], dataset.classes, te_paths,
+                                    split=TESTING)
     else:
         log.info("no test images (testing percentage 0 or a tree without test/)")
 
@@ -160,16 +175,81 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         "output": {"name": "final_result", "kind": "softmax"},
         "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
+                     "fine_tuned": config.fine_tune,
                      "test_accuracy": result.test_accuracy},
     }
-    from .export import build_classifier, export_model
+    from .bottlenecks.extractor import backbone_graph
+    from .export import export_graph
+    from .graph import compose, freeze
 
-    classifier = build_classifier(backbone.model, head.model)
-    result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
+    # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
+    # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
+    classifier = compose(backbone_graph(backbone, cache_root, "fp32"), freeze(head.model))
+    result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
+    report = test or val_report
+    if report is not None:
+        result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
+             pairs: list[tuple[str, ImageRecord]], class_index: dict[str, int],
+             x_tr: np.ndarray, y_tr: np.ndarray, timings: dict[str, float]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The training bottlenecks plus those of the cached augmented variants (when enabled)."""
+    from .augment import Augmentation, augmented_bottlenecks
+
+    aug = Augmentation(config.flip_left_right, config.random_crop, config.random_scale,
+                       config.random_brightness, config.augment_variants)
+    if not aug.enabled:
+        return x_tr, y_tr
+    from .bottlenecks import get_engine
+    from .bottlenecks.extractor import make_forward
+
+    def extract(items: list) -> list:
+        engine = get_engine(config.engine, workers=config.workers)
+        return engine.extract(items, make_forward(backbone), spec.input_size, spec.resize, cache,
+                              batch_size=config.extract_batch_size)
+
+    t = time.perf_counter()
+    x_aug, y_aug, computed, skipped = augmented_bottlenecks(
+        aug, pairs, class_index, spec.input_size, spec.resize, cache, extract)
+    timings["augmentation"] = time.perf_counter() - t
+    log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
+             len(x_aug), len(pairs), computed, len(skipped))
+    return np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug])
+
+
+def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
+               by_split: dict[str, list[tuple[str, ImageRecord]]], class_index: dict[str, int],
+               timings: dict[str, float]) -> dict[str, np.ndarray]:
+    """Fine-tune the backbone's top with the head (in place); new validation/test probabilities."""
+    from .finetune import fine_tune, load_pixels_of, predict
+
+    t = time.perf_counter()
+    pixels, labels = {}, {}
+    for split, pairs in by_split.items():
+        pixels[split] = load_pixels_of([r for _, r in pairs], spec.input_size, spec.resize,
+                                       config.workers)
+        labels[split] = np.array([class_index[r.label] for _, r in pairs], dtype=int)
+    result = fine_tune(backbone.model, head.model, len(class_index), pixels[TRAINING],
+                       labels[TRAINING], pixels[VALIDATION], labels[VALIDATION],
+                       layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
+                       learning_rate=config.fine_tune_learning_rate,
+                       label_smoothing=config.head.label_smoothing,
+                       flip=config.flip_left_right, seed=config.head.seed)
+    head.history += [{**row, "fine_tune": 1.0} for row in result.history]
+
+    def model(x: Any) -> Any:
+        return head.model(backbone.model(x, training=False), training=False)
+
+    out = {split: predict(model, pixels[split]) if len(pixels[split]) else
+           np.zeros((0, len(class_index)), np.float32) for split in (VALIDATION, TESTING)}
+    timings["fine_tune"] = time.perf_counter() - t
+    return out
 
 
 def _check_classes(classes: list[str], usable: list[tuple[str, ImageRecord]],

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..precision import PRECISIONS  # noqa: F401 - re-exported
 from .registry import BackboneSpec, get_spec, is_backbone
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -27,11 +26,21 @@ class Backbone:
     @property
     def cache_id(self) -> str:
         """Changes whenever anything that changes a bottleneck changes."""
+        return self.id_for(self.precision)
+
+    def id_for(self, precision: str) -> str:
+        """The cache id of this backbone run at ``precision``."""
         fields = {k: v for k, v in self.spec.to_dict().items()
                   if k not in ("description", "license", "builder")}
-        blob = json.dumps([fields, self.weights_digest, self.precision], sort_keys=True)
+        blob = json.dumps([fields, self.weights_digest, precision], sort_keys=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.spec.name)
-        return f"{safe}-{self.precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        return f"{safe}-{precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def model_for(self, precision: str | None = None) -> Any:
+        """The Keras model computing in ``precision`` (default: the backbone's own)."""
+        from ..precision import with_precision
+
+        return with_precision(self.model, precision or self.precision)
 
 
 def resolve_spec(architecture: str, feature_layer: str | None = None) -> BackboneSpec:
@@ -46,6 +55,9 @@ def resolve_spec(architecture: str, feature_layer: str | None = None) -> Backbon
 def create_backbone(architecture: str | BackboneSpec, weights: str | None = None,
                     feature_layer: str | None = None, precision: str = "fp32") -> Backbone:
     """Build the feature model for ``architecture`` and check its output size."""
+    from ..precision import check_precision
+
+    check_precision(precision)
     spec = (architecture if isinstance(architecture, BackboneSpec)
             else resolve_spec(architecture, feature_layer))
     log.info("building backbone %s (weights: %s)", spec.name, weights or spec.weights)

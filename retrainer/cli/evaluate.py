@@ -1,6 +1,8 @@
 """``retrainer evaluate``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .common import echo_json, json_option, model_options
@@ -11,10 +13,15 @@ from .common import echo_json, json_option, model_options
               help="Labelled folder (one sub-folder per class) to score the model on.")
 @model_options
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="Where report.json and confusion_matrix.png go (default: the model folder, "
+                   "or the graph's folder with --graph).")
+@click.option("--print-misclassified", is_flag=True, help="List the images the model gets wrong.")
 @json_option
 def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | None,
-             batch_size: int, as_json: bool) -> None:
-    """Accuracy and per-class precision / recall / F1 on a labelled folder.
+             batch_size: int, output_dir: str | None, print_misclassified: bool,
+             as_json: bool) -> None:
+    """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on a labelled folder.
 
     \b
       retrainer evaluate --image-dir photos/val --model-dir retrained --json
@@ -23,7 +30,15 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
 
     report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
                              labels=labels, batch_size=batch_size)
+    out = output_dir or (str(Path(graph).parent) if graph else model_dir)
+    written = report.write(out, {"image_dir": image_dir})
     if as_json:
-        echo_json(report.to_dict())
-    else:
-        click.echo(report.table())
+        echo_json({**report.to_dict(), "outputs": written})
+        return
+    click.echo(report.table())
+    if print_misclassified:
+        click.echo("Misclassified images:")
+        for m in report.misclassified:
+            click.echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
+    click.echo(f"Report: {written['report']}" + (
+        f", confusion matrix: {written['confusion_png']}" if "confusion_png" in written else ""))

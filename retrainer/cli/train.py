@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import HeadConfig, TrainConfig
+from .bottlenecks import check_engine, engine_options
 from .common import echo_json, json_option
 
 _T = TrainConfig()
@@ -17,8 +18,13 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 
 
 @click.command()
-@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder with one sub-folder of images per class (or train/ val/ test/ folders).")
+@click.option("--db", default=None, metavar="URL",
+              help="Train from a SQL database instead (see 'retrainer db import'): a URL or a "
+                   "SQLite file path. Its roles are the split.")
+@click.option("--where", "db_where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
               help="Where the model, labels and metadata are written.")
 @click.option("--architecture", default=_T.architecture, show_default=True,
@@ -42,15 +48,57 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--seed", default=_H.seed, show_default=True, type=int, help="Seed for everything random.")
 @click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
               type=click.IntRange(min=1), help="Images per backbone forward pass.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_T.precision,
+              show_default=True,
+              help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs with "
+                   "AVX512-BF16/AMX. Exports stay fp32.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Image decoding threads.")
 @click.option("--output-graph", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
+@click.option("--dropout", default=_H.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Dropout on the bottleneck while training the head.")
+@click.option("--l2", default=_H.l2, show_default=True, type=click.FloatRange(min=0),
+              help="L2 penalty on the head's weights.")
+@click.option("--label-smoothing", default=_H.label_smoothing, show_default=True,
+              type=click.FloatRange(0, 1, max_open=True))
+@click.option("--patience", default=_H.patience, show_default=True, type=click.IntRange(min=0),
+              help="Stop after this many epochs without a better validation loss (0: never).")
+@click.option("--class-weight", default=_H.class_weight, show_default=True,
+              type=click.Choice(["balanced", "none"]),
+              help="'balanced' weighs each class's loss by its rarity.")
+@click.option("--assert-accuracy-at-least", type=click.FloatRange(0, 1), default=None,
+              help="Fail (exit 3) and export nothing if the test (or validation) accuracy is "
+                   "below this, e.g. 0.9.")
+@click.option("--summaries-dir", type=click.Path(file_okay=False), default=None,
+              help="Write TensorBoard logs of the head training here.")
+@click.option("--flip-left-right", is_flag=True,
+              help="Augment: mirror half of the variants horizontally.")
+@click.option("--random-crop", default=_T.random_crop, type=click.FloatRange(0, 100),
+              help="Augment: percentage of margin cropped away at random.")
+@click.option("--random-scale", default=_T.random_scale, type=click.FloatRange(0, 100),
+              help="Augment: percentage the image is enlarged by at most before cropping.")
+@click.option("--random-brightness", default=_T.random_brightness, type=click.FloatRange(0, 100),
+              help="Augment: percentage the brightness is changed by at most.")
+@click.option("--augment-variants", default=_T.augment_variants, show_default=True,
+              type=click.IntRange(min=1),
+              help="Distorted variants per training image (each computed once and cached).")
+@click.option("--fine-tune", is_flag=True,
+              help="After the head converges, fine-tune the backbone's top layers with it "
+                   "(slower: runs the backbone on every epoch).")
+@click.option("--fine-tune-layers", default=_T.fine_tune_layers, show_default=True,
+              type=click.IntRange(min=0), help="Weighted backbone layers to unfreeze, from the top.")
+@click.option("--fine-tune-epochs", default=_T.fine_tune_epochs, show_default=True,
+              type=click.IntRange(min=1))
+@click.option("--fine-tune-learning-rate", default=_T.fine_tune_learning_rate, show_default=True,
+              type=click.FloatRange(min=0, min_open=True))
+@engine_options
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
-          batch_size: int, **options: object) -> None:
+          batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
+          class_weight: str, **options: object) -> None:
     """Train a new classifier head on a pretrained backbone and export it.
 
     \b
@@ -58,8 +106,13 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     """
     from ..training import train as run_train
 
+    if bool(options.get("image_dir")) == bool(options.get("db")):
+        raise click.UsageError("give either --image-dir DIR or --db URL.")
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
-                      batch_size=batch_size, seed=seed)
+                      batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
+                      label_smoothing=label_smoothing, patience=patience,
+                      class_weight=class_weight)
     config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
     result = run_train(config)
     if as_json:
@@ -82,10 +135,7 @@ def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
     test = result.test
     if test and test.n:
         echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")
-        for label in result.labels:
-            row = test.per_class[label]
-            if row["support"]:
-                echo(f"  {label}: {row['recall']:.3f} (N={row['support']})")
+        echo(test.table())
         if config.print_misclassified:
             echo("Misclassified test images:")
             for m in test.misclassified:

@@ -1,0 +1,211 @@
+"""The Spark engine: bottlenecks computed by Spark workers, cached by the driver as usual.
+
+Spark reads the image files with its ``binaryFile`` source and hashes each one (SHA-256, the
+cache key); ``predict_batch_udf`` decodes the bytes with the same code as the local engine and
+runs the backbone's frozen graph, which is broadcast once and loaded once per Python worker.
+The driver streams the results back (``toLocalIterator``, one partition at a time, so memory
+stays bounded) into the same :class:`BottleneckCache` the local engine fills: a later local
+``train`` finds every bottleneck there. Head training stays local.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..progress import bar
+from ..sources.base import ImageRecord, Skipped
+from ..spark_session import SparkError, local_cores, spark_session
+from .cache import BottleneckCache
+
+log = logging.getLogger(__name__)
+
+_GLOB_CHARS = "\\[]{}*?"
+#: Results handed to the cache at a time.
+_ADD_EVERY = 256
+
+
+def spark_path(path: str) -> str:
+    """A local file path as Spark's file source takes it: absolute, glob characters escaped."""
+    text = os.path.abspath(path)
+    return "".join("\\" + c if c in _GLOB_CHARS else c for c in text)
+
+
+def local_path(spark_uri: str) -> str:
+    """Spark's ``path`` column (``file:/a/b.jpg``) back to a local path; other URIs as they are."""
+    if spark_uri.startswith("file://"):
+        return spark_uri[len("file://"):]
+    if spark_uri.startswith("file:"):
+        return spark_uri[len("file:"):]
+    return spark_uri
+
+
+def decode_batch(content: np.ndarray, size: tuple[int, int], resize: str
+                 ) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Encoded images -> pixels (None where it fails) and the reasons, as the local engine says."""
+    from ..errors import ImageError
+    from ..images import load_pixels
+
+    pixels: list[np.ndarray | None] = []
+    errors: list[str | None] = []
+    for data in content:
+        try:
+            pixels.append(load_pixels(bytes(data), size, resize))
+            errors.append(None)
+        except ImageError as exc:
+            pixels.append(None)
+            errors.append(exc.reason)
+    return pixels, errors
+
+
+def worker_runner(graph_bytes: bytes, threads: int | None) -> Any:
+    """A GraphRunner in a Spark worker, with TensorFlow kept to the worker's share of cores."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from ..graph import GraphRunner
+
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already initialised in this worker
+            pass
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(graph_bytes)
+    return GraphRunner(graph_def)
+
+
+def run_on_pixels(runner: Callable[[np.ndarray], np.ndarray], pixels: list[np.ndarray | None],
+                  dim: int) -> np.ndarray:
+    """Run the graph on the decodable images; rows of failures stay zero."""
+    out = np.zeros((len(pixels), dim), dtype=np.float32)
+    ok = [i for i, p in enumerate(pixels) if p is not None]
+    if ok:
+        out[ok] = runner(np.stack([pixels[i] for i in ok]))
+    return out
+
+
+def bottleneck_udf(graph_bytes: Any, dim: int, size: tuple[int, int], resize: str,
+                   batch_size: int, threads: int | None) -> Any:
+    """``predict_batch_udf``: image bytes -> struct<features: array<float>, error: string>."""
+    from pyspark.ml.functions import predict_batch_udf
+    from pyspark.sql import types as T
+
+    def make_predict() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+        runner = worker_runner(graph_bytes.value, threads)  # once per Python worker
+
+        def predict(content: np.ndarray) -> dict[str, np.ndarray]:
+            pixels, errors = decode_batch(content, size, resize)
+            return {"features": run_on_pixels(runner, pixels, dim),
+                    "error": np.array(errors, dtype=object)}
+
+        return predict
+
+    schema = T.StructType([T.StructField("features", T.ArrayType(T.FloatType())),
+                           T.StructField("error", T.StringType())])
+    return predict_batch_udf(make_predict, return_type=schema, batch_size=batch_size)
+
+
+def worker_threads(spark: Any) -> int | None:
+    """TensorFlow threads per task: a local[N] master shares this machine's cores among N."""
+    cores = local_cores(spark.sparkContext.master)
+    if cores is None:
+        return int(spark.conf.get("spark.task.cpus", "1"))
+    return max(1, (os.cpu_count() or 1) // cores)
+
+
+def read_images(spark: Any, paths: Sequence[str]) -> Any:
+    """Spark's binaryFile source over these files (path, content)."""
+    return spark.read.format("binaryFile").load(list(paths)).select("path", "content")
+
+
+class SparkEngine:
+    """Computes bottlenecks on Spark (``master``: local[N], spark://HOST:PORT, yarn...).
+
+    With ``spark`` given, that session is used and left running; otherwise one is started for
+    each extraction and stopped after it.
+    """
+
+    name = "spark"
+
+    def __init__(self, master: str | None = None, spark: Any = None,
+                 workers: int | None = None) -> None:
+        self.master = master
+        self.spark = spark
+        self.workers = workers  # decoding parallelism is Spark's; kept for the common signature
+
+    def extract(self, items: Sequence[tuple[str, ImageRecord]], forward: Any,
+                size: tuple[int, int], resize: str, cache: BottleneckCache,
+                batch_size: int = 32) -> list[Skipped]:
+        """Compute and cache bottlenecks for ``items`` (key, record); return the failures."""
+        graph_def = getattr(forward, "graph_def", None)
+        if graph_def is None:
+            raise SparkError("the spark engine needs the backbone as a frozen graph.")
+        by_path: dict[str, ImageRecord] = {}
+        for _, rec in items:
+            if not rec.path:
+                raise SparkError(f"the spark engine reads image files, and '{rec.display}' is "
+                                 "not a file.", "Use --engine local for this source.")
+            by_path[os.path.abspath(rec.path)] = rec
+        if not by_path:
+            return []
+        if self.spark is not None:
+            return self._extract(self.spark, by_path, graph_def, size, resize, cache, batch_size)
+        with spark_session(self.master, "retrainer bottlenecks") as spark:
+            return self._extract(spark, by_path, graph_def, size, resize, cache, batch_size)
+
+    def _extract(self, spark: Any, by_path: dict[str, ImageRecord], graph_def: Any,
+                 size: tuple[int, int], resize: str, cache: BottleneckCache,
+                 batch_size: int) -> list[Skipped]:
+        from pyspark.sql import functions as F
+
+        graph_bytes = spark.sparkContext.broadcast(graph_def.SerializeToString())
+        udf = bottleneck_udf(graph_bytes, cache.dim, size, resize, batch_size,
+                             worker_threads(spark))
+        frame = read_images(spark, [spark_path(p) for p in by_path])
+        result = (frame.select("path", F.sha2("content", 256).alias("key"),
+                               udf("content").alias("out"))
+                  .select("path", "key", "out.features", "out.error"))
+        failures: list[Skipped] = []
+        keys: list[str] = []
+        rows: list[np.ndarray] = []
+        seen = 0
+        with bar(len(by_path), "extracting bottlenecks (spark)") as progress:
+            try:
+                for row in _stream(result):
+                    seen += 1
+                    progress.update(1)
+                    if row.error is not None:
+                        rec = by_path.get(local_path(row.path))
+                        name = rec.display if rec else local_path(row.path)
+                        log.warning("skipped %s: %s", name, row.error)
+                        failures.append(Skipped(name, row.error))
+                        continue
+                    keys.append(row.key)
+                    rows.append(np.asarray(row.features, dtype=np.float32))
+                    if len(keys) >= _ADD_EVERY:
+                        cache.add(keys, np.stack(rows))
+                        keys, rows = [], []
+                if keys:
+                    cache.add(keys, np.stack(rows))
+            finally:
+                cache.close()  # keep what was computed, even when interrupted
+                graph_bytes.unpersist()
+        if seen < len(by_path):
+            log.warning("Spark returned %d of %d images", seen, len(by_path))
+        return failures
+
+
+def _stream(frame: Any) -> Any:
+    """Rows one partition at a time, with Spark job failures as one clear error."""
+    try:
+        yield from frame.toLocalIterator(prefetchPartitions=True)
+    except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
+        message = str(exc).strip().splitlines()
+        first = next((m for m in message if m.strip()), type(exc).__name__)
+        raise SparkError(f"the Spark job failed: {first[:300]}",
+                         "Run again with --debug for Spark's full error.") from exc

@@ -1,0 +1,80 @@
+"""Cached augmentation: deterministic variants, keys that follow the settings, reuse across runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from conftest import make_colour_tree
+from PIL import Image
+
+from retrainer.augment import Augmentation
+from retrainer.bottlenecks import BottleneckCache
+from retrainer.training import train
+
+
+def gradient_image(w: int = 80, h: int = 60) -> Image.Image:
+    x = np.linspace(0, 255, w)[None, :, None].repeat(h, 0).repeat(3, 2)
+    return Image.fromarray(x.astype(np.uint8), "RGB")
+
+
+def test_keys_cover_settings_and_variant_index():
+    a = Augmentation(flip_left_right=True, random_crop=10)
+    key = "ab" * 32
+    assert a.variant_key(key, 0, (32, 32), "bilinear") == a.variant_key(key, 0, (32, 32), "bilinear")
+    others = {a.variant_key(key, 1, (32, 32), "bilinear"),
+              Augmentation(flip_left_right=True, random_crop=20).variant_key(key, 0, (32, 32), "bilinear"),
+              a.variant_key(key, 0, (64, 64), "bilinear"),
+              a.variant_key("cd" * 32, 0, (32, 32), "bilinear")}
+    assert a.variant_key(key, 0, (32, 32), "bilinear") not in others and len(others) == 4
+    # the number of variants does not change what variant 0 is
+    assert Augmentation(True, 10, variants=8).variant_key(key, 0, (32, 32), "bilinear") == \
+        a.variant_key(key, 0, (32, 32), "bilinear")
+    assert not Augmentation().enabled and not Augmentation(True, variants=0).enabled
+
+
+def test_distortions_do_what_their_names_say():
+    img = gradient_image()
+    flip = Augmentation(flip_left_right=True)
+    seen = set()
+    for seed in range(12):
+        out = np.asarray(flip.distort(img, (60, 80), "bilinear", np.random.default_rng(seed)))
+        assert out.shape == (60, 80, 3)
+        seen.add("mirrored" if out[0, 0, 0] > out[0, -1, 0] else "same")
+    assert seen == {"mirrored", "same"}
+
+    bright = Augmentation(random_brightness=20)
+    base = np.asarray(img, np.float32)[:, 10:70]
+    for seed in range(8):
+        out = np.asarray(bright.distort(img, (60, 80), "bilinear", np.random.default_rng(seed)),
+                         np.float32)[:, 10:70]
+        ratio = out.mean() / base.mean()
+        assert 0.79 <= ratio <= 1.21
+
+    crop = Augmentation(random_crop=50)  # keeps 2/3 of each side, at a random place
+    firsts = {int(np.asarray(crop.distort(img, (30, 40), "bilinear",
+                                          np.random.default_rng(seed)))[0, 0, 0]) for seed in range(10)}
+    assert len(firsts) > 3 and max(firsts) <= 255 // 3 + 10
+    same_seed = [np.asarray(crop.distort(img, (30, 40), "bilinear", np.random.default_rng(7)))
+                 for _ in range(2)]
+    assert np.array_equal(*same_seed)
+
+
+def test_train_caches_variants_once_and_recomputes_when_settings_change(tmp_path: Path,
+                                                                        fast_config):
+    root = make_colour_tree(tmp_path / "img", per_class=8)
+    config = fast_config(root, flip_left_right=True, random_brightness=10, augment_variants=2,
+                         validation_percentage=0, testing_percentage=0)
+    first = train(config)
+    cache_dir = Path(first.cache_dir)
+
+    def entries() -> int:
+        return len(BottleneckCache(cache_dir.parent, cache_dir.name, 3))
+
+    assert entries() == 24 + 2 * 24
+    assert first.timings["augmentation"] > 0
+    again = train(config)
+    assert entries() == 72 and again.bottlenecks_computed == 0
+    changed = fast_config(root, flip_left_right=True, random_brightness=20, augment_variants=3,
+                          validation_percentage=0, testing_percentage=0)
+    train(changed)
+    assert entries() == 72 + 3 * 24

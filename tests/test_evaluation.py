@@ -1,0 +1,121 @@
+"""Evaluation reports: scikit-learn metrics, ROC AUC, the confusion PNG, and the CLI around them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import COLOURS, TINY, make_colour_tree, make_image
+from PIL import Image
+
+from retrainer.cli import cli
+from retrainer.evaluation import evaluate_predictions
+
+LABELS = ["cat", "dog", "fox"]
+
+
+def probs_for(y_pred: list[int], confidence: list[float]) -> np.ndarray:
+    out = np.zeros((len(y_pred), 3))
+    for i, (p, c) in enumerate(zip(y_pred, confidence)):
+        out[i] = (1 - c) / 2
+        out[i, p] = c
+    return out
+
+
+def test_metrics_match_scikit_learn_and_mistakes_are_listed_most_confident_first():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    y_true = [0, 0, 0, 1, 1, 2, 2, 2]
+    y_pred = [0, 0, 1, 1, 2, 2, 2, 0]
+    conf = [0.9, 0.8, 0.6, 0.7, 0.55, 0.9, 0.8, 0.95]
+    probs = probs_for(y_pred, conf)
+    paths = [f"img{i}.jpg" for i in range(8)]
+    report = evaluate_predictions(y_true, probs, LABELS, paths, split="testing")
+    assert report.accuracy == pytest.approx(5 / 8)
+    assert report.macro["f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert report.weighted["f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    assert report.confusion == [[2, 1, 0], [0, 1, 1], [1, 0, 2]]
+    expected_auc = roc_auc_score(y_true, probs, multi_class="ovr", average="macro")
+    assert report.roc_auc["macro"] == pytest.approx(expected_auc)
+    assert [(m.path, m.true, m.predicted) for m in report.misclassified] == [
+        ("img7.jpg", "fox", "cat"), ("img2.jpg", "cat", "dog"), ("img4.jpg", "dog", "fox")]
+    text = report.table()
+    assert "roc_auc" in text and "accuracy 0.6250 (N=8)" in text
+    assert "confusion matrix (rows: true, columns: predicted)" in text
+    assert "  2  fox" in text
+
+
+def test_roc_auc_is_none_for_a_class_without_positives():
+    report = evaluate_predictions([0, 0, 1], probs_for([0, 1, 1], [0.9, 0.6, 0.8]), LABELS)
+    assert report.roc_auc["per_class"]["fox"] is None
+    assert report.roc_auc["per_class"]["cat"] == 1.0
+    assert "      -" in report.table()
+
+
+def test_report_json_and_confusion_png(tmp_path: Path):
+    y_true = [0] * 10 + [1] * 10 + [2] * 10
+    y_pred = [0] * 9 + [1] + [1] * 10 + [2] * 5 + [0] * 5
+    report = evaluate_predictions(y_true, probs_for(y_pred, [0.8] * 30), LABELS,
+                                  split="validation")
+    written = report.write(tmp_path / "out", {"backbone": "x"})
+    data = json.loads(Path(written["report"]).read_text(encoding="utf-8"))
+    assert data["split"] == "validation" and data["backbone"] == "x"
+    assert data["confusion_matrix"][2] == [5, 0, 5] and len(data["misclassified"]) == 6
+    assert set(data["roc_auc"]) == {"per_class", "macro", "weighted"}
+    png = Image.open(written["confusion_png"])
+    assert png.format == "PNG" and png.width >= 300 and png.height >= 300
+    colours = np.asarray(png.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(colours, axis=0)) > 20  # a drawn heat map, not a blank canvas
+
+
+def test_train_writes_the_report_and_the_gate_blocks_export(tmp_path: Path):
+    root = make_colour_tree(tmp_path / "img")
+    out = tmp_path / "model"
+    common = ["--image-dir", str(root), "--architecture", TINY, "--bottleneck-dir",
+              str(tmp_path / "bn"), "--epochs", "12", "--learning-rate", "0.3",
+              "--testing-percentage", "25", "--dropout", "0", "--l2", "0"]
+    ok = CliRunner().invoke(cli, ["-q", "train", *common, "--output-dir", str(out),
+                                  "--assert-accuracy-at-least", "0.9"])
+    assert ok.exit_code == 0, ok.output
+    assert "confusion matrix" in ok.stdout and "macro" in ok.stdout
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["split"] == "testing" and report["accuracy"] == 1.0
+    assert (out / "confusion_matrix.png").is_file()
+
+    rng = np.random.default_rng(1)
+    for label in ("a", "b", "c"):  # labels unrelated to the pixels
+        for i in range(15):
+            make_image(tmp_path / "noise" / label / f"{i}.png", tuple(rng.integers(0, 255, 3)), seed=i)
+    failed = CliRunner().invoke(cli, ["train", "--image-dir", str(tmp_path / "noise"),
+                                      "--architecture", TINY, "--bottleneck-dir", str(tmp_path / "bn"),
+                                      "--output-dir", str(tmp_path / "gated"),
+                                      "--testing-percentage", "30",
+                                      "--assert-accuracy-at-least", "0.999"])
+    assert failed.exit_code == 3
+    assert "below the required 0.999" in failed.output and "Traceback" not in failed.output
+    assert not (tmp_path / "gated").exists()
+
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
+                                         str(out), "--output-dir", str(tmp_path / "ev"),
+                                         "--print-misclassified"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "accuracy 1.0000 (N=36)" in evaluated.stdout
+    data = json.loads((tmp_path / "ev" / "report.json").read_text(encoding="utf-8"))
+    assert data["split"] == "all" and data["n"] == 36 and data["misclassified"] == []
+    assert sorted(data["labels"]) == sorted(COLOURS)
+
+    probe = make_image(tmp_path / "probe.png", (128, 128, 128), seed=3)  # grey: no colour wins
+    plain = json.loads(CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--json",
+                                                str(probe)]).stdout)
+    top = plain["predictions"][0]
+    assert "label" not in plain
+    for floor, answer in ((max(0.0, top["score"] - 0.01), top["label"]),
+                          (min(1.0, top["score"] + 0.01), "unknown")):
+        got = CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--json",
+                                       "--min-confidence", f"{floor:.6f}", str(probe)])
+        assert got.exit_code == 0 and json.loads(got.stdout)["label"] == answer
+    text = CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--min-confidence", "1",
+                                    str(probe)])
+    assert text.exit_code == 0 and "answer: unknown" in text.stdout
