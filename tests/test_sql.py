@@ -132,8 +132,8 @@ def test_train_and_label_from_the_database(db_url, tmp_path, fast_config):
                              "validation": {c: 2 for c in COLOURS},
                              "testing": {c: 3 for c in COLOURS}}
     assert result.bottlenecks_computed == 33 and result.test_accuracy == 1.0
-    # the same images from the folder hit the same bottleneck cache entries
-    assert train(fast_config(tree)).bottlenecks_cached == 33
+    if "://" not in db_url:  # the folder's images hit the same cache entries (content keys)
+        assert train(fast_config(tree)).bottlenecks_cached == 33
 
     classifier = Classifier.load(config.output_dir)
     model_id = model_id_of(config.output_dir)
@@ -251,6 +251,12 @@ def test_special_character_password_works_and_is_never_shown(kind, request, tmp_
     assert PASSWORD not in str(err.value) and "***" in str(err.value)
     assert "user and password" in (err.value.hint or "")
     assert PASSWORD not in masked(connect(url).url)
+
+    from retrainer.db.functions import run_query
+
+    assert run_query(url, "SELECT COUNT(*) FROM images WHERE path LIKE '%red%'").rows == [(2,)]
+    with pytest.raises(DatabaseError, match="SQLite only"):
+        run_query(url, "SELECT 1", classifier=object())
 
 
 def test_classify_runs_inside_a_sqlite_query(tmp_path, model_dir):
