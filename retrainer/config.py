@@ -53,5 +53,3 @@ class LabelConfig:
     labels: str | None = None
     top_k: int = 5
     batch_size: int = 32
-    db: str | None = None  # label the images of a SQL database, writing its predictions table
-    where: str | None = None
