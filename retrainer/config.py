@@ -69,5 +69,3 @@ class LabelConfig:
     top_k: int = 5
     batch_size: int = 32
     min_confidence: float | None = None  # below it the answer is "unknown"
-    db: str | None = None  # label the images of a SQL database, writing its predictions table
-    where: str | None = None
