@@ -201,7 +201,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
     @app.post(f"/{API_VERSION}/classify", tags=["classify"], dependencies=v1,
               response_model=ClassifyOut, responses=_ERRORS,
               openapi_extra={"requestBody": _IMAGE_BODY})
-    async def classify(request: Request, top_k: int | None = top_k_query) -> dict[str, Any]:
+    async def classify(request: Request, top_k: int | None = top_k_query) -> JSONResponse:
         """Classify one image: a multipart ``file`` field, or the raw image as the body."""
         counters["requests"] += 1
         with batcher.incoming():  # announced while its body still arrives and decodes
@@ -214,13 +214,14 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
             else:
                 name, data = "body", await request.body()
             future = await enqueue(data, name)
-        return {"predictions": answer(await future, top_k), "model": summary}
+        # A ready response skips re-validating what ClassifyOut documents: less CPU per image.
+        return JSONResponse({"predictions": answer(await future, top_k), "model": summary})
 
     @app.post(f"/{API_VERSION}/classify/batch", tags=["classify"], dependencies=v1,
-              response_model=BatchOut, response_model_exclude_none=True, responses=_ERRORS,
+              response_model=BatchOut, responses=_ERRORS,
               openapi_extra={"requestBody": _BATCH_BODY})
     async def classify_batch(request: Request,
-                             top_k: int | None = top_k_query) -> dict[str, Any]:
+                             top_k: int | None = top_k_query) -> JSONResponse:
         """Classify several images (multipart ``files`` fields). A bad image gets its own
         ``error`` entry; the others are still scored."""
         counters["requests"] += 1
@@ -242,7 +243,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
                 return {"name": name, "error": exc.body()["error"]}
 
         results = await asyncio.gather(*(one(n, d) for n, d in files))
-        return {"results": list(results), "model": summary}
+        return JSONResponse({"results": list(results), "model": summary})
 
     return app
 
