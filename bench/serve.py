@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Requests in the one-client latency test.")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--max-wait-ms", type=float, default=2.0)
+    p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--time-limit", type=float, default=120.0,
                    help="Seconds any one load test may run before it stops sending.")
     p.add_argument("--json", action="store_true", help="Print the results as JSON.")
@@ -124,14 +124,27 @@ def log(msg: str) -> None:
 
 # -- raw forward pass ------------------------------------------------------------------------
 
-def raw_throughput(classifier: Any, pixels: np.ndarray, batch: int, seconds: float = 2.5) -> float:
+def raw_throughput(classifier: Any, pixels: np.ndarray, batch: int, seconds: float = 2.5,
+                   cpu: list[float] | None = None) -> float:
+    """Images/s of the bare forward pass; appends images per CPU-second to ``cpu``."""
     reps = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
     classifier.predict(reps)
-    done, t0 = 0, time.perf_counter()
+    done, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds or done < 3 * batch:
         classifier.predict(reps)
         done += batch
+    if cpu is not None:
+        cpu.append(done / max(time.process_time() - c0, 1e-9))
     return done / (time.perf_counter() - t0)
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- the server and its clients ----------------------------------------------------------------
@@ -214,6 +227,7 @@ def load_test(server: ServerProcess, images: list[bytes], clients: int, requests
         conn.close()
 
     before = server.get("/v1/stats")["batching"]
+    cpu0 = process_cpu_seconds(server.proc.pid)
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
@@ -222,6 +236,7 @@ def load_test(server: ServerProcess, images: list[bytes], clients: int, requests
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = process_cpu_seconds(server.proc.pid)
     after = server.get("/v1/stats")["batching"]
     batches = after["batches"] - before["batches"]
     lat = np.array(latencies) * 1000
@@ -232,6 +247,10 @@ def load_test(server: ServerProcess, images: list[bytes], clients: int, requests
         "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
         "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
         "mean_batch": round((after["images"] - before["images"]) / batches, 2) if batches else 0,
+        # server CPU per image: the service's overhead, unlike wall time, barely depends on
+        # what else the machine runs
+        "images_per_cpu_s": round(len(latencies) / (cpu1 - cpu0), 2)
+        if cpu0 is not None and cpu1 is not None and cpu1 > cpu0 else None,
     }
 
 
@@ -274,16 +293,19 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.rounds):
                 # raw, served, raw, served, raw: each served figure is set against the raw
                 # passes right before and after it, so load from elsewhere hits both alike
-                row: dict[str, Any] = {"raw": [raw_throughput(classifier, pixels, best)]}
+                cpu: list[float] = []
+                row: dict[str, Any] = {"raw": [raw_throughput(classifier, pixels, best,
+                                                              cpu=cpu)]}
                 for name, srv in servers.items():
                     row[name] = {"clients": load_test(srv, images, args.clients, args.requests,
                                                       args.time_limit)}
-                    row["raw"].append(raw_throughput(classifier, pixels, best))
+                    row["raw"].append(raw_throughput(classifier, pixels, best, cpu=cpu))
                     row[name]["raw_around"] = round(statistics.mean(row["raw"][-2:]), 2)
                 for name, srv in servers.items():
                     row[name]["one_client"] = load_test(srv, images, 1, args.single_requests,
                                                         args.time_limit)
                 row["raw"] = [round(x, 2) for x in row["raw"]]
+                row["raw_images_per_cpu_s"] = round(statistics.median(cpu), 2)
                 rounds.append(row)
                 log(f"round {r + 1}/{args.rounds}: raw {row['raw']} img/s; " + "; ".join(
                     f"{n} {row[n]['clients']['images_per_s']} img/s "
@@ -304,7 +326,8 @@ def summarise(rounds: list[dict[str, Any]], calibration: dict[int, float],
               args: argparse.Namespace, codes: dict[str, int]) -> dict[str, Any]:
     med = statistics.median
     out: dict[str, Any] = {
-        "raw_images_per_s": med([x for r in rounds for x in r["raw"]]), "modes": {},
+        "raw_images_per_s": med([x for r in rounds for x in r["raw"]]),
+        "raw_images_per_cpu_s": med([r["raw_images_per_cpu_s"] for r in rounds]), "modes": {},
         "exit_codes": codes}
     failed = 0
     for name in ("micro-batching", "no batching"):
@@ -320,6 +343,10 @@ def summarise(rounds: list[dict[str, Any]], calibration: dict[int, float],
             "mean_batch": med([x["mean_batch"] for x in many]),
             "ratio_to_raw": round(med([r[name]["clients"]["images_per_s"] / r[name]["raw_around"]
                                        for r in rounds]), 3),
+            "images_per_cpu_s": _median_or_none([x["images_per_cpu_s"] for x in many]),
+            "cpu_ratio_to_raw": _median_or_none([
+                r[name]["clients"]["images_per_cpu_s"] / r["raw_images_per_cpu_s"]
+                if r[name]["clients"]["images_per_cpu_s"] else None for r in rounds], 3),
             # the stricter figure: against the best raw pass seen in the calibration
             "ratio_to_best_raw": round(med([x["images_per_s"] for x in many])
                                        / max(calibration.values()), 3),
@@ -330,20 +357,27 @@ def summarise(rounds: list[dict[str, Any]], calibration: dict[int, float],
     return out
 
 
+def _median_or_none(values: list[float | None], digits: int = 2) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), digits) if known else None
+
+
 def table(s: dict[str, Any], args: argparse.Namespace) -> str:
     calib = ", ".join(f"{b}: {v:.1f}" for b, v in s["raw_images_per_s_by_batch"].items())
     lines = [f"raw forward pass, images/s by batch size: {calib}",
              f"raw forward pass at batch {s['raw_batch']} during the rounds: "
-             f"{s['raw_images_per_s']:.1f} images/s (median)",
+             f"{s['raw_images_per_s']:.1f} images/s, {s['raw_images_per_cpu_s']:.1f} images per "
+             "CPU-second (medians)",
              "",
              f"| mode | p50 / p99 ms, 1 client | images/s, {args.clients} clients | "
-             f"x raw (same round) | x best raw | p50 / p99 ms, {args.clients} clients | "
-             "mean batch | failed |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"x raw (same round) | x best raw | images/CPU-s (x raw) | "
+             f"p50 / p99 ms, {args.clients} clients | mean batch | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in s["modes"].items():
         lines.append(f"| {name} | {m['p50_ms_1_client']:.1f} / {m['p99_ms_1_client']:.1f} | "
                      f"{m['images_per_s']:.1f} | {m['ratio_to_raw']:.2f} | "
-                     f"{m['ratio_to_best_raw']:.2f} | "
+                     f"{m['ratio_to_best_raw']:.2f} | {m['images_per_cpu_s']} "
+                     f"({m['cpu_ratio_to_raw']}) | "
                      f"{m['p50_ms']:.1f} / {m['p99_ms']:.1f} | {m['mean_batch']:.1f} | "
                      f"{m['failed']}/{m['requests']} |")
     lines.append(f"\nmedians of {args.rounds} rounds (x raw: each round's served images/s over "

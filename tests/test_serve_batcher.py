@@ -66,11 +66,15 @@ def test_the_batch_waits_for_an_announced_request():
     batcher.start()
 
     async def main() -> list[np.ndarray]:
-        with batcher.incoming():  # as if this request's image were still decoding
+        with batcher.incoming() as ticket:  # as if this request's image were still decoding
             first = asyncio.ensure_future(batcher.submit(image(0)))
             await asyncio.sleep(0.2)
             assert not first.done()
-            second = batcher.enqueue(image(1))
+            second = batcher.enqueue(image(1), ticket)
+            assert batcher._incoming == 0  # handed over as it was queued
+        with batcher.incoming():  # a request that fails before queueing is forgotten
+            pass
+        assert batcher._incoming == 0
         return await asyncio.gather(first, second)
 
     try:

@@ -25,6 +25,13 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+@dataclass
+class Ticket:
+    """One announced request; ``used`` once its image is queued."""
+
+    used: bool = False
+
+
 class QueueFull(Exception):
     """More requests are waiting for the model than the server accepts."""
 
@@ -59,13 +66,16 @@ class MicroBatcher:
         self._incoming = 0  # requests decoding now, that will submit soon
 
     @contextmanager
-    def incoming(self) -> Iterator[None]:
-        """Announce a request that will submit an image soon (wrap its decoding in this)."""
+    def incoming(self) -> Iterator["Ticket"]:
+        """Announce a request that will queue an image soon (wrap its reading and decoding in
+        this); pass the ticket to :meth:`enqueue`, which ends the announcement as it queues."""
+        ticket = Ticket()
         self._incoming += 1
         try:
-            yield
+            yield ticket
         finally:
-            self._incoming -= 1
+            if not ticket.used:  # the request failed before queueing anything
+                self._incoming -= 1
 
     def start(self) -> None:
         if self._thread is None:
@@ -79,7 +89,7 @@ class MicroBatcher:
             self._thread.join(timeout)
             self._thread = None
 
-    def enqueue(self, pixels: np.ndarray) -> asyncio.Future:
+    def enqueue(self, pixels: np.ndarray, ticket: "Ticket | None" = None) -> asyncio.Future:
         """Queue one (H, W, 3) image from the event loop; the future gets its probabilities."""
         if self._thread is None:
             raise RuntimeError("the batcher is not running")
@@ -87,6 +97,9 @@ class MicroBatcher:
             raise QueueFull(f"{self.max_queue} images are already waiting for the model")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
+        if ticket is not None and not ticket.used:
+            ticket.used = True
+            self._incoming -= 1  # before the put, so the model thread never waits for it
         self._queue.put((pixels, future, loop))
         return future
 

@@ -18,7 +18,7 @@ class ServeConfig:
     max_batch_size: int = 32
     #: Longest wait (ms) for requests still decoding to join a batch; a lone request never
     #: waits, and while a pass runs new requests queue and form the next batch anyway.
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 10.0
     #: Requests waiting for the model beyond this are refused with 503 (back-pressure).
     max_queue: int = 512
     max_body_bytes: int = 20 * 1024 * 1024
