@@ -9,6 +9,7 @@ stays bounded) into the same :class:`BottleneckCache` the local engine fills: a 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -61,7 +62,26 @@ def decode_batch(content: np.ndarray, size: tuple[int, int], resize: str
     return pixels, errors
 
 
-def worker_runner(graph_bytes: bytes, threads: int | None) -> Any:
+#: Graphs already loaded in this Python worker, by digest: later jobs with the same model (a
+#: second extraction, a labelling run) skip the load.
+_RUNNERS: dict[str, Any] = {}
+
+
+def graph_digest(graph_bytes: bytes) -> str:
+    return hashlib.sha256(graph_bytes).hexdigest()
+
+
+def worker_runner(broadcast: Any, digest: str, threads: int | None) -> Any:
+    """The graph's runner in this Spark worker, loaded on first use."""
+    runner = _RUNNERS.get(digest)
+    if runner is None:
+        runner = _RUNNERS[digest] = load_runner(broadcast.value, threads)
+        while len(_RUNNERS) > 2:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+    return runner
+
+
+def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
     """A GraphRunner in a Spark worker, with TensorFlow kept to the worker's share of cores."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -89,14 +109,14 @@ def run_on_pixels(runner: Callable[[np.ndarray], np.ndarray], pixels: list[np.nd
     return out
 
 
-def bottleneck_udf(graph_bytes: Any, dim: int, size: tuple[int, int], resize: str,
-                   batch_size: int, threads: int | None) -> Any:
+def bottleneck_udf(graph_bytes: Any, digest: str, dim: int, size: tuple[int, int],
+                   resize: str, batch_size: int, threads: int | None) -> Any:
     """``predict_batch_udf``: image bytes -> struct<features: array<float>, error: string>."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import types as T
 
     def make_predict() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        runner = worker_runner(graph_bytes.value, threads)  # once per Python worker
+        runner = worker_runner(graph_bytes, digest, threads)  # once per Python worker
 
         def predict(content: np.ndarray) -> dict[str, np.ndarray]:
             pixels, errors = decode_batch(content, size, resize)
@@ -163,9 +183,10 @@ class SparkEngine:
                  batch_size: int) -> list[Skipped]:
         from pyspark.sql import functions as F
 
-        graph_bytes = spark.sparkContext.broadcast(graph_def.SerializeToString())
-        udf = bottleneck_udf(graph_bytes, cache.dim, size, resize, batch_size,
-                             worker_threads(spark))
+        raw = graph_def.SerializeToString()
+        graph_bytes = spark.sparkContext.broadcast(raw)
+        udf = bottleneck_udf(graph_bytes, graph_digest(raw), cache.dim, size, resize,
+                             batch_size, worker_threads(spark))
         frame = read_images(spark, [spark_path(p) for p in by_path])
         result = (frame.select("path", F.sha2("content", 256).alias("key"),
                                udf("content").alias("out"))
