@@ -3,9 +3,10 @@
 Spark reads the image files with its ``binaryFile`` source and hashes each one (SHA-256, the
 cache key); ``predict_batch_udf`` decodes the bytes with the same code as the local engine and
 runs the backbone's frozen graph, which is broadcast once and loaded once per Python worker.
-The driver streams the results back (``toLocalIterator``, one partition at a time, so memory
-stays bounded) into the same :class:`BottleneckCache` the local engine fills: a later local
-``train`` finds every bottleneck there. Head training stays local.
+Images go in chunks, one Spark job each with every executor busy; the driver then streams a
+chunk's results back (``toLocalIterator``, one partition at a time, so its memory stays bounded)
+into the same :class:`BottleneckCache` the local engine fills: a later local ``train`` finds
+every bottleneck there. Head training stays local.
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from .cache import BottleneckCache
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "\\[]{}*?"
-#: Results handed to the cache at a time.
-_ADD_EVERY = 256
+#: Images per Spark job: at least CHUNK_MIN, and CHUNK_PER_CORE per core of the cluster.
+CHUNK_MIN = 512
+CHUNK_PER_CORE = 128
 
 
 def spark_path(path: str) -> str:
@@ -187,32 +189,27 @@ class SparkEngine:
         graph_bytes = spark.sparkContext.broadcast(raw)
         udf = bottleneck_udf(graph_bytes, graph_digest(raw), cache.dim, size, resize,
                              batch_size, worker_threads(spark))
-        frame = read_images(spark, [spark_path(p) for p in by_path])
-        result = (frame.select("path", F.sha2("content", 256).alias("key"),
-                               udf("content").alias("out"))
-                  .select("path", "key", "out.features", "out.error"))
         failures: list[Skipped] = []
-        keys: list[str] = []
-        rows: list[np.ndarray] = []
         seen = 0
-        with bar(len(by_path), "extracting bottlenecks (spark)") as progress:
+        paths = list(by_path)
+        chunk = chunk_size(spark)
+        with bar(len(paths), "extracting bottlenecks (spark)") as progress:
             try:
-                for row in _stream(result):
-                    seen += 1
-                    progress.update(1)
-                    if row.error is not None:
-                        rec = by_path.get(local_path(row.path))
-                        name = rec.display if rec else local_path(row.path)
-                        log.warning("skipped %s: %s", name, row.error)
-                        failures.append(Skipped(name, row.error))
-                        continue
-                    keys.append(row.key)
-                    rows.append(np.asarray(row.features, dtype=np.float32))
-                    if len(keys) >= _ADD_EVERY:
-                        cache.add(keys, np.stack(rows))
-                        keys, rows = [], []
-                if keys:
-                    cache.add(keys, np.stack(rows))
+                for start in range(0, len(paths), chunk):
+                    frame = read_images(spark, [spark_path(p) for p in paths[start:start + chunk]])
+                    result = (frame.select("path", F.sha2("content", 256).alias("key"),
+                                           udf("content").alias("out"))
+                              .select("path", "key", "out.features", "out.error"))
+                    for row in _computed(result):
+                        seen += 1
+                        progress.update(1)
+                        if row.error is not None:
+                            rec = by_path.get(local_path(row.path))
+                            name = rec.display if rec else local_path(row.path)
+                            log.warning("skipped %s: %s", name, row.error)
+                            failures.append(Skipped(name, row.error))
+                            continue
+                        cache.add([row.key], np.asarray(row.features, dtype=np.float32)[None])
             finally:
                 cache.close()  # keep what was computed, even when interrupted
                 graph_bytes.unpersist()
@@ -221,12 +218,42 @@ class SparkEngine:
         return failures
 
 
+def chunk_size(spark: Any) -> int:
+    """Images per Spark job: enough for every core, few enough that a crash loses little."""
+    return max(CHUNK_MIN, CHUNK_PER_CORE * spark.sparkContext.defaultParallelism)
+
+
+def _computed(frame: Any) -> Any:
+    """Rows of ``frame``, computed by all executors at once, then streamed to the driver.
+
+    ``toLocalIterator`` alone runs one partition at a time (two with prefetching), which would
+    leave a cluster idle; here the frame is computed and kept on the executors (memory, then
+    disk) in one parallel job, and only then read back partition by partition.
+    """
+    from pyspark import StorageLevel
+
+    kept = frame.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        kept.count()
+        yield from _stream(kept)
+    except SparkError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
+        raise _job_failed(exc) from exc
+    finally:
+        kept.unpersist()
+
+
 def _stream(frame: Any) -> Any:
     """Rows one partition at a time, with Spark job failures as one clear error."""
     try:
         yield from frame.toLocalIterator(prefetchPartitions=True)
     except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
-        message = str(exc).strip().splitlines()
-        first = next((m for m in message if m.strip()), type(exc).__name__)
-        raise SparkError(f"the Spark job failed: {first[:300]}",
-                         "Run again with --debug for Spark's full error.") from exc
+        raise _job_failed(exc) from exc
+
+
+def _job_failed(exc: BaseException) -> SparkError:
+    message = str(exc).strip().splitlines()
+    first = next((m for m in message if m.strip()), type(exc).__name__)
+    return SparkError(f"the Spark job failed: {first[:300]}",
+                      "Run again with --debug for Spark's full error.")
