@@ -55,10 +55,10 @@ appender.console.name = console
 appender.console.target = SYSTEM_ERR
 appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
-logger.netty.name = org.apache.spark.util.Utils
-logger.netty.level = error
-logger.hadoop.name = org.apache.hadoop.util.NativeCodeLoader
-logger.hadoop.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.native.level = error
 """
 
 
@@ -156,7 +156,7 @@ def spark_session(master: str | None = None, app_name: str = "retrainer",
         yield session
     finally:
         session.stop()
-        log_path.unlink(missing_ok=True)
+        shutil.rmtree(log_path.parent, ignore_errors=True)
 
 
 def under_spark_submit() -> bool:
@@ -181,12 +181,14 @@ def submitted_session(app_name: str, conf: dict[str, str] | None = None) -> Any:
 
 def start_session(master: str, app_name: str = "retrainer",
                   conf: dict[str, str] | None = None) -> tuple[Any, Path]:
-    """Launch a JVM and a SparkSession on ``master``; returns it and the JVM's log file."""
+    """Launch a JVM and a SparkSession on ``master``; returns it and the JVM's log file.
+
+    The caller stops the session and may remove the log file's folder.
+    """
     check_master(master)
     import_pyspark()
     find_java()
     from pyspark import SparkConf, SparkContext
-    from pyspark.errors import PySparkRuntimeError
     from pyspark.java_gateway import launch_gateway
     from pyspark.sql import SparkSession
 
@@ -213,7 +215,7 @@ def start_session(master: str, app_name: str = "retrainer",
                                                                      "stdout": sink})
                 SparkContext._jvm = SparkContext._gateway.jvm
             context = SparkContext(conf=spark_conf)
-        except (PySparkRuntimeError, OSError, Exception) as exc:  # noqa: BLE001 - py4j/JVM errors
+        except Exception as exc:  # noqa: BLE001 - PySparkRuntimeError, py4j and JVM errors
             raise SparkError(f"Spark could not start on master {master}: {_first_line(exc)}.",
                              _log_tail(log_path)) from None
     context.setLogLevel("WARN")

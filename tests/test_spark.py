@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,9 +17,8 @@ from conftest import COLOURS, TINY, make_colour_tree
 
 pytest.importorskip("pyspark")
 
-from retrainer.bottlenecks import BottleneckCache  # noqa: E402
 from retrainer.bottlenecks.fill import fill_cache  # noqa: E402
-from retrainer.bottlenecks.spark import SparkEngine, read_images, spark_path  # noqa: E402
+from retrainer.bottlenecks.spark import read_images, spark_path  # noqa: E402
 from retrainer.cli import cli  # noqa: E402
 from retrainer.spark_session import SparkError, check_master, find_java, start_session  # noqa: E402
 
@@ -28,7 +28,7 @@ def spark():
     session, log_path = start_session("local[2]", "retrainer tests")
     yield session
     session.stop()
-    log_path.unlink(missing_ok=True)
+    shutil.rmtree(log_path.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,17 @@
 Spark reads the image files with its ``binaryFile`` source and hashes each one (SHA-256, the
 cache key); ``predict_batch_udf`` decodes the bytes with the same code as the local engine and
 runs the backbone's frozen graph, which is broadcast once and loaded once per Python worker.
-Images go in chunks, one Spark job each with every executor busy; the driver then streams a
-chunk's results back (``toLocalIterator``, one partition at a time, so its memory stays bounded)
-into the same :class:`BottleneckCache` the local engine fills: a later local ``train`` finds
-every bottleneck there. Head training stays local.
+Images go in chunks, one Spark job each with every executor busy; each chunk's features come
+back to the driver as one Arrow table (a chunk bounds the driver's memory) and go into the same
+:class:`BottleneckCache` the local engine fills: a later local ``train`` finds every
+bottleneck there. Head training stays local.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,9 +25,10 @@ from .cache import BottleneckCache
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "\\[]{}*?"
-#: Images per Spark job: at least CHUNK_MIN, and CHUNK_PER_CORE per core of the cluster.
+#: Images per Spark job: CHUNK_PER_CORE per core of the cluster, within [CHUNK_MIN, CHUNK_MAX].
 CHUNK_MIN = 512
 CHUNK_PER_CORE = 128
+CHUNK_MAX = 16384
 
 
 def spark_path(path: str) -> str:
@@ -200,16 +200,16 @@ class SparkEngine:
                     result = (frame.select("path", F.sha2("content", 256).alias("key"),
                                            udf("content").alias("out"))
                               .select("path", "key", "out.features", "out.error"))
-                    for row in _computed(result):
+                    for path, key, features, error in _computed(result, cache.dim):
                         seen += 1
                         progress.update(1)
-                        if row.error is not None:
-                            rec = by_path.get(local_path(row.path))
-                            name = rec.display if rec else local_path(row.path)
-                            log.warning("skipped %s: %s", name, row.error)
-                            failures.append(Skipped(name, row.error))
+                        if error is not None:
+                            rec = by_path.get(local_path(path))
+                            name = rec.display if rec else local_path(path)
+                            log.warning("skipped %s: %s", name, error)
+                            failures.append(Skipped(name, error))
                             continue
-                        cache.add([row.key], np.asarray(row.features, dtype=np.float32)[None])
+                        cache.add([key], features[None])
             finally:
                 cache.close()  # keep what was computed, even when interrupted
                 graph_bytes.unpersist()
@@ -219,37 +219,25 @@ class SparkEngine:
 
 
 def chunk_size(spark: Any) -> int:
-    """Images per Spark job: enough for every core, few enough that a crash loses little."""
-    return max(CHUNK_MIN, CHUNK_PER_CORE * spark.sparkContext.defaultParallelism)
+    """Images per Spark job: every core busy, and a bounded result for the driver to hold."""
+    return min(CHUNK_MAX, max(CHUNK_MIN, CHUNK_PER_CORE * spark.sparkContext.defaultParallelism))
 
 
-def _computed(frame: Any) -> Any:
-    """Rows of ``frame``, computed by all executors at once, then streamed to the driver.
+def _computed(frame: Any, dim: int) -> Iterator[tuple[str, str, np.ndarray, str | None]]:
+    """(path, key, features, error) of one chunk, computed by all executors at once.
 
-    ``toLocalIterator`` alone runs one partition at a time (two with prefetching), which would
-    leave a cluster idle; here the frame is computed and kept on the executors (memory, then
-    disk) in one parallel job, and only then read back partition by partition.
+    ``toLocalIterator`` would run one partition at a time (two with prefetching) and leave a
+    cluster idle, so a chunk is one parallel job whose small result (features, not images)
+    comes back as one Arrow table.
     """
-    from pyspark import StorageLevel
-
-    kept = frame.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        kept.count()
-        yield from _stream(kept)
-    except SparkError:
-        raise
+        table = frame.toArrow()
     except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
         raise _job_failed(exc) from exc
-    finally:
-        kept.unpersist()
-
-
-def _stream(frame: Any) -> Any:
-    """Rows one partition at a time, with Spark job failures as one clear error."""
-    try:
-        yield from frame.toLocalIterator(prefetchPartitions=True)
-    except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
-        raise _job_failed(exc) from exc
+    values = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    features = values.astype(np.float32, copy=False).reshape(table.num_rows, dim)
+    yield from zip(table.column("path").to_pylist(), table.column("key").to_pylist(),
+                   features, table.column("error").to_pylist())
 
 
 def _job_failed(exc: BaseException) -> SparkError:
