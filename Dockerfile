@@ -3,6 +3,8 @@
 #   docker build -t retrainer .
 #   docker run --rm -v "$PWD:/data" -v retrainer-cache:/cache retrainer \
 #       train --image-dir photos --architecture efficientnet_lite0 --output-dir retrained
+#   docker run --rm -v "$PWD:/data" -p 8000:8000 -e RETRAINER_API_KEY=... retrainer \
+#       serve --model-dir retrained --host 0.0.0.0
 FROM python:3.11-slim
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -17,7 +19,9 @@ RUN useradd --create-home --uid 1000 retrainer \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY retrainer ./retrainer
-RUN pip install --no-cache-dir . \
+# The local checkout is the pinned version; the extras add the database drivers and the HTTP service.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[sql,serve]" \
     && rm -rf /src/build
 
 USER 1000
@@ -25,6 +29,8 @@ USER 1000
 RUN python -c "from retrainer.backbones.efficientnet_lite import pretrained_weights_path as p; p()"
 
 WORKDIR /data
+# retrainer serve --host 0.0.0.0 (with RETRAINER_API_KEY set) listens here.
+EXPOSE 8000
 VOLUME ["/data", "/cache"]
 ENTRYPOINT ["retrainer"]
 CMD ["--help"]

@@ -46,7 +46,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
                  formats: tuple[str, ...] = FORMATS, output_graph: str | None = None,
                  output_labels: str | None = None) -> dict[str, str]:
-    """Write ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
+    """Write a Keras ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
+    return export_graph(freeze(model), labels, metadata, output_dir, formats, output_graph,
+                        output_labels)
+
+
+def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
+                 output_dir: str | Path, formats: tuple[str, ...] = FORMATS,
+                 output_graph: str | None = None,
+                 output_labels: str | None = None) -> dict[str, str]:
+    """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
+
+    Every format comes from the one frozen graph: the SavedModel wraps it (no Keras model is
+    traced again) and TFLite is converted from the SavedModel's concrete function in memory.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
@@ -55,20 +68,18 @@ def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output
     written["labels"] = str(labels_path)
     if "graph" in formats:
         graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
-        graph_def = freeze(model)
         atomic_write(graph_path, lambda fh: fh.write(graph_def.SerializeToString()))
         written["graph"] = str(graph_path)
     if "saved_model" in formats or "tflite" in formats:
-        saved = out / SAVED_MODEL_DIR
-        write_saved_model(model, saved, metadata)
+        module = serving_module(graph_def, metadata)
         if "saved_model" in formats:
+            saved = out / SAVED_MODEL_DIR
+            write_saved_model(module, saved)
             written["saved_model"] = str(saved)
         if "tflite" in formats:
             tflite_path = out / TFLITE_FILE
-            write_tflite(saved, tflite_path)
+            write_tflite(module, tflite_path)
             written["tflite"] = str(tflite_path)
-            if "saved_model" not in formats:
-                shutil.rmtree(saved)
     meta = dict(metadata, labels=labels, files={k: _rel(v, out) for k, v in written.items()})
     write_json(out / METADATA_FILE, meta)
     written["metadata"] = str(out / METADATA_FILE)
@@ -83,20 +94,19 @@ def _rel(path: str, base: Path) -> str:
         return str(Path(path).resolve())
 
 
-def write_saved_model(model: Any, path: Path, metadata: dict[str, Any]) -> None:
-    """A TF Serving-ready SavedModel with two signatures.
+def serving_module(graph_def: Any, metadata: dict[str, Any]) -> Any:
+    """A ``tf.Module`` with two signatures around the frozen graph.
 
     ``serving_default``: float ``images`` (N, H, W, 3), RGB 0..255 -> ``scores``.
     ``classify_images``: encoded image bytes (N,) -> ``scores``; decoding and resizing run in TF.
     """
-    import keras
     import tensorflow as tf
 
-    height, width = model.input_shape[1:3]
-    method = metadata.get("backbone", {}).get("resize", "bilinear")
+    from .graph import graph_function
 
-    def scores(images: Any) -> Any:
-        return {"scores": tf.cast(model(images, training=False), tf.float32)}
+    fn = graph_function(graph_def, INPUT_NAME, OUTPUT_NAME)
+    height, width = (int(d) for d in fn.inputs[0].shape[1:3])
+    method = metadata.get("backbone", {}).get("resize", "bilinear")
 
     def decode_one(data: Any) -> Any:
         img = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -104,32 +114,47 @@ def write_saved_model(model: Any, path: Path, metadata: dict[str, Any]) -> None:
                               antialias=True)
         return tf.clip_by_value(img, 0.0, 255.0)
 
-    def from_bytes(data: Any) -> Any:
-        images = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
-            (height, width, 3), tf.float32))
-        return scores(images)
+    class Classifier(tf.Module):
+        def __init__(self) -> None:
+            super().__init__(name="retrained")
+            self._fn = fn
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint("serving_default", scores, input_signature=[
-        tf.TensorSpec((None, height, width, 3), tf.float32, name="images")])
-    archive.add_endpoint("classify_images", from_bytes, input_signature=[
-        tf.TensorSpec((None,), tf.string, name="image_bytes")])
+        @tf.function(input_signature=[
+            tf.TensorSpec((None, height, width, 3), tf.float32, name="images")])
+        def scores(self, images: Any) -> Any:
+            return {"scores": self._fn(images)}
+
+        @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")])
+        def classify_images(self, data: Any) -> Any:
+            images = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
+                (height, width, 3), tf.float32))
+            return {"scores": self._fn(images)}
+
+    return Classifier()
+
+
+def write_saved_model(module: Any, path: Path) -> None:
+    """A TF Serving-ready SavedModel of :func:`serving_module`, renamed into place when whole."""
+    import tensorflow as tf
+
+    signatures = {"serving_default": module.scores.get_concrete_function(),
+                  "classify_images": module.classify_images.get_concrete_function()}
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    archive.write_out(str(tmp), verbose=False)
+    tf.saved_model.save(module, str(tmp), signatures=signatures)
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
-def write_tflite(saved_model: Path, path: Path) -> None:
+def write_tflite(module: Any, path: Path) -> None:
+    """TFLite of the ``serving_default`` signature, converted from the frozen graph in memory."""
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model), signature_keys=["serving_default"])
+    fn = module.scores.get_concrete_function()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([fn], module)
     blob = converter.convert()
     atomic_write(path, lambda fh: fh.write(blob))
 
 
-__all__ = ["build_classifier", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
+__all__ = ["build_classifier", "export_graph", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
            "OUTPUT_NAME"]

@@ -3,12 +3,20 @@
 A frozen graph holds its weights as constants, which lets TensorFlow fold BatchNorm into the
 convolutions: it runs markedly faster on CPU than the Keras call, and it is what the export writes
 as ``retrained_graph.pb`` for plain-TF users.
+
+Freezing a large backbone takes seconds (Inception-v3: 5-10 s), so a backbone is frozen once and
+its graph kept beside its bottlenecks (:func:`cached_freeze`); the exported classifier is that
+graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
@@ -21,8 +29,7 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
         convert_variables_to_constants_v2,
     )
 
-    height, width = model.input_shape[1:3]
-    spec = tf.TensorSpec([None, height, width, 3], tf.float32, name=input_name)
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=input_name)
 
     @tf.function(input_signature=[spec])
     def forward(x: Any) -> Any:
@@ -32,32 +39,125 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
     return frozen.graph.as_graph_def()
 
 
+def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
+    """:func:`freeze` of the model ``build()`` returns, kept at ``path`` (written atomically)
+    and read back on the next run without building the model.
+
+    The caller picks a path that changes whenever the model's weights or structure do (the
+    bottleneck cache id does), plus the TensorFlow version.
+    """
+    from .bottlenecks.cache import atomic_write
+
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load_graph_def(str(path))
+        except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
+            log.warning("frozen graph %s is damaged (%s); freezing again", path.name, exc)
+    graph_def = freeze(build())
+    try:
+        atomic_write(path, lambda fh: fh.write(graph_def.SerializeToString()))
+    except OSError as exc:
+        log.warning("cannot keep the frozen graph at %s (%s)", path, exc.strerror or exc)
+    return graph_def
+
+
+def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
+            output_name: str = OUTPUT_NAME) -> Any:
+    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`."""
+    import tensorflow as tf
+
+    shape = _input_shape(backbone, input_name)
+    with tf.Graph().as_default() as graph:
+        inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
+        (feats,) = tf.compat.v1.import_graph_def(
+            backbone, input_map={f"{input_name}:0": inp},
+            return_elements=[f"{output_name}:0"], name="backbone")
+        (probs,) = tf.compat.v1.import_graph_def(
+            head, input_map={f"{input_name}:0": feats},
+            return_elements=[f"{output_name}:0"], name="head")
+        tf.identity(probs, name=output_name)
+    return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [output_name])
+
+
+def _without(graph_def: Any, name: str) -> Any:
+    """A copy of ``graph_def`` without node ``name`` (an input about to be replaced)."""
+    import tensorflow as tf
+
+    body = tf.compat.v1.GraphDef()
+    body.versions.CopyFrom(graph_def.versions)
+    body.library.CopyFrom(graph_def.library)
+    body.node.extend(n for n in graph_def.node if n.name != name)
+    return body
+
+
+def _input_shape(graph_def: Any, name: str) -> list[int | None]:
+    """The placeholder's shape with a free batch dimension."""
+    for node in graph_def.node:
+        if node.name == name:
+            return [None] + [int(d.size) for d in node.attr["shape"].shape.dim[1:]]
+    raise ValueError(f"the graph has no input node {name!r}")
+
+
+def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
+                   output_name: str = OUTPUT_NAME) -> Any:
+    """A TF2 concrete function running ``graph_def`` from input to output (no Session).
+
+    The graph is imported once while tracing, with its input placeholder replaced by the
+    function's argument: 2-3x quicker to build than ``wrap_function`` + ``prune``, which copy
+    every op in Python, and it runs the same.
+    """
+    import tensorflow as tf
+
+    shape = _input_shape(graph_def, input_name)
+    body = _without(graph_def, input_name)
+
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=input_name)])
+    def run(x: Any) -> Any:
+        (out,) = tf.graph_util.import_graph_def(
+            body, input_map={f"{input_name}:0": x}, return_elements=[f"{output_name}:0"],
+            name="")
+        return out
+
+    return run.get_concrete_function()
+
+
 class GraphRunner:
-    """Calls a frozen GraphDef on numpy batches (no Keras involved)."""
+    """Calls a frozen GraphDef on numpy batches in a ``tf.compat.v1.Session`` (no Keras).
+
+    A Session runs the same frozen graph ~30 % faster (wall time, same CPU time) than calling it
+    as a TF2 function on a 2-core CPU: its executor keeps both cores busier. ``run`` is
+    thread-safe.
+    """
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME) -> None:
         import tensorflow as tf
 
-        def _import() -> None:
-            tf.compat.v1.import_graph_def(graph_def, name="")
-
-        wrapped = tf.compat.v1.wrap_function(_import, [])
-        graph = wrapped.graph
-        inp = graph.get_tensor_by_name(f"{input_name}:0")
-        out = graph.get_tensor_by_name(f"{output_name}:0")
+        self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
+        graph = tf.Graph()
+        with graph.as_default():
+            shape = _input_shape(graph_def, input_name)
+            inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
+            (out,) = tf.compat.v1.import_graph_def(
+                _without(graph_def, input_name), input_map={f"{input_name}:0": inp},
+                return_elements=[f"{output_name}:0"], name="")
+        graph.finalize()
+        self._input, self._output = inp, out
+        self._session = tf.compat.v1.Session(graph=graph)
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
-        self._fn = wrapped.prune(inp, out)
 
     @property
     def input_size(self) -> tuple[int, int]:
         return int(self.input_shape[1]), int(self.input_shape[2])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
+        out = self._session.run(self._output, {self._input: np.asarray(batch, np.float32)})
+        return np.asarray(out, np.float32)
 
-        return self._fn(tf.constant(batch, dtype=tf.float32)).numpy()
+    def close(self) -> None:
+        self._session.close()
 
 
 def load_graph_def(path: str) -> Any:

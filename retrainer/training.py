@@ -54,8 +54,14 @@ def load_dataset(config: TrainConfig) -> Dataset:
     from .sources.folder import scan_folder
     from .split import assign_splits
 
+    if config.db:
+        from .sources.sql import scan_database
+
+        dataset = scan_database(config.db, where=config.db_where)
+        return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
     if not config.image_dir:
-        raise DatasetError("no images to train on.", "Give an image folder (--image-dir DIR).")
+        raise DatasetError("no images to train on.",
+                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
     exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
     dataset = scan_folder(config.image_dir, exclude=exclude)
     return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
@@ -72,7 +78,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     dataset = dataset or load_dataset(config)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
 
-    backbone = create_backbone(spec, config.weights, precision=config.precision)
+    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
                             info={"backbone": spec.to_dict(), "precision": config.precision,
@@ -91,8 +97,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     if missing:
         from .bottlenecks.extractor import make_forward
 
-        forward = make_forward(backbone)
-        engine = get_engine(config.engine, workers=config.workers)
+        forward = make_forward(backbone, cache_root)
+        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)
@@ -172,10 +178,16 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
                      "fine_tuned": config.fine_tune,
                      "test_accuracy": result.test_accuracy},
     }
-    from .export import build_classifier, export_model
+    from .bottlenecks.extractor import backbone_graph
+    from .export import export_graph
+    from .graph import compose, freeze
 
-    classifier = build_classifier(backbone.model, head.model)
-    result.outputs = export_model(classifier, dataset.classes, metadata, config.output_dir,
+    # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
+    # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
+    # A fine-tuned backbone has new weights: freeze it afresh instead.
+    kept = None if config.fine_tune else cache_root
+    classifier = compose(backbone_graph(backbone, kept, "fp32"), freeze(head.model))
+    result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
     report = test or val_report
     if report is not None:
@@ -201,7 +213,8 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
 
     def extract(items: list) -> list:
         engine = get_engine(config.engine, workers=config.workers)
-        return engine.extract(items, make_forward(backbone), spec.input_size, spec.resize, cache,
+        return engine.extract(items, make_forward(backbone, cache.dir.parent), spec.input_size,
+                              spec.resize, cache,
                               batch_size=config.extract_batch_size)
 
     t = time.perf_counter()

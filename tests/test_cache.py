@@ -76,3 +76,18 @@ def test_compaction_keeps_every_entry(tmp_path, monkeypatch):
         cache.add([key(i) for i in range(6)], data)
     assert len(cache.shards()) == 1
     assert np.array_equal(BottleneckCache(tmp_path, "bb", 5).load([key(i) for i in range(6)]), data)
+
+
+def test_compaction_merges_in_bounded_groups(tmp_path, monkeypatch):
+    """A large cache is merged a few shards at a time: no merged shard over COMPACT_ROWS."""
+    monkeypatch.setattr(cache_mod, "FLUSH_EVERY", 2)
+    monkeypatch.setattr(cache_mod, "COMPACT_ABOVE", 3)
+    monkeypatch.setattr(cache_mod, "COMPACT_ROWS", 6)
+    data = rows(11)
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        for i in range(11):
+            cache.add([key(i)], data[i:i + 1])
+    again = BottleneckCache(tmp_path, "bb", 5)
+    sizes = sorted(len(np.load(s)["keys"]) for s in again.shards())
+    assert sizes == [5, 6]  # 5 shards of 2 and one of 1, merged in groups of at most 6
+    assert np.array_equal(again.load([key(i) for i in range(11)]), data)

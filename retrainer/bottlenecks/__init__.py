@@ -13,12 +13,23 @@ __all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", 
 
 
 def get_engine(name: str = "local", **options: object):
-    """The extraction engine by name; every engine fills the same cache."""
-    if name == "local":
-        return LocalEngine(**options)  # type: ignore[arg-type]
+    """The extraction engine by name; every engine fills the same cache.
+
+    Options left as None are dropped, so unset CLI options never reach an engine.
+    """
     from ..errors import RetrainerError
 
-    raise RetrainerError(f"unknown engine {name!r}.", "Use 'local'.")
+    options = {k: v for k, v in options.items() if v is not None}
+    if name == "local":
+        if "master" in options:
+            raise RetrainerError("a Spark master applies to the spark engine only.",
+                                 "Add --engine spark.")
+        return LocalEngine(**options)  # type: ignore[arg-type]
+    if name == "spark":
+        from .spark import SparkEngine
+
+        return SparkEngine(**options)  # type: ignore[arg-type]
+    raise RetrainerError(f"unknown engine {name!r}.", "Use 'local' or 'spark'.")
 
 
 def content_key(data: bytes) -> str:

@@ -27,8 +27,9 @@ SHARD_GLOB = "shard-*.npz"
 #: that bounds what a hard kill can lose, in images and in time.
 FLUSH_EVERY = 256
 FLUSH_SECONDS = 2.0
-#: More shards than this are merged into one when a writer closes.
+#: More shards than this are merged when a writer closes, into shards of up to COMPACT_ROWS.
 COMPACT_ABOVE = 64
+COMPACT_ROWS = 8192
 
 
 def default_cache_dir() -> Path:
@@ -178,19 +179,39 @@ class BottleneckCache:
             self.compact()
 
     def compact(self) -> None:
-        """Merge all shards into one. A crash half-way leaves duplicates, which are harmless."""
+        """Merge small shards into shards of up to COMPACT_ROWS entries.
+
+        Shards are merged a group at a time, so memory holds at most one merged shard whatever
+        the cache's size. A crash half-way leaves duplicates, which are harmless.
+        """
         index = self.index()
         if not index:
             return
-        keys = list(index)
-        old = self.shards()
-        rows = self.load([k.hex() for k in keys])
-        key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32)
-        merged = self._write_shard(key_arr, rows)
-        for shard in old:
-            if shard != merged:
+        per_shard: dict[Path, list[bytes]] = {}
+        for key, (shard, _) in index.items():
+            per_shard.setdefault(shard, []).append(key)
+        groups: list[list[Path]] = [[]]
+        size = 0
+        for shard in sorted(per_shard):
+            n = len(per_shard[shard])
+            if n >= COMPACT_ROWS // 2:
+                continue  # big enough already
+            if size + n > COMPACT_ROWS and groups[-1]:
+                groups.append([])
+                size = 0
+            groups[-1].append(shard)
+            size += n
+        for group in groups:
+            if len(group) < 2:
+                continue
+            keys = [k for shard in group for k in per_shard[shard]]
+            rows = self.load([k.hex() for k in keys])
+            key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 32)
+            self._write_shard(key_arr, rows)
+            for shard in group:
                 shard.unlink(missing_ok=True)
-        self._index = None
+            self._index = None
+            index = self.index()
 
     def __enter__(self) -> "BottleneckCache":
         return self

@@ -21,6 +21,9 @@ COMMANDS = {
     "label": "retrainer.cli.label:label",
     "evaluate": "retrainer.cli.evaluate:evaluate",
     "backbones": "retrainer.cli.backbones:backbones",
+    "db": "retrainer.cli.db:db",
+    "serve": "retrainer.cli.serve:serve",
+    "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
 }
 
 EXIT_INTERRUPTED = 130

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import HeadConfig, TrainConfig
+from .bottlenecks import check_engine, engine_options
 from .common import echo_json, json_option
 
 _T = TrainConfig()
@@ -17,8 +18,13 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 
 
 @click.command()
-@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Folder with one sub-folder of images per class (or train/ val/ test/ folders).")
+@click.option("--db", default=None, metavar="URL",
+              help="Train from a SQL database instead (see 'retrainer db import'): a URL or a "
+                   "SQLite file path. Its roles are the split.")
+@click.option("--where", "db_where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
               help="Where the model, labels and metadata are written.")
 @click.option("--architecture", default=_T.architecture, show_default=True,
@@ -42,6 +48,10 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--seed", default=_H.seed, show_default=True, type=int, help="Seed for everything random.")
 @click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
               type=click.IntRange(min=1), help="Images per backbone forward pass.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_T.precision,
+              show_default=True,
+              help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs with "
+                   "AVX512-BF16/AMX. Exports stay fp32.")
 @click.option("--workers", default=None, type=click.IntRange(min=1), help="Image decoding threads.")
 @click.option("--output-graph", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
@@ -84,6 +94,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               type=click.IntRange(min=1))
 @click.option("--fine-tune-learning-rate", default=_T.fine_tune_learning_rate, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
+@engine_options
 @json_option
 def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
           batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
@@ -95,6 +106,9 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     """
     from ..training import train as run_train
 
+    if bool(options.get("image_dir")) == bool(options.get("db")):
+        raise click.UsageError("give either --image-dir DIR or --db URL.")
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
     head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
                       batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
                       label_smoothing=label_smoothing, patience=patience,

@@ -1,0 +1,170 @@
+"""Shared helpers for the benchmarks: data sets, timing, JSON output, child processes.
+
+Every benchmark prints one JSON document on stdout (progress and logs go to stderr). Data sets
+come from ``--data-root`` or ``$RETRAINER_DATA`` (a folder holding ``flowers/``,
+``cats_vs_dogs/`` and ``hymenoptera_data/``); large sets are generated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+BACKBONES = ("efficientnet_lite0", "inception_v3")
+#: The ImageNet weights of inception_v3 cannot be downloaded offline; random weights time the same.
+WEIGHTS = {"inception_v3": "random", "efficientnet_lite0": None}
+
+
+def parser(doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    p.add_argument("--data-root", default=os.environ.get("RETRAINER_DATA"),
+                   help="Folder with the benchmark data sets (default: $RETRAINER_DATA).")
+    p.add_argument("--work-dir", default=None,
+                   help="Scratch folder for generated images, caches and models "
+                        "(default: bench/results/work).")
+    p.add_argument("--backbones", default=",".join(BACKBONES),
+                   help="Comma-separated backbones to measure.")
+    return p
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    if not args.data_root:
+        sys.exit("error: no data sets: pass --data-root DIR or set RETRAINER_DATA "
+                 "(a folder with flowers/, cats_vs_dogs/ and hymenoptera_data/).")
+    root = Path(args.data_root)
+    if not root.is_dir():
+        sys.exit(f"error: --data-root '{root}' is not a folder.")
+    return root
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    path = Path(args.work_dir) if args.work_dir else BENCH / "results" / "work"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def backbones(args: argparse.Namespace) -> list[str]:
+    return [b for b in args.backbones.split(",") if b]
+
+
+def jpeg_set_500(root: Path, dest: Path) -> Path:
+    """500 real JPEGs in 7 classes: all of flowers (5 x 60) and 100 cats + 100 dogs (symlinks)."""
+    marker = dest / ".complete"
+    if marker.exists():
+        return dest
+    pairs: list[tuple[str, Path]] = []
+    flowers = root / "flowers"
+    for cls in sorted(p for p in flowers.iterdir() if p.is_dir()):
+        pairs += [(cls.name, f) for f in sorted(cls.iterdir()) if f.suffix.lower() in (".jpg", ".jpeg")]
+    for cls in ("cats", "dogs"):
+        pairs += [(cls, f) for f in sorted((root / "cats_vs_dogs" / "train" / cls).iterdir())][:100]
+    if len(pairs) < 500:
+        sys.exit(f"error: expected 500 JPEGs under {root}/flowers and cats_vs_dogs, found {len(pairs)}")
+    for cls, src in pairs[:500]:
+        link = dest / cls / src.name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(src.resolve())
+    marker.touch()
+    return dest
+
+
+COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 210), (220, 200, 40)]
+
+
+def synthetic_set(dest: Path, n: int, size: int = 96, seed: int = 0) -> Path:
+    """``n`` distinct noisy JPEGs in 4 colour classes (generated once, then reused)."""
+    from PIL import Image
+
+    marker = dest / f".complete-{n}"
+    if marker.exists():
+        return dest
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        c = i % len(COLOURS)
+        path = dest / f"class{c}" / f"img{i:06d}.jpg"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        base = np.array(COLOURS[c], np.float32)
+        arr = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(path, quality=85)
+    marker.touch()
+    return dest
+
+
+def best_rate(fn: Callable[[], int], seconds: float = 8.0, rounds: int = 1) -> float:
+    """Items per second of ``fn`` (returns items done per call), after one warm-up call."""
+    fn()
+    best = 0.0
+    for _ in range(rounds):
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            n += fn()
+        best = max(best, n / (time.perf_counter() - t))
+    return best
+
+
+def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...] = (16, 32, 64),
+                     seconds: float = 8.0) -> tuple[float, int]:
+    """The fastest forward pass of a frozen-graph runner on pre-decoded tensors: (img/s, batch)."""
+    rng = np.random.default_rng(0)
+    best = (0.0, 0)
+    for bs in batches:
+        x = rng.uniform(0, 255, (bs, *size, 3)).astype(np.float32)
+
+        def step(x: np.ndarray = x) -> int:
+            runner(x)
+            return len(x)
+
+        rate = best_rate(step, seconds)
+        if rate > best[0]:
+            best = (rate, bs)
+    return best
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str, float]:
+    """Run a command; return (wall seconds, stdout, peak RSS of that child in MB)."""
+    import tempfile
+
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-4000:])
+        raise SystemExit(f"error: {' '.join(cmd[:6])} ... failed with exit code {proc.returncode}")
+    return wall, stdout, usage.ru_maxrss / 1024
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def retrainer_cmd() -> list[str]:
+    """The installed ``retrainer`` console script beside this Python (else ``-m retrainer``)."""
+    script = Path(sys.executable).with_name("retrainer")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "retrainer"]
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the result, with the machine's load average (other work skews wall times)."""
+    result = dict(result, cpus=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2))
+    json.dump(result, sys.stdout, indent=2, default=float)
+    sys.stdout.write("\n")

@@ -1,0 +1,75 @@
+"""``retrainer bottlenecks``: fill the bottleneck cache only (local or on Spark)."""
+from __future__ import annotations
+
+import click
+
+from ..config import TrainConfig
+from .common import echo_json, json_option
+
+_T = TrainConfig()
+
+ENGINES = ("local", "spark")
+
+
+def engine_options(fn):  # noqa: ANN001, ANN201 - click decorator
+    """--engine and --spark-master, shared by train, bottlenecks and label."""
+    fn = click.option("--spark-master", default=None, metavar="URL",
+                      help="With --engine spark: local[N], spark://HOST:PORT, yarn... "
+                           "(default: the running session, else local[*]).")(fn)
+    fn = click.option("--engine", default=_T.engine, show_default=True,
+                      type=click.Choice(ENGINES),
+                      help="Where images go through the backbone: here, or on Spark.")(fn)
+    return fn
+
+
+def check_engine(engine: str, spark_master: str | None) -> None:
+    """Fail before any slow work: pyspark missing, a master without Spark, unreachable master."""
+    if engine != "spark":
+        if spark_master:
+            raise click.UsageError("--spark-master needs --engine spark.")
+        return
+    from ..spark_session import DEFAULT_MASTER, check_master, import_pyspark
+
+    import_pyspark()
+    check_master(spark_master or DEFAULT_MASTER)
+
+
+@click.command()
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder with one sub-folder of images per class (as for train).")
+@click.option("--architecture", default=_T.architecture, show_default=True,
+              help="Backbone name (see 'retrainer backbones') or the path of a .keras model.")
+@click.option("--weights", default=None,
+              help="Local weights file for the backbone, or 'random'.")
+@click.option("--feature-layer", default=None,
+              help="With a .keras model: the layer whose output is the bottleneck.")
+@click.option("--bottleneck-dir", type=click.Path(file_okay=False), default=None,
+              help="Bottleneck cache folder (default: the user cache dir).")
+@click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
+              type=click.IntRange(min=1), help="Images per backbone forward pass.")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Image reading threads on this machine.")
+@engine_options
+@json_option
+def bottlenecks(as_json: bool, **options: object) -> None:
+    """Compute and cache the bottlenecks of an image folder, without training.
+
+    A later 'retrainer train' with the same --architecture and --bottleneck-dir finds them all.
+
+    \b
+      retrainer bottlenecks --image-dir photos/ --engine spark --spark-master 'local[4]'
+      retrainer bottlenecks --image-dir /shared/photos --engine spark \\
+          --spark-master spark://head:7077 --bottleneck-dir /shared/cache
+    """
+    from ..bottlenecks.fill import fill_cache
+
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
+    result = fill_cache(TrainConfig(**options))  # type: ignore[arg-type]
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    for s in result.skipped:
+        click.echo(f"skipped {s.name}: {s.reason}", err=True)
+    click.echo(f"Bottlenecks: {result.computed} computed, {result.cached} already cached, "
+               f"{len(result.skipped)} skipped ({result.engine} engine, "
+               f"{result.timings['extract']:.1f} s) in {result.cache_dir}")

@@ -1,0 +1,33 @@
+"""Every ``retrainer serve`` default in one place; the CLI reads its option defaults from here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ServeConfig:
+    """How one classification service runs: where, with which limits, batching and key."""
+
+    model_dir: str = "retrained"
+    graph: str | None = None
+    labels: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    #: Most images scored in one forward pass; 1 turns micro-batching off.
+    max_batch_size: int = 32
+    #: Longest wait (ms) for requests still decoding to join a batch; a lone request never
+    #: waits, and while a pass runs new requests queue and form the next batch anyway.
+    max_wait_ms: float = 10.0
+    #: Requests waiting for the model beyond this are refused with 503 (back-pressure).
+    max_queue: int = 512
+    max_body_bytes: int = 20 * 1024 * 1024
+    #: Decompression-bomb guard: width x height above this is refused before decoding.
+    max_pixels: int = 40_000_000
+    #: Files in one ``/v1/classify/batch`` request.
+    max_files: int = 64
+    default_top_k: int = 5
+    #: Seconds given to in-flight requests after SIGTERM before they are cancelled.
+    graceful_timeout: float = 30.0
+    #: One log line per request (uvicorn's access log).
+    access_log: bool = False

@@ -1,0 +1,154 @@
+"""MicroBatcher: concurrent submissions share forward passes and each gets its own row."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from retrainer.serve.batcher import MicroBatcher, QueueFull
+
+
+class Recorder:
+    """A 'model' that returns each image's mean and records the batch sizes it saw."""
+
+    def __init__(self, fail: bool = False, gate: threading.Event | None = None) -> None:
+        self.sizes: list[int] = []
+        self.fail = fail
+        self.gate = gate
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.sizes.append(len(batch))
+        if self.fail:
+            raise RuntimeError("model exploded")
+        return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((2, 2, 3), value, np.float32)
+
+
+async def submit_all(batcher: MicroBatcher, n: int) -> list[np.ndarray]:
+    return await asyncio.wait_for(asyncio.gather(*(batcher.submit(image(i)) for i in range(n))),
+                                  timeout=20)
+
+
+def run(batcher: MicroBatcher, n: int) -> list[np.ndarray]:
+    batcher.start()
+    try:
+        return asyncio.run(submit_all(batcher, n))
+    finally:
+        batcher.stop()
+
+
+def test_concurrent_requests_share_one_pass_and_get_their_own_rows():
+    model = Recorder()
+    rows = run(MicroBatcher(model, max_batch_size=32, max_wait_ms=200), 10)
+    assert model.sizes == [10]
+    assert [float(r[0]) for r in rows] == [float(i) for i in range(10)]
+
+
+def test_a_lone_request_does_not_wait():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=5000)
+    t = time.perf_counter()
+    run(batcher, 1)
+    assert time.perf_counter() - t < 2 and model.sizes == [1]
+
+
+def test_the_batch_waits_for_an_announced_request():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=5000)
+    batcher.start()
+
+    async def main() -> list[np.ndarray]:
+        with batcher.incoming() as ticket:  # as if this request's image were still decoding
+            first = asyncio.ensure_future(batcher.submit(image(0)))
+            await asyncio.sleep(0.2)
+            assert not first.done()
+            second = batcher.enqueue(image(1), ticket)
+            assert batcher._incoming == 0  # handed over as it was queued
+        with batcher.incoming():  # a request that fails before queueing is forgotten
+            pass
+        assert batcher._incoming == 0
+        return await asyncio.gather(first, second)
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert model.sizes == [2] and [float(r[0]) for r in rows] == [0.0, 1.0]
+
+
+def test_batches_never_exceed_the_maximum():
+    model = Recorder()
+    rows = run(MicroBatcher(model, max_batch_size=4, max_wait_ms=200), 10)
+    assert model.sizes == [4, 4, 2]
+    assert [float(r[0]) for r in rows] == [float(i) for i in range(10)]
+
+
+def test_batch_size_one_turns_batching_off():
+    model = Recorder()
+    run(MicroBatcher(model, max_batch_size=1, max_wait_ms=200), 5)
+    assert model.sizes == [1] * 5
+
+
+def test_requests_queue_while_the_model_is_busy():
+    """No wait at all: what arrives during a pass forms the next batch."""
+    gate = threading.Event()
+    model = Recorder(gate=gate)
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=0)
+    batcher.start()
+
+    async def main() -> list[np.ndarray]:
+        first = asyncio.ensure_future(batcher.submit(image(0)))
+        await asyncio.sleep(0.05)  # the first pass is now running (held by the gate)
+        rest = [asyncio.ensure_future(batcher.submit(image(i))) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await asyncio.gather(first, *rest)
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert model.sizes == [1, 5] and [float(r[0]) for r in rows] == [0, 1, 2, 3, 4, 5]
+    assert batcher.stats.to_dict()["mean_batch"] == 3.0
+
+
+def test_a_failing_pass_fails_its_requests_and_the_thread_survives():
+    model = Recorder(fail=True)
+    batcher = MicroBatcher(model, max_batch_size=8, max_wait_ms=50)
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError, match="model exploded"):
+            asyncio.run(submit_all(batcher, 3))
+        model.fail = False
+        assert float(asyncio.run(submit_all(batcher, 1))[0][0]) == 0.0
+    finally:
+        batcher.stop()
+
+
+def test_a_full_queue_refuses_instead_of_growing():
+    gate = threading.Event()
+    batcher = MicroBatcher(Recorder(gate=gate), max_batch_size=1, max_wait_ms=0, max_queue=2)
+    batcher.start()
+
+    async def main() -> None:
+        held = [asyncio.ensure_future(batcher.submit(image(0)))]
+        await asyncio.sleep(0.05)  # in the model, held there by the gate
+        held += [asyncio.ensure_future(batcher.submit(image(i))) for i in (1, 2)]
+        await asyncio.sleep(0.05)  # two queued
+        with pytest.raises(QueueFull):
+            await batcher.submit(image(9))
+        gate.set()
+        await asyncio.gather(*held)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
