@@ -30,7 +30,7 @@ test: system-deps venv
 
 bench: EXTRAS = bench
 bench: venv
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo retrained .pytest_cache

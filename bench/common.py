@@ -158,9 +158,13 @@ def peak_rss_mb() -> float:
 
 
 def retrainer_cmd() -> list[str]:
-    return [sys.executable, "-m", "retrainer"]
+    """The installed ``retrainer`` console script beside this Python (else ``-m retrainer``)."""
+    script = Path(sys.executable).with_name("retrainer")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "retrainer"]
 
 
 def emit(result: dict[str, Any]) -> None:
+    """Print the result, with the machine's load average (other work skews wall times)."""
+    result = dict(result, cpus=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2))
     json.dump(result, sys.stdout, indent=2, default=float)
     sys.stdout.write("\n")

