@@ -44,6 +44,9 @@ FILE_CONF = {
     "spark.sql.files.maxPartitionBytes": str(64 * 1024 * 1024),
     # Rows per Arrow batch handed to a Python worker: images are large rows.
     "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
+    # A chunk's files (which the driver has just hashed) are listed by the driver itself: a
+    # listing job costs seconds, the driver's stat calls a fraction of one.
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "20000",
 }
 PARTITIONS_PER_CORE = 4
 
