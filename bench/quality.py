@@ -10,6 +10,10 @@ Split: a train/ val/ tree keeps val/ as the test set and takes ``--validation-pe
 train/ for validation; a plain class tree is hash-split (``--validation-percentage``,
 ``--testing-percentage``). Big sets are subsampled to ``--max-per-class`` images per class
 (a stable hash order, so every run picks the same images) to stay within minutes on a laptop.
+On a test set of 50-150 images one image is 1-2 points, so sets of at most ``--repeat-below``
+images are scored on ``--repeats`` different splits (re-drawn validation, and for plain class
+trees re-drawn test sets too) and the table shows the means. The fine-tuned run starts from
+the augmented head when the set is also augmented (head+aug+ft).
 
     python bench/quality.py --data-root DATASETS [--sets flowers,mnist_png] [--json]
 """
@@ -70,10 +74,17 @@ def _rank(key: str) -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
-def load_set(path: Path, validation: float, testing: float, max_per_class: int) -> Dataset:
-    """The set with every record split (see the module doc) and at most ``max_per_class``."""
+def load_set(path: Path, validation: float, testing: float, max_per_class: int,
+             salt: int = 0) -> Dataset:
+    """The set with every record split (see the module doc) and at most ``max_per_class``.
+
+    ``salt`` 0 is retrainer's own split; other salts re-draw the hash split (for repeats).
+    """
     from retrainer.sources.folder import scan_folder
     from retrainer.split import assign_splits, split_of
+
+    def salted(key: str) -> str:
+        return f"split{salt}/{key}" if salt else key
 
     ds = scan_folder(path)
     records = ds.records
@@ -82,12 +93,15 @@ def load_set(path: Path, validation: float, testing: float, max_per_class: int) 
         out = []
         for r in records:
             if r.split == TRAINING:
-                r = replace(r, split=VALIDATION if split_of(r.key, validation, 0) == VALIDATION
+                r = replace(r, split=VALIDATION if split_of(salted(r.key), validation, 0) == VALIDATION
                             else TRAINING)
             elif r.split == VALIDATION and not has_test:
                 r = replace(r, split=TESTING)
             out.append(r)
         ds = replace(ds, records=out)
+    elif salt:
+        ds = replace(ds, records=[replace(r, split=split_of(salted(r.key), validation, testing))
+                                  for r in records])
     else:
         ds = assign_splits(ds, validation, testing)
     kept = []
@@ -127,12 +141,16 @@ def probe_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: n
     from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
+    import warnings
+
     folds = max(2, min(5, int(np.bincount(y_tr).min())))
     scaler = StandardScaler().fit(x_tr)
     # LogisticRegressionCV warm-starts along the C path: far cheaper than a grid search.
     probe = LogisticRegressionCV(Cs=list(np.logspace(-4, 1, 6)), max_iter=500, tol=1e-3,
                                  cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
-    probe.fit(scaler.transform(x_tr), y_tr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence and API-transition notices
+        probe.fit(scaler.transform(x_tr), y_tr)
     acc = float((probe.predict(scaler.transform(x_te)) == y_te).mean())
     return acc, float(np.atleast_1d(probe.C_)[0])
 
@@ -147,40 +165,67 @@ def run_train(dataset: Dataset, args: argparse.Namespace, **extra: Any):
         return train(config, dataset=dataset)
 
 
-def bench_set(path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    dataset = load_set(path, args.validation_percentage, args.testing_percentage,
-                       args.max_per_class)
-    counts = {s: sum(1 for r in dataset.records if r.split == s)
-              for s in (TRAINING, VALIDATION, TESTING)}
-    t = time.perf_counter()
-    result = run_train(dataset, args)
-    row: dict[str, Any] = {"set": path.name, "classes": len(dataset.classes), **counts,
-                           "head": result.test_accuracy, "head_seconds": result.timings["head"],
-                           "extract_seconds": result.timings["bottlenecks"]}
+def bench_split(path: Path, args: argparse.Namespace, salt: int) -> dict[str, Any]:
+    """Head, probe (and augmented / fine-tuned heads) on one split of one set."""
     from retrainer.backbones.factory import resolve_spec
 
+    dataset = load_set(path, args.validation_percentage, args.testing_percentage,
+                       args.max_per_class, salt)
+    counts = {s: sum(1 for r in dataset.records if r.split == s)
+              for s in (TRAINING, VALIDATION, TESTING)}
+    result = run_train(dataset, args)
+    row: dict[str, Any] = {"classes": len(dataset.classes), **counts,
+                           "head": result.test_accuracy, "head_seconds": result.timings["head"]}
     feats = split_features(dataset, result.cache_dir, resolve_spec(args.architecture).feature_dim)
     t_probe = time.perf_counter()
     row["probe"], row["probe_C"] = probe_accuracy(feats.x[TRAINING], feats.y[TRAINING],
                                                   feats.x[TESTING], feats.y[TESTING], args.seed)
     row["probe_seconds"] = time.perf_counter() - t_probe
-    row["head_minus_probe"] = row["head"] - row["probe"]
+    augment: dict[str, Any] = {}
     if args.augment_k and (not args.augment_sets or path.name in args.augment_sets):
-        aug = run_train(dataset, args, augment_variants=args.augment_k, flip_left_right=True,
-                        random_crop=10.0, random_scale=10.0, random_brightness=10.0)
-        row["head_augmented"] = aug.test_accuracy
+        augment = dict(augment_variants=args.augment_k, flip_left_right=True,
+                       random_crop=args.random_crop, random_scale=args.random_scale,
+                       random_brightness=args.random_brightness)
+        row["head_augmented"] = run_train(dataset, args, **augment).test_accuracy
     if args.fine_tune and (not args.fine_tune_sets or path.name in args.fine_tune_sets):
-        ft = run_train(dataset, args, fine_tune=True)
+        # Fine-tuning starts from the head as a user would train it: with the same augmentation.
+        ft = run_train(dataset, args, fine_tune=True, fine_tune_epochs=args.fine_tune_epochs,
+                       fine_tune_learning_rate=args.fine_tune_learning_rate,
+                       **{"flip_left_right": True, **augment})
         row["head_fine_tuned"] = ft.test_accuracy
+        row["fine_tune_seconds"] = ft.timings.get("fine_tune")
+    return row
+
+
+def bench_set(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One table row: the means over ``repeats`` splits (one split for sets above the limit)."""
+    t = time.perf_counter()
+    n_images = sum(1 for p in path.rglob("*") if p.is_file())
+    repeats = args.repeats if n_images <= args.repeat_below else 1
+    splits = []
+    for salt in range(repeats):
+        splits.append(bench_split(path, args, salt))
+        log.info("%s split %d: %s", path.name, salt, json.dumps(splits[-1]))
+    row: dict[str, Any] = {"set": path.name, "splits": repeats, **{
+        k: splits[0][k] for k in ("classes", TRAINING, VALIDATION, TESTING)}}
+    for key in ("probe", "head", "head_augmented", "head_fine_tuned", "head_seconds"):
+        values = [s[key] for s in splits if s.get(key) is not None]
+        if values:
+            row[key] = float(np.mean(values))
+    row["head_minus_probe"] = row["head"] - row["probe"]
+    if "fine_tune_seconds" in splits[0]:
+        row["fine_tune_seconds"] = splits[0]["fine_tune_seconds"]
+    row["per_split"] = splits
     row["seconds"] = time.perf_counter() - t
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = [("set", "set"), ("classes", "cls"), (TRAINING, "train"), (VALIDATION, "val"),
+    cols = [("set", "set"), ("splits", "splits"), ("classes", "cls"), (TRAINING, "train"), (VALIDATION, "val"),
             (TESTING, "test"), ("probe", "probe"), ("head", "head"),
             ("head_minus_probe", "head-probe"), ("head_augmented", "head+aug"),
-            ("head_fine_tuned", "head+ft"), ("head_seconds", "head s")]
+            ("head_fine_tuned", "head+aug+ft" if any("head_augmented" in r for r in rows)
+             else "head+ft"), ("head_seconds", "head s")]
     cols = [(k, n) for k, n in cols if any(k in r for r in rows)]
 
     def fmt(key: str, value: Any) -> str:
@@ -214,6 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--augment-sets", default="", help="Only these sets get the augmented run.")
     p.add_argument("--fine-tune", action="store_true", help="Add a fine-tuned run.")
     p.add_argument("--fine-tune-sets", default="", help="Only these sets get the fine-tuned run.")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="Average over this many different splits (small sets only).")
+    p.add_argument("--repeat-below", type=int, default=1000,
+                   help="Sets with more images than this use one split.")
+    p.add_argument("--random-crop", type=float, default=30.0)
+    p.add_argument("--random-scale", type=float, default=30.0)
+    p.add_argument("--random-brightness", type=float, default=20.0)
+    p.add_argument("--fine-tune-epochs", type=int, default=5)
+    p.add_argument("--fine-tune-learning-rate", type=float,
+                   default=TrainConfig().fine_tune_learning_rate)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="Print the rows as JSON.")
     p.add_argument("-q", "--quiet", action="store_true")

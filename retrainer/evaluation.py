@@ -179,20 +179,28 @@ def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: 
     A plain class tree is used whole; a train/ val/ test/ tree is scored on test/ (or val/).
     Images that cannot be decoded are skipped with a warning, as in training.
     """
-    import logging
-
-    from .errors import DatasetError
-    from .predict import Classifier
-    from .progress import bar
     from .sources.base import TESTING, VALIDATION
     from .sources.folder import scan_folder
 
-    log = logging.getLogger(__name__)
     dataset = scan_folder(image_dir)
     records = dataset.records
     if any(r.split for r in records):
         wanted = TESTING if any(r.split == TESTING for r in records) else VALIDATION
         records = [r for r in records if r.split == wanted]
+    return evaluate_records(records, model_dir, graph, labels, batch_size)
+
+
+def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained",
+                     graph: str | None = None, labels: str | None = None,
+                     batch_size: int = 32) -> EvaluationReport:
+    """Score an export on labelled records from any source (a folder, a database)."""
+    import logging
+
+    from .errors import DatasetError
+    from .predict import Classifier
+    from .progress import bar
+
+    log = logging.getLogger(__name__)
     classifier = Classifier.load(model_dir, graph=graph, labels=labels)
     index = {label: i for i, label in enumerate(classifier.labels)}
     unknown = sorted({r.label for r in records} - set(index))

@@ -54,9 +54,21 @@ def build_head(feature_dim: int, n_classes: int, cfg: HeadConfig | None = None) 
     return keras.Model(inputs, outputs, name="head")
 
 
+#: Small sets use smaller batches so that every epoch still has this many Adam steps (with a
+#: few hundred images and batches of 64, early stopping saw too few updates per epoch).
+MIN_STEPS_PER_EPOCH = 8
+MIN_BATCH = 16
+
+
+def batch_size_for(cfg: HeadConfig, n_train: int) -> int:
+    """``cfg.batch_size``, or smaller for small sets (never below 16 or above ``n_train``)."""
+    wanted = max(MIN_BATCH, math.ceil(n_train / MIN_STEPS_PER_EPOCH))
+    return int(max(1, min(cfg.batch_size, wanted, n_train)))
+
+
 def epochs_for(cfg: HeadConfig, n_train: int) -> int:
     if cfg.steps:
-        per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+        per_epoch = max(1, math.ceil(n_train / batch_size_for(cfg, n_train)))
         return max(1, math.ceil(cfg.steps / per_epoch))
     return max(1, cfg.epochs)
 
@@ -109,7 +121,7 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
     smooth = float(cfg.label_smoothing)
     keep = 1.0 - float(cfg.dropout)
     l2 = float(cfg.l2)
-    batch = int(min(cfg.batch_size, len(x_train)))
+    batch = batch_size_for(cfg, len(x_train))
     epochs = epochs_for(cfg, len(x_train))
     max_steps = cfg.steps or 0
 

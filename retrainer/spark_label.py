@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .bottlenecks.spark import decode_batch, spark_path, worker_runner, worker_threads
+from .bottlenecks.spark import (decode_batch, graph_digest, spark_path, worker_runner,
+                                worker_threads)
 from .spark_session import SparkError, spark_session
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ def is_remote(item: str) -> bool:
     return "://" in item and not item.startswith("file://")
 
 
-def label_udf(graph_bytes: Any, labels: list[str], size: tuple[int, int], resize: str,
-              top_k: int, batch_size: int, threads: int | None) -> Any:
+def label_udf(graph_bytes: Any, digest: str, labels: list[str], size: tuple[int, int],
+              resize: str, top_k: int, batch_size: int, threads: int | None) -> Any:
     """``predict_batch_udf``: image bytes -> label, score, top-k labels and scores, error."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import types as T
@@ -52,7 +53,7 @@ def label_udf(graph_bytes: Any, labels: list[str], size: tuple[int, int], resize
     names = np.array(labels, dtype=object)
 
     def make_predict() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        runner = worker_runner(graph_bytes.value, threads)  # once per Python worker
+        runner = worker_runner(graph_bytes, digest, threads)  # once per Python worker
 
         def predict(content: np.ndarray) -> dict[str, np.ndarray]:
             pixels, errors = decode_batch(content, size, resize)
@@ -127,8 +128,9 @@ def _label(spark: Any, paths: list[str], empty: list[str], output: str, classifi
     from pyspark.sql import functions as F
 
     graph_bytes = spark.sparkContext.broadcast(graph_raw)
-    udf = label_udf(graph_bytes, classifier.labels, classifier.input_size, classifier.resize,
-                    top_k, batch_size, worker_threads(spark))
+    udf = label_udf(graph_bytes, graph_digest(graph_raw), classifier.labels,
+                    classifier.input_size, classifier.resize, top_k, batch_size,
+                    worker_threads(spark))
     reader = spark.read.format("binaryFile")
     if any(is_remote(p) for p in paths):
         reader = reader.option("recursiveFileLookup", "true")

@@ -44,6 +44,9 @@ FILE_CONF = {
     "spark.sql.files.maxPartitionBytes": str(64 * 1024 * 1024),
     # Rows per Arrow batch handed to a Python worker: images are large rows.
     "spark.sql.execution.arrow.maxRecordsPerBatch": "256",
+    # A chunk's files (which the driver has just hashed) are listed by the driver itself: a
+    # listing job costs seconds, the driver's stat calls a fraction of one.
+    "spark.sql.sources.parallelPartitionDiscovery.threshold": "20000",
 }
 PARTITIONS_PER_CORE = 4
 
@@ -55,10 +58,10 @@ appender.console.name = console
 appender.console.target = SYSTEM_ERR
 appender.console.layout.type = PatternLayout
 appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n
-logger.netty.name = org.apache.spark.util.Utils
-logger.netty.level = error
-logger.hadoop.name = org.apache.hadoop.util.NativeCodeLoader
-logger.hadoop.level = error
+logger.utils.name = org.apache.spark.util.Utils
+logger.utils.level = error
+logger.native.name = org.apache.hadoop.util.NativeCodeLoader
+logger.native.level = error
 """
 
 
@@ -136,30 +139,59 @@ def active_session() -> Any | None:
 def spark_session(master: str | None = None, app_name: str = "retrainer",
                   conf: dict[str, str] | None = None) -> Iterator[Any]:
     """A SparkSession for the length of the block: the running one, or a new quiet one."""
-    master = master or DEFAULT_MASTER
-    check_master(master)
+    if master:
+        check_master(master)
     import_pyspark()
     running = active_session()
     if running is not None:
         log.debug("using the running Spark session (master %s)", running.sparkContext.master)
         yield running
         return
-    session, log_path = start_session(master, app_name, conf)
+    if under_spark_submit() and not master:
+        session = submitted_session(app_name, conf)
+        try:
+            yield session
+        finally:
+            session.stop()
+        return
+    session, log_path = start_session(master or DEFAULT_MASTER, app_name, conf)
     try:
         yield session
     finally:
         session.stop()
-        log_path.unlink(missing_ok=True)
+        shutil.rmtree(log_path.parent, ignore_errors=True)
+
+
+def under_spark_submit() -> bool:
+    """True when spark-submit started this Python (its JVM, master and settings are given)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def submitted_session(app_name: str, conf: dict[str, str] | None = None) -> Any:
+    """The session of a spark-submit run: its master and --conf, plus retrainer's defaults."""
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.appName(app_name)
+    for key, value in {**QUIET_CONF, **FILE_CONF, **(conf or {})}.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    cores = session.sparkContext.defaultParallelism
+    session.conf.set("spark.sql.files.minPartitionNum", str(PARTITIONS_PER_CORE * cores))
+    log.info("running under spark-submit (master %s)", session.sparkContext.master)
+    return session
 
 
 def start_session(master: str, app_name: str = "retrainer",
                   conf: dict[str, str] | None = None) -> tuple[Any, Path]:
-    """Launch a JVM and a SparkSession on ``master``; returns it and the JVM's log file."""
+    """Launch a JVM and a SparkSession on ``master``; returns it and the JVM's log file.
+
+    The caller stops the session and may remove the log file's folder.
+    """
     check_master(master)
     import_pyspark()
     find_java()
     from pyspark import SparkConf, SparkContext
-    from pyspark.errors import PySparkRuntimeError
     from pyspark.java_gateway import launch_gateway
     from pyspark.sql import SparkSession
 
@@ -186,7 +218,7 @@ def start_session(master: str, app_name: str = "retrainer",
                                                                      "stdout": sink})
                 SparkContext._jvm = SparkContext._gateway.jvm
             context = SparkContext(conf=spark_conf)
-        except (PySparkRuntimeError, OSError, Exception) as exc:  # noqa: BLE001 - py4j/JVM errors
+        except Exception as exc:  # noqa: BLE001 - PySparkRuntimeError, py4j and JVM errors
             raise SparkError(f"Spark could not start on master {master}: {_first_line(exc)}.",
                              _log_tail(log_path)) from None
     context.setLogLevel("WARN")

@@ -63,8 +63,10 @@ def test_train_caches_variants_once_and_recomputes_when_settings_change(tmp_path
                                                                         fast_config):
     root = make_colour_tree(tmp_path / "img", per_class=8)
     config = fast_config(root, flip_left_right=True, random_brightness=10, augment_variants=2,
-                         validation_percentage=0, testing_percentage=0)
+                         validation_percentage=0, testing_percentage=0,
+                         summaries_dir=str(tmp_path / "tb"))
     first = train(config)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     cache_dir = Path(first.cache_dir)
 
     def entries() -> int:

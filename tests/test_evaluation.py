@@ -119,3 +119,22 @@ def test_train_writes_the_report_and_the_gate_blocks_export(tmp_path: Path):
     text = CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--min-confidence", "1",
                                     str(probe)])
     assert text.exit_code == 0 and "answer: unknown" in text.stdout
+
+
+def test_evaluate_into_an_unwritable_folder_still_prints_the_report(tmp_path: Path):
+    import os
+
+    root = make_colour_tree(tmp_path / "img", per_class=4)
+    out = tmp_path / "model"
+    trained = CliRunner().invoke(cli, ["-q", "train", "--image-dir", str(root), "--architecture",
+                                       TINY, "--output-dir", str(out), "--bottleneck-dir",
+                                       str(tmp_path / "bn"), "--epochs", "3",
+                                       "--testing-percentage", "0", "--validation-percentage", "0"])
+    assert trained.exit_code == 0, trained.output
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the report folder should be")
+    result = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
+                                      str(out), "--output-dir", str(blocker / "sub")])
+    assert result.exit_code == 0 and "accuracy" in result.stdout
+    assert "cannot write the report" in result.output and "Traceback" not in result.output
+    assert os.path.isfile(blocker)

@@ -32,12 +32,16 @@ class Server:
     def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None,
                  ready: str = "serving ", verbose: bool = False) -> None:
         self.lines: list[str] = []
+        self.out: list[str] = []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "retrainer", *(["-v"] if verbose else []), "serve",
              "--model-dir", str(model_dir), "--port", "0", *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})})
-        threading.Thread(target=self._drain, daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.lines),
+                         daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.proc.stdout, self.out),
+                         daemon=True).start()
         self.url = ""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -51,10 +55,10 @@ class Server:
             self.stop()
             raise AssertionError("server did not start:\n" + "".join(self.lines))
 
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
+    @staticmethod
+    def _drain(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -266,7 +270,7 @@ def test_the_server_survives_every_refusal(client):
 # -- API key --------------------------------------------------------------------------------
 
 def test_api_key_is_checked_on_every_v1_request(model_dir):
-    srv = Server(model_dir, env={"RETRAINER_API_KEY": KEY})
+    srv = Server(model_dir, env={"RETRAINER_API_KEY": KEY}, verbose=True)
     try:
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             image = png(COLOURS["red"])
@@ -287,6 +291,10 @@ def test_api_key_is_checked_on_every_v1_request(model_dir):
             assert "API key required" in "".join(srv.lines)
     finally:
         assert srv.stop() == 0
+    logged = "".join(srv.lines)  # -v: one access-log line per request, on stderr
+    assert re.search(r'"POST /v1/classify HTTP/1.1" 401', logged)
+    assert re.search(r'"POST /v1/classify/batch HTTP/1.1" 200', logged)
+    assert srv.out == []
 
 
 def test_binding_beyond_loopback_requires_a_key(model_dir):
@@ -294,6 +302,15 @@ def test_binding_beyond_loopback_requires_a_key(model_dir):
                                       "0.0.0.0"], env={"RETRAINER_API_KEY": ""})
     assert result.exit_code == 1
     assert "API key is required" in result.output and "Traceback" not in result.output
+
+
+def test_serve_help_imports_neither_tensorflow_nor_fastapi():
+    code = ("import sys; from retrainer.cli import cli\n"
+            "try: cli(['serve', '--help'], prog_name='retrainer')\n"
+            "except SystemExit: pass\n"
+            "print(sorted(m for m in ('tensorflow', 'fastapi', 'uvicorn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("[]")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -304,31 +321,50 @@ def test_missing_model_is_a_clear_error(tmp_path):
 # -- shutdown -------------------------------------------------------------------------------
 
 def test_sigterm_under_load_answers_in_flight_requests_and_exits_0(model_dir):
-    # A long batching window holds the requests in the server when SIGTERM arrives.
-    srv = Server(model_dir, "--max-wait-ms", "1500", "--max-batch-size", "64")
+    srv = Server(model_dir, "--json")
     data = png(COLOURS["green"])
-    results: list[tuple[int, float]] = []
+    release = threading.Event()
+    results: list[tuple[int, str]] = []
+
+    def slow_upload():  # half an image, then the rest once the server is shutting down
+        yield data[:100]
+        release.wait(30)
+        yield data[100:]
 
     def call() -> None:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            r = c.post("/v1/classify", content=data, params={"top_k": 1})
-            results.append((r.status_code, time.monotonic()))
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            r = c.post("/v1/classify", content=slow_upload(), params={"top_k": 1})
+            results.append((r.status_code, r.json()["predictions"][0]["label"]
+                            if r.status_code == 200 else r.text))
 
     threads = [threading.Thread(target=call) for _ in range(8)]
     for t in threads:
         t.start()
     with httpx.Client(base_url=srv.url, timeout=30) as c:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 20
         while c.get("/v1/stats").json()["requests"] < 8 and time.monotonic() < deadline:
             time.sleep(0.02)
-    sent = time.monotonic()
     srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # shutting down: new connections are refused
+        try:
+            httpx.get(f"{srv.url}/healthz", timeout=2)
+        except httpx.TransportError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the server kept accepting connections after SIGTERM")
+    assert srv.proc.poll() is None  # ...but it waits for the 8 uploads in flight
+    release.set()
     for t in threads:
         t.join(30)
     assert srv.proc.wait(timeout=30) == 0
-    assert [status for status, _ in results] == [200] * 8
-    assert all(at > sent for _, at in results)  # they were in flight when the signal came
-    assert "stopped after 8 image(s) in 1 forward pass(es)" in "".join(srv.lines)
+    assert results == [(200, "green")] * 8
+    time.sleep(0.2)  # let the reader threads take the last lines
+    assert "stopped after 8 image(s)" in "".join(srv.lines)
+    ready, stopped = (json.loads(line) for line in srv.out)
+    assert ready == {"event": "ready", "url": srv.url, "api_key": False}
+    assert stopped["event"] == "stopped" and stopped["images"] == 8
 
 
 def test_sigterm_while_loading_exits_0(model_dir):

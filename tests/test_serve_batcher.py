@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -32,7 +33,8 @@ def image(value: float) -> np.ndarray:
 
 
 async def submit_all(batcher: MicroBatcher, n: int) -> list[np.ndarray]:
-    return await asyncio.gather(*(batcher.submit(image(i)) for i in range(n)))
+    return await asyncio.wait_for(asyncio.gather(*(batcher.submit(image(i)) for i in range(n))),
+                                  timeout=20)
 
 
 def run(batcher: MicroBatcher, n: int) -> list[np.ndarray]:
@@ -48,6 +50,38 @@ def test_concurrent_requests_share_one_pass_and_get_their_own_rows():
     rows = run(MicroBatcher(model, max_batch_size=32, max_wait_ms=200), 10)
     assert model.sizes == [10]
     assert [float(r[0]) for r in rows] == [float(i) for i in range(10)]
+
+
+def test_a_lone_request_does_not_wait():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=5000)
+    t = time.perf_counter()
+    run(batcher, 1)
+    assert time.perf_counter() - t < 2 and model.sizes == [1]
+
+
+def test_the_batch_waits_for_an_announced_request():
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=5000)
+    batcher.start()
+
+    async def main() -> list[np.ndarray]:
+        with batcher.incoming() as ticket:  # as if this request's image were still decoding
+            first = asyncio.ensure_future(batcher.submit(image(0)))
+            await asyncio.sleep(0.2)
+            assert not first.done()
+            second = batcher.enqueue(image(1), ticket)
+            assert batcher._incoming == 0  # handed over as it was queued
+        with batcher.incoming():  # a request that fails before queueing is forgotten
+            pass
+        assert batcher._incoming == 0
+        return await asyncio.gather(first, second)
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert model.sizes == [2] and [float(r[0]) for r in rows] == [0.0, 1.0]
 
 
 def test_batches_never_exceed_the_maximum():

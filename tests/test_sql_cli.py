@@ -38,6 +38,11 @@ def test_import_stats_train_label_and_query(tmp_path):
     summary = json.loads(labelled.stdout)
     assert labelled.exit_code == 0 and summary["labelled"] == stats["per_role"]["training"]
     assert summary["accuracy"] == 1.0 and summary["already_labelled"] == 0
+    evaluated = run("evaluate", "--db", db, "--model-dir", model, "--where",
+                    "role = 'training'", "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert (report["n"], report["accuracy"]) == (summary["scored"], summary["accuracy"])
     rest = json.loads(run("label", "--db", db, "--model-dir", model, "--json").stdout)
     assert (rest["labelled"], rest["already_labelled"]) == (30 - summary["labelled"],
                                                            summary["labelled"])

@@ -3,16 +3,17 @@
 Spark reads the image files with its ``binaryFile`` source and hashes each one (SHA-256, the
 cache key); ``predict_batch_udf`` decodes the bytes with the same code as the local engine and
 runs the backbone's frozen graph, which is broadcast once and loaded once per Python worker.
-The driver streams the results back (``toLocalIterator``, one partition at a time, so memory
-stays bounded) into the same :class:`BottleneckCache` the local engine fills: a later local
-``train`` finds every bottleneck there. Head training stays local.
+Images go in chunks, one Spark job each with every executor busy; each chunk's features come
+back to the driver as one Arrow table (a chunk bounds the driver's memory) and go into the same
+:class:`BottleneckCache` the local engine fills: a later local ``train`` finds every
+bottleneck there. Head training stays local.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -24,8 +25,10 @@ from .cache import BottleneckCache
 log = logging.getLogger(__name__)
 
 _GLOB_CHARS = "\\[]{}*?"
-#: Results handed to the cache at a time.
-_ADD_EVERY = 256
+#: Images per Spark job: CHUNK_PER_CORE per core of the cluster, within [CHUNK_MIN, CHUNK_MAX].
+CHUNK_MIN = 512
+CHUNK_PER_CORE = 128
+CHUNK_MAX = 16384
 
 
 def spark_path(path: str) -> str:
@@ -61,7 +64,26 @@ def decode_batch(content: np.ndarray, size: tuple[int, int], resize: str
     return pixels, errors
 
 
-def worker_runner(graph_bytes: bytes, threads: int | None) -> Any:
+#: Graphs already loaded in this Python worker, by digest: later jobs with the same model (a
+#: second extraction, a labelling run) skip the load.
+_RUNNERS: dict[str, Any] = {}
+
+
+def graph_digest(graph_bytes: bytes) -> str:
+    return hashlib.sha256(graph_bytes).hexdigest()
+
+
+def worker_runner(broadcast: Any, digest: str, threads: int | None) -> Any:
+    """The graph's runner in this Spark worker, loaded on first use."""
+    runner = _RUNNERS.get(digest)
+    if runner is None:
+        runner = _RUNNERS[digest] = load_runner(broadcast.value, threads)
+        while len(_RUNNERS) > 2:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+    return runner
+
+
+def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
     """A GraphRunner in a Spark worker, with TensorFlow kept to the worker's share of cores."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
@@ -89,14 +111,14 @@ def run_on_pixels(runner: Callable[[np.ndarray], np.ndarray], pixels: list[np.nd
     return out
 
 
-def bottleneck_udf(graph_bytes: Any, dim: int, size: tuple[int, int], resize: str,
-                   batch_size: int, threads: int | None) -> Any:
+def bottleneck_udf(graph_bytes: Any, digest: str, dim: int, size: tuple[int, int],
+                   resize: str, batch_size: int, threads: int | None) -> Any:
     """``predict_batch_udf``: image bytes -> struct<features: array<float>, error: string>."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import types as T
 
     def make_predict() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        runner = worker_runner(graph_bytes.value, threads)  # once per Python worker
+        runner = worker_runner(graph_bytes, digest, threads)  # once per Python worker
 
         def predict(content: np.ndarray) -> dict[str, np.ndarray]:
             pixels, errors = decode_batch(content, size, resize)
@@ -163,35 +185,31 @@ class SparkEngine:
                  batch_size: int) -> list[Skipped]:
         from pyspark.sql import functions as F
 
-        graph_bytes = spark.sparkContext.broadcast(graph_def.SerializeToString())
-        udf = bottleneck_udf(graph_bytes, cache.dim, size, resize, batch_size,
-                             worker_threads(spark))
-        frame = read_images(spark, [spark_path(p) for p in by_path])
-        result = (frame.select("path", F.sha2("content", 256).alias("key"),
-                               udf("content").alias("out"))
-                  .select("path", "key", "out.features", "out.error"))
+        raw = graph_def.SerializeToString()
+        graph_bytes = spark.sparkContext.broadcast(raw)
+        udf = bottleneck_udf(graph_bytes, graph_digest(raw), cache.dim, size, resize,
+                             batch_size, worker_threads(spark))
         failures: list[Skipped] = []
-        keys: list[str] = []
-        rows: list[np.ndarray] = []
         seen = 0
-        with bar(len(by_path), "extracting bottlenecks (spark)") as progress:
+        paths = list(by_path)
+        chunk = chunk_size(spark)
+        with bar(len(paths), "extracting bottlenecks (spark)") as progress:
             try:
-                for row in _stream(result):
-                    seen += 1
-                    progress.update(1)
-                    if row.error is not None:
-                        rec = by_path.get(local_path(row.path))
-                        name = rec.display if rec else local_path(row.path)
-                        log.warning("skipped %s: %s", name, row.error)
-                        failures.append(Skipped(name, row.error))
-                        continue
-                    keys.append(row.key)
-                    rows.append(np.asarray(row.features, dtype=np.float32))
-                    if len(keys) >= _ADD_EVERY:
-                        cache.add(keys, np.stack(rows))
-                        keys, rows = [], []
-                if keys:
-                    cache.add(keys, np.stack(rows))
+                for start in range(0, len(paths), chunk):
+                    frame = read_images(spark, [spark_path(p) for p in paths[start:start + chunk]])
+                    result = (frame.select("path", F.sha2("content", 256).alias("key"),
+                                           udf("content").alias("out"))
+                              .select("path", "key", "out.features", "out.error"))
+                    for path, key, features, error in _computed(result, cache.dim):
+                        seen += 1
+                        progress.update(1)
+                        if error is not None:
+                            rec = by_path.get(local_path(path))
+                            name = rec.display if rec else local_path(path)
+                            log.warning("skipped %s: %s", name, error)
+                            failures.append(Skipped(name, error))
+                            continue
+                        cache.add([key], features[None])
             finally:
                 cache.close()  # keep what was computed, even when interrupted
                 graph_bytes.unpersist()
@@ -200,12 +218,30 @@ class SparkEngine:
         return failures
 
 
-def _stream(frame: Any) -> Any:
-    """Rows one partition at a time, with Spark job failures as one clear error."""
+def chunk_size(spark: Any) -> int:
+    """Images per Spark job: every core busy, and a bounded result for the driver to hold."""
+    return min(CHUNK_MAX, max(CHUNK_MIN, CHUNK_PER_CORE * spark.sparkContext.defaultParallelism))
+
+
+def _computed(frame: Any, dim: int) -> Iterator[tuple[str, str, np.ndarray, str | None]]:
+    """(path, key, features, error) of one chunk, computed by all executors at once.
+
+    ``toLocalIterator`` would run one partition at a time (two with prefetching) and leave a
+    cluster idle, so a chunk is one parallel job whose small result (features, not images)
+    comes back as one Arrow table.
+    """
     try:
-        yield from frame.toLocalIterator(prefetchPartitions=True)
+        table = frame.toArrow()
     except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
-        message = str(exc).strip().splitlines()
-        first = next((m for m in message if m.strip()), type(exc).__name__)
-        raise SparkError(f"the Spark job failed: {first[:300]}",
-                         "Run again with --debug for Spark's full error.") from exc
+        raise _job_failed(exc) from exc
+    values = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    features = values.astype(np.float32, copy=False).reshape(table.num_rows, dim)
+    yield from zip(table.column("path").to_pylist(), table.column("key").to_pylist(),
+                   features, table.column("error").to_pylist())
+
+
+def _job_failed(exc: BaseException) -> SparkError:
+    message = str(exc).strip().splitlines()
+    first = next((m for m in message if m.strip()), type(exc).__name__)
+    return SparkError(f"the Spark job failed: {first[:300]}",
+                      "Run again with --debug for Spark's full error.")

@@ -57,7 +57,7 @@ def bottlenecks(as_json: bool, **options: object) -> None:
     A later 'retrainer train' with the same --architecture and --bottleneck-dir finds them all.
 
     \b
-      retrainer bottlenecks --image-dir photos/ --engine spark --spark-master local[4]
+      retrainer bottlenecks --image-dir photos/ --engine spark --spark-master 'local[4]'
       retrainer bottlenecks --image-dir /shared/photos --engine spark \\
           --spark-master spark://head:7077 --bottleneck-dir /shared/cache
     """

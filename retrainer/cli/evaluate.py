@@ -5,12 +5,16 @@ from pathlib import Path
 
 import click
 
-from .common import echo_json, json_option, model_options
+from .common import echo_json, err, json_option, model_options
 
 
 @click.command()
-@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Labelled folder (one sub-folder per class) to score the model on.")
+@click.option("--db", default=None, metavar="URL",
+              help="Score on the labelled images of a SQL database instead.")
+@click.option("--where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"role = 'testing'\".")
 @model_options
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
@@ -20,18 +24,34 @@ from .common import echo_json, json_option, model_options
 @json_option
 def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | None,
              batch_size: int, output_dir: str | None, print_misclassified: bool,
-             as_json: bool) -> None:
-    """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on a labelled folder.
+             as_json: bool, db: str | None = None, where: str | None = None) -> None:
+    """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on labelled images.
 
     \b
       retrainer evaluate --image-dir photos/val --model-dir retrained --json
     """
-    from ..evaluation import evaluate_folder
+    from ..evaluation import evaluate_folder, evaluate_records
 
-    report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
-                             labels=labels, batch_size=batch_size)
+    if bool(image_dir) == bool(db):
+        raise click.UsageError("give either --image-dir DIR or --db URL.")
+    if db:
+        from ..db.url import masked
+        from ..sources.sql import scan_database
+
+        records = scan_database(db, where=where, min_classes=1).records
+        report = evaluate_records(records, model_dir if not graph else None, graph=graph,
+                                  labels=labels, batch_size=batch_size)
+    else:
+        report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
+                                 labels=labels, batch_size=batch_size)
     out = output_dir or (str(Path(graph).parent) if graph else model_dir)
-    written = report.write(out, {"image_dir": image_dir})
+    try:
+        written = report.write(out, {"db": masked(db), "where": where} if db
+                               else {"image_dir": image_dir})
+    except OSError as exc:  # a read-only model folder must not lose the printed report
+        err(f"warning: cannot write the report to '{out}' ({exc.strerror or exc}); "
+            "use --output-dir DIR")
+        written = {}
     if as_json:
         echo_json({**report.to_dict(), "outputs": written})
         return
@@ -40,5 +60,6 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         click.echo("Misclassified images:")
         for m in report.misclassified:
             click.echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
-    click.echo(f"Report: {written['report']}" + (
-        f", confusion matrix: {written['confusion_png']}" if "confusion_png" in written else ""))
+    if written:
+        click.echo(f"Report: {written['report']}" + (
+            f", confusion matrix: {written['confusion_png']}" if "confusion_png" in written else ""))

@@ -5,7 +5,7 @@ import click
 
 from ..serve.auth import API_KEY_ENV
 from ..serve.settings import ServeConfig
-from .common import err, model_options
+from .common import echo_json, err, json_option, model_options
 
 _S = ServeConfig()
 
@@ -24,7 +24,8 @@ _S = ServeConfig()
               help="Most images per forward pass; 1 turns micro-batching off.")
 @click.option("--max-wait-ms", default=_S.max_wait_ms, show_default=True,
               type=click.FloatRange(min=0),
-              help="How long a request waits for others to share its forward pass.")
+              help="Longest wait for requests still decoding to join a forward pass "
+                   "(a lone request never waits).")
 @click.option("--max-queue", default=_S.max_queue, show_default=True, type=click.IntRange(min=1),
               help="Images waiting for the model beyond this get 503.")
 @click.option("--max-body-mb", default=_S.max_body_bytes / 2**20, show_default=True,
@@ -39,10 +40,12 @@ _S = ServeConfig()
 @click.option("--graceful-timeout", default=_S.graceful_timeout, show_default=True,
               type=click.FloatRange(min=0),
               help="Seconds in-flight requests get to finish after SIGTERM.")
-def serve(model_dir: str, graph: str | None, labels: str | None, host: str, port: int,
+@json_option
+@click.pass_context
+def serve(ctx: click.Context, model_dir: str, graph: str | None, labels: str | None, host: str, port: int,
           api_key: str | None, max_batch_size: int, max_wait_ms: float, max_queue: int,
           max_body_mb: float, max_pixels: int, max_files: int, top_k: int,
-          graceful_timeout: float) -> None:
+          graceful_timeout: float, as_json: bool) -> None:
     """Serve a trained model as a REST API (FastAPI + uvicorn).
 
     \b
@@ -51,7 +54,8 @@ def serve(model_dir: str, graph: str | None, labels: str | None, host: str, port
       curl --data-binary @photo.jpg 'http://127.0.0.1:8000/v1/classify?top_k=1'
 
     The OpenAPI schema is at /openapi.json, interactive docs at /docs. SIGTERM or Ctrl-C
-    answers the requests in flight, then exits 0.
+    answers the requests in flight, then exits 0. -v logs every request; --json prints
+    {"event": "ready", "url": ...} on stdout once listening, and the counts when stopped.
     """
     from ..serve.server import serve as run
 
@@ -59,12 +63,17 @@ def serve(model_dir: str, graph: str | None, labels: str | None, host: str, port
         model_dir=model_dir, graph=graph, labels=labels, host=host, port=port,
         api_key=api_key or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels,
-        max_files=max_files, default_top_k=top_k, graceful_timeout=graceful_timeout)
+        max_files=max_files, default_top_k=top_k, graceful_timeout=graceful_timeout,
+        access_log=bool((ctx.obj or {}).get("verbose")))
 
     def ready(url: str) -> None:
+        if as_json:
+            echo_json({"event": "ready", "url": url, "api_key": bool(config.api_key)})
         auth = "API key required" if config.api_key else "no API key"
         err(f"serving {config.model_dir if not graph else graph} on {url} ({auth}; "
             f"docs at {url}/docs)")
 
     stats = run(config, on_ready=ready)
+    if as_json:
+        echo_json({"event": "stopped", **stats})
     err(f"stopped after {stats['images']} image(s) in {stats['batches']} forward pass(es)")

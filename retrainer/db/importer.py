@@ -86,7 +86,7 @@ def import_folder(db: Any, image_dir: str | Path, validation_percentage: float =
 
 def import_dataset(db: Any, dataset: Dataset, batch_size: int = 200, workers: int | None = None,
                    started: float | None = None) -> ImportResult:
-    """Import any source's records (with their splits as roles, training when unset)."""
+    """Import any source's records; their splits become roles (none: split by hash later)."""
     from sqlalchemy import select
 
     from ..bottlenecks.local import default_workers
@@ -127,7 +127,8 @@ def import_dataset(db: Any, dataset: Dataset, batch_size: int = 200, workers: in
                     result.existing += 1
                     continue
                 seen.add(digest)
-                rows.append({"label_id": known[rec.label], "role_id": ROLE_IDS[rec.split or "training"],
+                rows.append({"label_id": known[rec.label],
+                             "role_id": ROLE_IDS[rec.split] if rec.split else None,
                              "blob": data, "path": rec.key, "sha256": digest})
                 if len(rows) >= batch_size or sum(len(r["blob"]) for r in rows) > 8 << 20:
                     flush()

@@ -2,8 +2,10 @@
 
 A single model thread takes the first waiting image, gathers whatever else arrives within
 ``max_wait_ms`` (up to ``max_batch_size``), runs one batched pass and hands each request its row.
-While a pass runs, new requests queue up, so under load batches fill by themselves and throughput
-approaches the backbone's batched limit; a lone request waits at most ``max_wait_ms``.
+It waits only for requests it knows are coming (announced with :meth:`MicroBatcher.incoming`
+while their images decode), so a lone request never waits at all. While a pass runs, new
+requests queue up, so under load batches fill by themselves and throughput approaches the
+backbone's batched limit.
 """
 from __future__ import annotations
 
@@ -12,14 +14,22 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+@dataclass
+class Ticket:
+    """One announced request; ``used`` once its image is queued."""
+
+    used: bool = False
 
 
 class QueueFull(Exception):
@@ -53,6 +63,19 @@ class MicroBatcher:
         self.stats = BatchStats()
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._incoming = 0  # requests decoding now, that will submit soon
+
+    @contextmanager
+    def incoming(self) -> Iterator["Ticket"]:
+        """Announce a request that will queue an image soon (wrap its reading and decoding in
+        this); pass the ticket to :meth:`enqueue`, which ends the announcement as it queues."""
+        ticket = Ticket()
+        self._incoming += 1
+        try:
+            yield ticket
+        finally:
+            if not ticket.used:  # the request failed before queueing anything
+                self._incoming -= 1
 
     def start(self) -> None:
         if self._thread is None:
@@ -66,27 +89,40 @@ class MicroBatcher:
             self._thread.join(timeout)
             self._thread = None
 
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
-        """Queue one (H, W, 3) image; resolve to its (classes,) probabilities."""
+    def enqueue(self, pixels: np.ndarray, ticket: "Ticket | None" = None) -> asyncio.Future:
+        """Queue one (H, W, 3) image from the event loop; the future gets its probabilities."""
         if self._thread is None:
             raise RuntimeError("the batcher is not running")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self.max_queue} images are already waiting for the model")
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
+        if ticket is not None and not ticket.used:
+            ticket.used = True
+            self._incoming -= 1  # before the put, so the model thread never waits for it
         self._queue.put((pixels, future, loop))
-        return await future
+        return future
+
+    async def submit(self, pixels: np.ndarray) -> np.ndarray:
+        """Queue one (H, W, 3) image; resolve to its (classes,) probabilities."""
+        return await self.enqueue(pixels)
 
     def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
+        """``first`` plus what is queued, and what arrives by the deadline while more is
+        announced; (batch, whether a stop came)."""
         batch = [first]
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 \
-                    else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._incoming <= 0:
+                    break
+                try:  # short sleeps, so a request that fails to decode ends the wait early
+                    item = self._queue.get(timeout=min(remaining, 0.0005))
+                except queue.Empty:
+                    continue
             if item is _STOP:
                 return batch, True
             batch.append(item)
@@ -105,14 +141,23 @@ class MicroBatcher:
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request
                 log.exception("forward pass failed for a batch of %d", len(batch))
                 for _, future, loop in batch:
-                    loop.call_soon_threadsafe(_settle, future, None, exc)
+                    _notify(loop, future, None, exc)
                 continue
             self.stats.busy_seconds += time.perf_counter() - started
             self.stats.batches += 1
             self.stats.images += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
             for (_, future, loop), row in zip(batch, probs):
-                loop.call_soon_threadsafe(_settle, future, row, None)
+                _notify(loop, future, row, None)
+
+
+def _notify(loop: asyncio.AbstractEventLoop, future: asyncio.Future, row: np.ndarray | None,
+            exc: BaseException | None) -> None:
+    """Hand a result to the request's event loop; a loop that has closed no longer cares."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, row, exc)
+    except RuntimeError:
+        pass
 
 
 def _settle(future: asyncio.Future, row: np.ndarray | None, exc: BaseException | None) -> None:

@@ -102,6 +102,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with the access log on stderr too: stdout is for ``--json``."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    conf = copy.deepcopy(LOGGING_CONFIG)
+    conf["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return conf
+
+
 def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load, bind and serve until SIGTERM/SIGINT; return the final request counters."""
     check_binding(config)
@@ -130,7 +141,9 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         sock = bind(config.host, config.port)
         host, port = sock.getsockname()[:2]
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        uv_config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+        uv_config = uvicorn.Config(app, log_level="info" if config.access_log else "warning",
+                                   access_log=config.access_log, log_config=_log_config(),
+                                   lifespan="on",
                                    timeout_graceful_shutdown=config.graceful_timeout,
                                    server_header=False, timeout_keep_alive=30)
 

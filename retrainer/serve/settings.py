@@ -16,9 +16,9 @@ class ServeConfig:
     api_key: str | None = None
     #: Most images scored in one forward pass; 1 turns micro-batching off.
     max_batch_size: int = 32
-    #: How long the first image of a batch waits for others (ms). The model never idles to wait:
-    #: while a pass runs, new requests queue and form the next batch anyway.
-    max_wait_ms: float = 2.0
+    #: Longest wait (ms) for requests still decoding to join a batch; a lone request never
+    #: waits, and while a pass runs new requests queue and form the next batch anyway.
+    max_wait_ms: float = 10.0
     #: Requests waiting for the model beyond this are refused with 503 (back-pressure).
     max_queue: int = 512
     max_body_bytes: int = 20 * 1024 * 1024
@@ -29,3 +29,5 @@ class ServeConfig:
     default_top_k: int = 5
     #: Seconds given to in-flight requests after SIGTERM before they are cancelled.
     graceful_timeout: float = 30.0
+    #: One log line per request (uvicorn's access log).
+    access_log: bool = False

@@ -100,20 +100,20 @@ def records_for(engine: Any, rows: Sequence[tuple[int, str | None, str | None, s
 
 
 def scan_database(db: Any, where: str | None = None, labels: Sequence[str] = (),
-                  roles: Sequence[str] = (), batch: int = 64) -> Dataset:
+                  roles: Sequence[str] = (), batch: int = 64, min_classes: int = 2) -> Dataset:
     """The labelled images in ``db`` (URL, SQLite path or engine) as a :class:`Dataset`.
 
     Roles become splits (images without one are split by hash later, as for folders);
-    unlabelled images are left out. Raises :class:`DatasetError` below two classes.
+    unlabelled images are left out. Raises :class:`DatasetError` below ``min_classes``.
     """
     from ..db.url import connect, masked
 
     engine = connect(db)
     rows = [r for r in list_images(engine, where, labels, roles) if r[1] is not None]
     classes = sorted({r[1] for r in rows})  # type: ignore[misc]
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DatasetError(
-            f"need at least 2 labelled classes in {masked(engine.url)}, found {len(classes)} "
+            f"need at least {min_classes} labelled class(es) in {masked(engine.url)}, found {len(classes)} "
             f"({len(rows)} labelled images match).",
             "Import a folder first: retrainer db import --image-dir DIR --db URL.")
     return Dataset(classes=classes, records=records_for(engine, rows, batch),
