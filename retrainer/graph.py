@@ -131,7 +131,8 @@ class GraphRunner:
     """
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
-                 output_name: str = OUTPUT_NAME) -> None:
+                 output_name: str = OUTPUT_NAME, threads: int | None = None) -> None:
+        """``threads`` caps the Session's op threads (a Spark worker sharing a machine's cores)."""
         import tensorflow as tf
 
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
@@ -144,7 +145,11 @@ class GraphRunner:
                 return_elements=[f"{output_name}:0"], name="")
         graph.finalize()
         self._input, self._output = inp, out
-        self._session = tf.compat.v1.Session(graph=graph)
+        config = None
+        if threads:
+            config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
+                                              inter_op_parallelism_threads=1)
+        self._session = tf.compat.v1.Session(graph=graph, config=config)
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
 

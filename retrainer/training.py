@@ -5,7 +5,6 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,43 +68,15 @@ def load_dataset(config: TrainConfig) -> Dataset:
 
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
-    from .backbones.factory import create_backbone, resolve_spec
-    from .bottlenecks import BottleneckCache, default_cache_dir, get_engine, hash_records
+    from .bottlenecks.fill import fill
 
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
-    dataset = dataset or load_dataset(config)
-    log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
-
-    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
-    cache_root = Path(config.bottleneck_dir) if config.bottleneck_dir else default_cache_dir() / "bottlenecks"
-    cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
-                            info={"backbone": spec.to_dict(), "precision": config.precision,
-                                  "weights_sha256": backbone.weights_digest})
-    timings["setup"] = time.perf_counter() - t0
-
-    t = time.perf_counter()
-    keys, skipped = hash_records(dataset.records, config.workers)
-    todo: dict[str, ImageRecord] = {}
-    for key, rec in zip(keys, dataset.records):
-        if key is not None and key not in todo:
-            todo[key] = rec
-    missing = set(cache.missing(todo))
-    n_cached = len(todo) - len(missing)
-    log.info("bottlenecks: %d cached, %d to compute (cache: %s)", n_cached, len(missing), cache.dir)
-    if missing:
-        from .bottlenecks.extractor import make_forward
-
-        forward = make_forward(backbone, cache_root)
-        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
-        items = [(k, r) for k, r in todo.items() if k in missing]
-        skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
-                                  batch_size=config.extract_batch_size)
-    timings["bottlenecks"] = time.perf_counter() - t
-    n_computed = len(missing) - sum(1 for k in missing if k not in cache)
-    if skipped:
-        log.warning("skipped %d unusable file(s); see the summary", len(skipped))
+    filled = fill(config, dataset)
+    spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
+    cache_root, keys, skipped = filled.cache_root, filled.keys, filled.skipped
+    n_cached, n_computed = filled.cached, filled.computed
+    timings = {"setup": filled.timings["setup"],
+               "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
 
     usable = [(k, r) for k, r in zip(keys, dataset.records) if k is not None and k in cache]
     class_index = {label: i for i, label in enumerate(dataset.classes)}
@@ -212,7 +183,7 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     from .bottlenecks.extractor import make_forward
 
     def extract(items: list) -> list:
-        engine = get_engine(config.engine, workers=config.workers)
+        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
         return engine.extract(items, make_forward(backbone, cache.dir.parent), spec.input_size,
                               spec.resize, cache,
                               batch_size=config.extract_batch_size)

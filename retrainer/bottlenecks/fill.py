@@ -36,9 +36,25 @@ class FillResult:
         return data
 
 
-def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
-               ) -> FillResult:
-    """Compute the bottlenecks ``train(config)`` would need and are not cached yet.
+@dataclass
+class Filled:
+    """Everything ``train`` needs after extraction: the cache holds every usable image."""
+
+    spec: Any
+    dataset: Dataset
+    backbone: Any
+    cache: Any
+    cache_root: Path
+    keys: list[str | None]  # per dataset record; None where the file was unreadable
+    skipped: list[Skipped]
+    cached: int
+    computed: int
+    engine: str
+    timings: dict[str, float]
+
+
+def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None) -> Filled:
+    """Compute the bottlenecks ``train(config)`` needs that are not cached yet.
 
     ``engine`` overrides ``config.engine`` (e.g. a SparkEngine on a running session).
     """
@@ -49,8 +65,9 @@ def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any 
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = resolve_spec(config.architecture, config.feature_layer)
+    spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
     dataset = dataset or load_dataset(config)
+    log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
     backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = (Path(config.bottleneck_dir) if config.bottleneck_dir
                   else default_cache_dir() / "bottlenecks")
@@ -69,17 +86,31 @@ def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any 
     timings["hash"] = time.perf_counter() - t
     log.info("bottlenecks: %d cached, %d to compute (cache: %s)",
              len(todo) - len(missing), len(missing), cache.dir)
-    engine = engine or get_engine(config.engine, workers=config.workers,
-                                  master=config.spark_master)
     t = time.perf_counter()
     if missing:
+        engine = engine or get_engine(config.engine, workers=config.workers,
+                                      master=config.spark_master)
         forward = make_forward(backbone, cache_root)
         items = [(k, r) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)
     timings["extract"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
     computed = len(missing) - len(cache.missing(missing))
-    return FillResult(images=len(dataset.records), cached=len(todo) - len(missing),
-                      computed=computed, skipped=skipped, cache_dir=str(cache.dir),
-                      engine=getattr(engine, "name", config.engine), timings=timings)
+    if skipped:
+        log.warning("skipped %d unusable file(s); see the summary", len(skipped))
+    return Filled(spec=spec, dataset=dataset, backbone=backbone, cache=cache,
+                  cache_root=cache_root, keys=keys, skipped=skipped,
+                  cached=len(todo) - len(missing), computed=computed,
+                  engine=getattr(engine, "name", config.engine), timings=timings)
+
+
+def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
+               ) -> FillResult:
+    """:func:`fill`, summarised for the ``bottlenecks`` command."""
+    t0 = time.perf_counter()
+    done = fill(config, dataset, engine)
+    done.cache.close()
+    timings = {**done.timings, "total": time.perf_counter() - t0}
+    return FillResult(images=len(done.dataset.records), cached=done.cached,
+                      computed=done.computed, skipped=done.skipped, cache_dir=str(done.cache.dir),
+                      engine=done.engine, timings=timings)

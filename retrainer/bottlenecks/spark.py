@@ -98,7 +98,7 @@ def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
             pass
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(graph_bytes)
-    return GraphRunner(graph_def)
+    return GraphRunner(graph_def, threads=threads)
 
 
 def run_on_pixels(runner: Callable[[np.ndarray], np.ndarray], pixels: list[np.ndarray | None],
