@@ -45,6 +45,19 @@ def parse_filter(text: str) -> Any:
     return expr
 
 
+def narrow(query: Any, where: str | None = None, labels: Any = None, roles: Any = None) -> Any:
+    """``query`` (over images joined to categories and roles) limited by a filter, classes, roles."""
+    from .schema import categories, roles as roles_table
+
+    if where:
+        query = query.where(parse_filter(where))
+    if labels:
+        query = query.where(categories.c.name.in_(list(labels)))
+    if roles:
+        query = query.where(roles_table.c.name.in_(list(roles)))
+    return query
+
+
 def _tokenize(text: str) -> list[tuple[str, Any, int]]:
     out: list[tuple[str, Any, int]] = []
     pos = 0

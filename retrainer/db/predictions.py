@@ -127,7 +127,7 @@ def prediction_accuracy(db: Any, model_id: str, where: str | None = None,
     """(n, accuracy) of this model's predictions on the matching labelled images."""
     from sqlalchemy import case, func, select
 
-    from ..db.filters import parse_filter
+    from ..db.filters import narrow
     from .schema import categories, images, predictions
     from .schema import roles as roles_table
     from .url import connect, errors
@@ -139,12 +139,7 @@ def prediction_accuracy(db: Any, model_id: str, where: str | None = None,
                           .join(categories, categories.c.id == images.c.label_id)
                           .outerjoin(roles_table, roles_table.c.id == images.c.role_id))
              .where(predictions.c.model_id == model_id, predictions.c.label.is_not(None)))
-    if where:
-        query = query.where(parse_filter(where))
-    if labels:
-        query = query.where(categories.c.name.in_(list(labels)))
-    if roles:
-        query = query.where(roles_table.c.name.in_(list(roles)))
+    query = narrow(query, where, labels, roles)
     with errors(engine, "scoring predictions"), engine.connect() as conn:
         n, acc = conn.execute(query).one()
     return int(n), (float(acc) if n else None)

@@ -68,7 +68,7 @@ def list_images(engine: Any, where: str | None = None, labels: Sequence[str] = (
     """(id, label, role, path) of the images matching the filters, in id order."""
     from sqlalchemy import select
 
-    from ..db.filters import parse_filter
+    from ..db.filters import narrow
     from ..db.schema import categories, images
     from ..db.schema import roles as roles_table
     from ..db.url import errors
@@ -77,12 +77,7 @@ def list_images(engine: Any, where: str | None = None, labels: Sequence[str] = (
              .select_from(images.outerjoin(categories, images.c.label_id == categories.c.id)
                           .outerjoin(roles_table, images.c.role_id == roles_table.c.id))
              .order_by(images.c.id))
-    if where:
-        query = query.where(parse_filter(where))
-    if labels:
-        query = query.where(categories.c.name.in_(list(labels)))
-    if roles:
-        query = query.where(roles_table.c.name.in_(list(roles)))
+    query = narrow(query, where, labels, roles)
     if extra is not None:
         query = query.where(extra)
     with errors(engine, "listing images"), engine.connect() as conn:
