@@ -1,7 +1,10 @@
 """Shared fixtures: generated images and a tiny backbone, so tests need no downloads."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,29 @@ def make_colour_tree(root: Path, per_class: int = 12, colours: dict | None = Non
         for i in range(per_class):
             make_image(root / name / f"img{i:03d}.png", rgb, seed=1000 * c + i)
     return root
+
+
+def loaded_after_help(commands: list[list[str]], modules: tuple[str, ...]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after printing these commands' help."""
+    code = ("import json, sys; from retrainer.cli import cli\n"
+            f"for args in {commands!r}:\n"
+            "    try: cli(args, prog_name='retrainer')\n"
+            "    except SystemExit: pass\n"
+            f"print(json.dumps(sorted(m for m in {modules!r} if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_tiny_model(root: Path) -> Path:
+    """A colour classifier on the tiny backbone, exported (graph only) to root/model."""
+    from retrainer.config import HeadConfig, TrainConfig
+    from retrainer.training import train
+
+    images = make_colour_tree(root / "images", per_class=8)
+    train(TrainConfig(image_dir=str(images), output_dir=str(root / "model"), architecture=TINY,
+                      bottleneck_dir=str(root / "bn"), export_formats=("graph",),
+                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0)))
+    return root / "model"
 
 
 def tiny_builder(spec, weights):  # noqa: ANN001 - registry builder signature

@@ -158,7 +158,7 @@ class PostgreSQL(Server):
         self.proc = subprocess.Popen(
             [*run_as, postgres, "-D", str(data), "-p", str(self.port), "-k", str(self.root),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off",
-             "-c", "synchronous_commit=off", "-c", f"logging_collector=off"],
+             "-c", "synchronous_commit=off", "-c", "logging_collector=off"],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
         _wait(self._admin, self.proc, log, "PostgreSQL").close()
         from psycopg import sql

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import COLOURS, TINY, make_image
+from conftest import COLOURS, TINY, loaded_after_help, make_image
 
 from retrainer.cli import cli
 from retrainer.cli.main import COMMANDS
@@ -18,13 +16,8 @@ def run(*args: str):
 
 
 def test_help_does_not_import_tensorflow():
-    code = ("import sys; from retrainer.cli import cli\n"
-            "for args in (['--help'], ['label', '--help'], ['train', '--help']):\n"
-            "    try: cli(args, prog_name='retrainer')\n"
-            "    except SystemExit: pass\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'NO-TF')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("NO-TF")
+    assert loaded_after_help([["--help"], ["label", "--help"], ["train", "--help"]],
+                             ("tensorflow",)) == []
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import COLOURS, make_colour_tree, make_image
+from conftest import COLOURS, loaded_after_help, make_image, train_tiny_model
 from PIL import Image
 
 from retrainer.cli import cli
@@ -68,16 +68,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from retrainer.config import HeadConfig, TrainConfig
-    from retrainer.training import train
-
-    root = tmp_path_factory.mktemp("serve")
-    images = make_colour_tree(root / "images", per_class=8)
-    train(TrainConfig(image_dir=str(images), output_dir=str(root / "model"),
-                      architecture="tiny_test_backbone", bottleneck_dir=str(root / "bn"),
-                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0),
-                      export_formats=("graph",)))
-    return root / "model"
+    return train_tiny_model(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -305,12 +296,7 @@ def test_binding_beyond_loopback_requires_a_key(model_dir):
 
 
 def test_serve_help_imports_neither_tensorflow_nor_fastapi():
-    code = ("import sys; from retrainer.cli import cli\n"
-            "try: cli(['serve', '--help'], prog_name='retrainer')\n"
-            "except SystemExit: pass\n"
-            "print(sorted(m for m in ('tensorflow', 'fastapi', 'uvicorn') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("[]")
+    assert loaded_after_help([["serve", "--help"]], ("tensorflow", "fastapi", "uvicorn")) == []
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

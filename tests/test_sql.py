@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COLOURS, make_colour_tree, make_image
+from conftest import COLOURS, make_colour_tree, make_image, train_tiny_model
 from PIL import Image
 from sql_servers import PASSWORD, SERVERS, ServerMissing
 
-from retrainer.config import HeadConfig
 from retrainer.db.importer import import_folder
 from retrainer.db.predictions import ACCURACY_SQL, label_database, model_id_of
 from retrainer.db.stats import class_distribution
@@ -66,16 +65,7 @@ def db_url(request, tmp_path) -> str:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny colour classifier exported once (trained from a folder: the model does not care)."""
-    from retrainer.config import TrainConfig
-    from retrainer.training import train
-
-    root = tmp_path_factory.mktemp("model")
-    images = make_colour_tree(root / "images", per_class=8)
-    train(TrainConfig(image_dir=str(images), output_dir=str(root / "out"),
-                      architecture="tiny_test_backbone", bottleneck_dir=str(root / "bn"),
-                      export_formats=("graph",),
-                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0)))
-    return root / "out"
+    return train_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def split_tree(root: Path, per_split: dict[str, int]) -> Path:

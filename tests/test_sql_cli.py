@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from click.testing import CliRunner
-from conftest import COLOURS, TINY, make_colour_tree
+from conftest import COLOURS, TINY, loaded_after_help, make_colour_tree
 from sql_servers import free_port
 
 from retrainer.cli import cli
@@ -117,13 +117,5 @@ def test_fashion_mnist_example_loads_idx_files(tmp_path):
 
 
 def test_db_help_imports_neither_tensorflow_nor_sqlalchemy():
-    import subprocess
-    import sys
-
-    code = ("import sys; from retrainer.cli import cli\n"
-            "for args in (['db', '--help'], ['db', 'import', '--help'], ['db', 'query', '--help']):\n"
-            "    try: cli(args, prog_name='retrainer')\n"
-            "    except SystemExit: pass\n"
-            "print(sorted(m for m in ('tensorflow', 'sqlalchemy') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("[]")
+    helps = [["db", "--help"], ["db", "import", "--help"], ["db", "query", "--help"]]
+    assert loaded_after_help(helps, ("tensorflow", "sqlalchemy")) == []

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from ..precision import PRECISIONS  # noqa: F401 - re-exported
 from .registry import BackboneSpec, get_spec, is_backbone
 
 log = logging.getLogger(__name__)

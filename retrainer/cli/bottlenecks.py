@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import TrainConfig
-from .common import echo_json, json_option
+from .common import backbone_options, echo_json, json_option
 
 _T = TrainConfig()
 
@@ -37,18 +37,7 @@ def check_engine(engine: str, spark_master: str | None) -> None:
 @click.command()
 @click.option("--image-dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Folder with one sub-folder of images per class (as for train).")
-@click.option("--architecture", default=_T.architecture, show_default=True,
-              help="Backbone name (see 'retrainer backbones') or the path of a .keras model.")
-@click.option("--weights", default=None,
-              help="Local weights file for the backbone, or 'random'.")
-@click.option("--feature-layer", default=None,
-              help="With a .keras model: the layer whose output is the bottleneck.")
-@click.option("--bottleneck-dir", type=click.Path(file_okay=False), default=None,
-              help="Bottleneck cache folder (default: the user cache dir).")
-@click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
-              type=click.IntRange(min=1), help="Images per backbone forward pass.")
-@click.option("--workers", default=None, type=click.IntRange(min=1),
-              help="Image reading threads on this machine.")
+@backbone_options
 @engine_options
 @json_option
 def bottlenecks(as_json: bool, **options: object) -> None:

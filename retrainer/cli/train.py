@@ -5,7 +5,7 @@ import click
 
 from ..config import HeadConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
-from .common import echo_json, json_option
+from .common import backbone_options, echo_json, json_option
 
 _T = TrainConfig()
 _H = HeadConfig()
@@ -27,14 +27,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
               help="Where the model, labels and metadata are written.")
-@click.option("--architecture", default=_T.architecture, show_default=True,
-              help="Backbone name (see 'retrainer backbones') or the path of a .keras model.")
-@click.option("--weights", default=None,
-              help="Local weights file for the backbone, or 'random' (default: its pretrained weights).")
-@click.option("--feature-layer", default=None,
-              help="With a .keras model: the layer whose output is the bottleneck.")
-@click.option("--bottleneck-dir", type=click.Path(file_okay=False), default=None,
-              help="Bottleneck cache folder (default: the user cache dir).")
+@backbone_options
 @click.option("--validation-percentage", default=_T.validation_percentage, show_default=True,
               type=float, callback=_percentage, help="Share of images used for validation.")
 @click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
@@ -46,13 +39,6 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--batch-size", default=_H.batch_size, show_default=True, type=click.IntRange(min=1),
               help="Head training batch size.")
 @click.option("--seed", default=_H.seed, show_default=True, type=int, help="Seed for everything random.")
-@click.option("--extract-batch-size", default=_T.extract_batch_size, show_default=True,
-              type=click.IntRange(min=1), help="Images per backbone forward pass.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=_T.precision,
-              show_default=True,
-              help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs with "
-                   "AVX512-BF16/AMX. Exports stay fp32.")
-@click.option("--workers", default=None, type=click.IntRange(min=1), help="Image decoding threads.")
 @click.option("--output-graph", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
