@@ -39,6 +39,19 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
     return frozen.graph.as_graph_def()
 
 
+def dense_softmax_graph(kernel: np.ndarray, bias: np.ndarray, input_name: str = INPUT_NAME,
+                        output_name: str = OUTPUT_NAME) -> Any:
+    """A frozen GraphDef of ``softmax(x @ kernel + bias)``: the trained head, without Keras."""
+    import tensorflow as tf
+
+    with tf.Graph().as_default() as graph:
+        x = tf.compat.v1.placeholder(tf.float32, [None, kernel.shape[0]], name=input_name)
+        logits = tf.nn.bias_add(tf.matmul(x, tf.constant(kernel, tf.float32)),
+                                tf.constant(bias, tf.float32))
+        tf.identity(tf.nn.softmax(logits), name=output_name)
+    return graph.as_graph_def()
+
+
 def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
     """:func:`freeze` of the model ``build()`` returns, kept at ``path`` (written atomically)
     and read back on the next run without building the model.

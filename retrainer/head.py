@@ -1,11 +1,10 @@
 """The new softmax head, trained on cached bottlenecks in seconds.
 
-The features of a whole data set fit in memory, so the head is trained by a plain TensorFlow
-loop: one compiled function runs a whole epoch of mini-batch Adam steps over tensors already on
-the device (Keras ``fit`` spent most of its time in per-batch Python overhead). The features are
-standardised with the training set's mean and deviation, which lets one learning rate suit every
-backbone; the standardisation is folded into the exported Dense layer, so the export is still a
-single softmax layer on the raw bottleneck.
+The features of a whole data set fit in memory and the layer is small, so the head is trained
+by mini-batch Adam in NumPy (see :class:`_SoftmaxSGD`); TensorFlow is only needed to export it.
+The features are standardised with the training set's mean and deviation, which lets one
+learning rate suit every backbone; the standardisation is folded into the exported layer, so
+the export is still a single softmax layer on the raw bottleneck.
 """
 from __future__ import annotations
 
@@ -24,13 +23,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HeadResult:
-    """The trained head (a Keras model for export), its per-epoch history and the kept epoch."""
+    """The trained layer (on raw bottlenecks), its per-epoch history and the kept epoch."""
 
-    model: Any
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     kernel: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
+    _model: Any = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Any:
+        """The layer as a Keras model (built on first use: fine-tuning trains it further)."""
+        if self._model is None:
+            self._model = build_head(self.kernel.shape[0], self.kernel.shape[1])
+            self._model.get_layer("final_layer").set_weights([self.kernel, self.bias])
+        return self._model
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities for bottlenecks ``x`` (N, dim), without Keras overhead."""
@@ -95,8 +102,6 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
     moves in coarse steps and picks under-trained epochs); training stops ``cfg.patience``
     epochs after the last improvement. Without validation, the last epoch is kept.
     """
-    import tensorflow as tf
-
     x_train = np.asarray(x_train, np.float32)
     y_train = np.asarray(y_train, np.int64)
     has_val = x_val is not None and y_val is not None and len(x_val) > 0
@@ -108,58 +113,27 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
     def norm(x: np.ndarray) -> np.ndarray:
         return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
 
-    tf.random.set_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    xt = norm(x_train)
     weights = class_weights(y_train, n_classes, cfg.class_weight)
-    xt = tf.constant(norm(x_train))
-    yt = tf.constant(y_train)
-    sample_w = tf.constant(weights[y_train])
-    kernel = tf.Variable(tf.zeros((dim, n_classes)), name="kernel")
-    bias = tf.Variable(tf.zeros((n_classes,)), name="bias")
-    params = [kernel, bias]
-    adam = _Adam(params, cfg.learning_rate)
     smooth = float(cfg.label_smoothing)
-    keep = 1.0 - float(cfg.dropout)
-    l2 = float(cfg.l2)
+    targets = (np.eye(n_classes, dtype=np.float32)[y_train] * (1.0 - smooth)
+               + smooth / n_classes).astype(np.float32)
+    sgd = _SoftmaxSGD(dim, n_classes, cfg, rng)
     batch = batch_size_for(cfg, len(x_train))
     epochs = epochs_for(cfg, len(x_train))
     max_steps = cfg.steps or 0
 
-    def loss_fn(x: Any, y: Any, w: Any) -> Any:
-        logits = tf.matmul(x, kernel) + bias
-        target = tf.one_hot(y, n_classes) * (1.0 - smooth) + smooth / n_classes
-        ce = tf.nn.softmax_cross_entropy_with_logits(labels=target, logits=logits)
-        return tf.reduce_sum(ce * w) / tf.reduce_sum(w) + l2 * tf.reduce_sum(tf.square(kernel))
-
-    @tf.function(reduce_retracing=True)
-    def run_epoch(order: Any, n_steps: Any, seed: Any) -> Any:
-        total = tf.constant(0.0)
-        n = tf.shape(order)[0]
-        for i in tf.range(n_steps):
-            idx = order[i * batch: tf.minimum((i + 1) * batch, n)]
-            xb, yb, wb = tf.gather(xt, idx), tf.gather(yt, idx), tf.gather(sample_w, idx)
-            if keep < 1.0:
-                mask = tf.random.stateless_uniform(tf.shape(xb), seed=tf.stack([seed, tf.cast(i, tf.int64)])) < keep
-                xb = tf.where(mask, xb / keep, 0.0)
-            with tf.GradientTape() as tape:
-                loss = loss_fn(xb, yb, wb)
-            adam.apply(tape.gradient(loss, params))
-            total += loss
-        return total / tf.cast(n_steps, tf.float32)
-
-    def scores(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-        logits = x @ kernel.numpy() + bias.numpy()
-        p = softmax(logits)
-        ce = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))
-        return float((p.argmax(1) == y).mean()), float(ce.mean())
-
     xv = norm(x_val) if has_val else None
     yv = np.asarray(y_val, np.int64) if has_val else None
-    xtr_np = xt.numpy()
+    # Training accuracy is reported on (up to) a fixed few thousand training images, without
+    # dropout: scoring all of a large set after every epoch cost as much as the epoch itself.
+    shown = np.sort(rng.permutation(len(x_train))[:TRAIN_SCORE_SAMPLE])
+    x_shown, y_shown = xt[shown], y_train[shown]
     writer = _summary_writer(summaries_dir)
     history: list[dict[str, float]] = []
     best_score, best_epoch = None, 0
-    best = [kernel.numpy(), bias.numpy()]
+    best = sgd.weights()
     since_best = 0
     steps_per_epoch = math.ceil(len(x_train) / batch)
     steps_done = 0
@@ -168,13 +142,13 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
             n_steps = steps_per_epoch
             if max_steps:
                 n_steps = min(n_steps, max_steps - steps_done)
-            order = tf.constant(rng.permutation(len(x_train)))
-            train_loss = float(run_epoch(order, tf.constant(n_steps), tf.constant(epoch, tf.int64)))
+            train_loss = sgd.epoch(xt, targets, weights[y_train], rng.permutation(len(x_train)),
+                                   batch, n_steps)
             steps_done += n_steps
-            train_acc, _ = scores(xtr_np, y_train)
+            train_acc, _ = sgd.score(x_shown, y_shown)
             row = {"epoch": epoch, "accuracy": train_acc, "loss": train_loss}
             if has_val:
-                row["val_accuracy"], row["val_loss"] = scores(xv, yv)
+                row["val_accuracy"], row["val_loss"] = sgd.score(xv, yv)
                 score = -row["val_loss"]
                 text = (f"epoch {epoch}/{epochs}: train accuracy {train_acc:.3f}, validation "
                         f"accuracy {row['val_accuracy']:.3f}, validation loss {row['val_loss']:.4f}")
@@ -184,10 +158,10 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
             history.append(row)
             log.info(text)
             if writer is not None:
-                _write_summaries(writer, row, kernel, bias, epoch)
+                _write_summaries(writer, row, sgd.kernel, sgd.bias, epoch)
             if best_score is None or score > best_score:
                 best_score, best_epoch, since_best = score, epoch, 0
-                best = [kernel.numpy(), bias.numpy()]
+                best = sgd.weights()
             else:
                 since_best += 1
             progress.set_postfix_str(text.split(": ", 1)[1][:60])
@@ -203,32 +177,102 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
     # Fold the standardisation into the layer: ((x - m) / s) @ W + b == x @ (W / s) + (b - (m / s) @ W)
     w_raw = (best[0] / std[:, None]).astype(np.float32)
     b_raw = (best[1] - (mean / std) @ best[0]).astype(np.float32)
-    model = build_head(dim, n_classes)
-    model.get_layer("final_layer").set_weights([w_raw, b_raw])
-    return HeadResult(model=model, history=history, best_epoch=best_epoch, kernel=w_raw, bias=b_raw)
+    return HeadResult(history=history, best_epoch=best_epoch, kernel=w_raw, bias=b_raw)
 
 
-class _Adam:
-    """Adam on a few tf.Variables (Keras optimizers want Keras variables)."""
+#: How many training images the per-epoch training accuracy is measured on.
+TRAIN_SCORE_SAMPLE = 4096
 
-    def __init__(self, params: list, lr: float, b1: float = 0.9, b2: float = 0.999,
-                 eps: float = 1e-7) -> None:
-        import tensorflow as tf
 
-        self.params, self.lr, self.b1, self.b2, self.eps = params, lr, b1, b2, eps
-        self.m = [tf.Variable(tf.zeros_like(p)) for p in params]
-        self.v = [tf.Variable(tf.zeros_like(p)) for p in params]
-        self.t = tf.Variable(0.0)
+class _SoftmaxSGD:
+    """Mini-batch Adam on one softmax layer, in NumPy with hand-written gradients.
 
-    def apply(self, grads: list) -> None:
-        import tensorflow as tf
+    The layer is small (features x classes), so each step is a few dozen tiny array operations:
+    NumPy runs them several times faster than a TensorFlow loop (whose per-op overhead and
+    per-element dropout random numbers dominated), and training needs no TensorFlow at all.
+    Loss: class-weighted softmax cross-entropy (with label smoothing in the targets) plus
+    ``l2 * sum(kernel**2)``; inverted dropout on the standardised features.
+    """
 
-        self.t.assign_add(1.0)
-        corr = tf.sqrt(1.0 - self.b2 ** self.t) / (1.0 - self.b1 ** self.t)
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m.assign(self.b1 * m + (1.0 - self.b1) * g)
-            v.assign(self.b2 * v + (1.0 - self.b2) * tf.square(g))
-            p.assign_sub(self.lr * corr * m / (tf.sqrt(v) + self.eps))
+    def __init__(self, dim: int, n_classes: int, cfg: HeadConfig, rng: np.random.Generator,
+                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7) -> None:
+        self.kernel = np.zeros((dim, n_classes), np.float32)
+        self.bias = np.zeros(n_classes, np.float32)
+        self.m = [np.zeros_like(self.kernel), np.zeros_like(self.bias)]
+        self.v = [np.zeros_like(self.kernel), np.zeros_like(self.bias)]
+        self.lr, self.b1, self.b2, self.eps = float(cfg.learning_rate), b1, b2, eps
+        self.l2 = float(cfg.l2)
+        self.t = 0
+        self.rng = rng
+        # Dropout masks come from random bits (the default keep probability, 1/2) or random
+        # bytes compared with a threshold: several times cheaper than random floats. The keep
+        # probability is then a multiple of 1/256, and the rescaling uses that exact value.
+        keep = 1.0 - float(cfg.dropout)
+        self.threshold = min(256, max(1, round(keep * 256))) if keep < 1.0 else 256
+        self.scale = 256.0 / self.threshold
+
+    def weights(self) -> list[np.ndarray]:
+        return [self.kernel.copy(), self.bias.copy()]
+
+    def _dropout_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        n = shape[0] * shape[1]
+        if self.threshold == 128:
+            bits = np.unpackbits(np.frombuffer(self.rng.bytes((n + 7) // 8), np.uint8))
+            return bits[:n].reshape(shape)
+        return np.frombuffer(self.rng.bytes(n), np.uint8).reshape(shape) < self.threshold
+
+    def epoch(self, x: np.ndarray, targets: np.ndarray, sample_w: np.ndarray, order: np.ndarray,
+              batch: int, n_steps: int) -> float:
+        """``n_steps`` Adam steps over ``order``; the mean training loss."""
+        total = 0.0
+        for i in range(n_steps):
+            idx = order[i * batch: (i + 1) * batch]
+            xb = x[idx]
+            if self.threshold < 256:
+                np.multiply(xb, self._dropout_mask(xb.shape), out=xb)
+            total += self._step(xb, targets[idx], sample_w[idx])
+        return total / max(1, n_steps)
+
+    def _step(self, xb: np.ndarray, tb: np.ndarray, wb: np.ndarray) -> float:
+        """One Adam step on the batch ``xb`` (already masked); the batch's loss."""
+        loss, grad_kernel, grad_bias = self.gradients(xb, tb, wb)
+        self.t += 1
+        step = self.lr * math.sqrt(1.0 - self.b2 ** self.t) / (1.0 - self.b1 ** self.t)
+        for p, g, m, v in ((self.kernel, grad_kernel, self.m[0], self.v[0]),
+                           (self.bias, grad_bias, self.m[1], self.v[1])):
+            m *= self.b1
+            m += (1.0 - self.b1) * g
+            v *= self.b2
+            v += (1.0 - self.b2) * np.square(g)
+            p -= (step * m) / (np.sqrt(v) + self.eps)
+        return loss
+
+    def gradients(self, xb: np.ndarray, tb: np.ndarray, wb: np.ndarray
+                  ) -> tuple[float, np.ndarray, np.ndarray]:
+        """(loss, d loss / d kernel, d loss / d bias) on a masked batch; the dropout rescale
+        is applied to the small products instead of the batch."""
+        logits = xb @ self.kernel
+        if self.threshold < 256:
+            logits *= self.scale
+        logits += self.bias
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        w = wb / wb.sum()
+        loss = float(-(w @ (tb * log_p).sum(axis=1)) + self.l2 * np.vdot(self.kernel, self.kernel))
+        grad_logits = np.exp(log_p)
+        grad_logits -= tb
+        grad_logits *= w[:, None]
+        grad_kernel = xb.T @ grad_logits
+        if self.threshold < 256:
+            grad_kernel *= self.scale
+        grad_kernel += (2.0 * self.l2) * self.kernel
+        return loss, grad_kernel, grad_logits.sum(axis=0)
+
+    def score(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy) of the current weights, without dropout."""
+        p = softmax(x @ self.kernel + self.bias)
+        ce = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None))
+        return float((p.argmax(1) == y).mean()), float(ce.mean())
 
 
 def _summary_writer(summaries_dir: str | None) -> Any:

@@ -151,13 +151,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     }
     from .bottlenecks.extractor import backbone_graph
     from .export import export_graph
-    from .graph import compose, freeze
+    from .graph import compose, dense_softmax_graph
 
     # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
     # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
     # A fine-tuned backbone has new weights: freeze it afresh instead.
     kept = None if config.fine_tune else cache_root
-    classifier = compose(backbone_graph(backbone, kept, "fp32"), freeze(head.model))
+    classifier = compose(backbone_graph(backbone, kept, "fp32"),
+                         dense_softmax_graph(head.kernel, head.bias))
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels)
     report = test or val_report
@@ -216,6 +217,7 @@ def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
                        label_smoothing=config.head.label_smoothing,
                        flip=config.flip_left_right, seed=config.head.seed)
     head.history += [{**row, "fine_tune": 1.0} for row in result.history]
+    head.kernel, head.bias = head.model.get_layer("final_layer").get_weights()
 
     def model(x: Any) -> Any:
         return head.model(backbone.model(x, training=False), training=False)

@@ -99,3 +99,39 @@ def test_summaries_dir_gets_tensorboard_events(tmp_path: Path):
     assert {"head/loss", "head/accuracy", "head/val_accuracy", "head/val_loss",
             "head/kernel", "head/bias"} <= set(seen)
     assert seen["head/val_loss"] == [1, 2, 3]
+
+
+def test_hand_written_gradients_match_finite_differences():
+    from retrainer.head import _SoftmaxSGD
+
+    rng = np.random.default_rng(5)
+    sgd = _SoftmaxSGD(6, 3, HeadConfig(dropout=0.5, l2=0.05), rng)
+    sgd.kernel = rng.normal(0, 0.5, (6, 3)).astype(np.float64)
+    sgd.bias = rng.normal(0, 0.5, 3).astype(np.float64)
+    x = rng.normal(0, 1, (8, 6))
+    targets = np.eye(3)[rng.integers(0, 3, 8)] * 0.9 + 0.1 / 3  # label smoothing 0.1
+    w = rng.uniform(0.5, 2.0, 8)
+    _, grad_kernel, grad_bias = sgd.gradients(x, targets, w)
+    eps = 1e-6
+    for params, grad in ((sgd.kernel, grad_kernel), (sgd.bias, grad_bias)):
+        numeric = np.zeros_like(params)
+        for i in np.ndindex(params.shape):
+            old = params[i]
+            params[i] = old + eps
+            up = sgd.gradients(x, targets, w)[0]
+            params[i] = old - eps
+            down = sgd.gradients(x, targets, w)[0]
+            params[i] = old
+            numeric[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dropout", [0.5, 0.3, 0.8])
+def test_dropout_masks_keep_the_configured_share(dropout):
+    from retrainer.head import _SoftmaxSGD
+
+    sgd = _SoftmaxSGD(4, 2, HeadConfig(dropout=dropout), np.random.default_rng(0))
+    mask = sgd._dropout_mask((500, 400)).astype(np.float64)
+    assert mask.shape == (500, 400) and set(np.unique(mask)) == {0.0, 1.0}
+    assert abs(mask.mean() - (1 - dropout)) < 0.005
+    assert abs(mask.mean() * sgd.scale - 1.0) < 0.01  # inverted dropout keeps the expectation

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import keras
 import numpy as np
 
 from ..errors import WeightsUnavailable
@@ -65,16 +64,22 @@ def _blocks() -> Iterator[dict[str, Any]]:
 
 
 def _bn(name: str) -> keras.layers.Layer:
+    import keras
+
     return keras.layers.BatchNormalization(axis=-1, epsilon=BN_EPSILON, momentum=0.99, name=name)
 
 
 def _relu6(name: str) -> keras.layers.Layer:
+    import keras
+
     return keras.layers.ReLU(max_value=6.0, name=name)
 
 
 def build_lite0(include_top: bool = False, input_size: tuple[int, int] = (224, 224)) -> keras.Model:
     """EfficientNet-Lite0 with random weights: raw RGB 0..255 -> ``avg_pool`` (N, 1280),
     or with ``include_top`` -> ImageNet softmax (N, 1000)."""
+    import keras
+
     layers = keras.layers
     inputs = keras.Input(shape=(*input_size, 3), name="input", dtype="float32")
     x = layers.Rescaling(1.0 / STDDEV_RGB, offset=-MEAN_RGB / STDDEV_RGB, name="preprocess")(inputs)
@@ -295,6 +300,8 @@ def build(spec: Any, weights: str | None) -> keras.Model:
     ``weights``: None (ImageNet, converted once and cached), ``"random"``, or a path to a
     full-model ``.weights.h5`` file or a legacy torch ``.pth`` state_dict.
     """
+    import keras
+
     size = tuple(getattr(spec, "input_size", (224, 224)) or (224, 224))
     if weights is not None and str(weights).lower() == "random":
         return build_lite0(include_top=False, input_size=size)
