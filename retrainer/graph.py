@@ -135,17 +135,33 @@ def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
     return run.get_concrete_function()
 
 
+def default_replicas(cores: int) -> int:
+    """Sessions a runner spreads a batch over: two whenever there are two cores.
+
+    On a 2-core CPU, two single-threaded sessions each running half the batch beat one session
+    using both cores by 25-38 % on EfficientNet-Lite0 and 6-27 % on Inception-v3 (fp32/bf16):
+    TensorFlow's intra-op parallelism leaves cores idle on small convolutions, two independent
+    executors do not. See docs/performance.md.
+    """
+    return 2 if cores >= 2 else 1
+
+
 class GraphRunner:
-    """Calls a frozen GraphDef on numpy batches in a ``tf.compat.v1.Session`` (no Keras).
+    """Calls a frozen GraphDef on numpy batches in ``tf.compat.v1.Session`` s (no Keras).
 
     A Session runs the same frozen graph ~30 % faster (wall time, same CPU time) than calling it
-    as a TF2 function on a 2-core CPU: its executor keeps both cores busier. ``run`` is
-    thread-safe.
+    as a TF2 function on a 2-core CPU: its executor keeps both cores busier. A batch is split
+    over ``replicas`` sessions, each with its own threads (:func:`default_replicas`), run side
+    by side. ``run`` is thread-safe.
     """
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
-                 output_name: str = OUTPUT_NAME, threads: int | None = None) -> None:
-        """``threads`` caps the Session's op threads (a Spark worker sharing a machine's cores)."""
+                 output_name: str = OUTPUT_NAME, threads: int | None = None,
+                 replicas: int | None = None) -> None:
+        """``threads`` caps the op threads of all sessions together (a Spark worker sharing a
+        machine's cores; default: every core); ``replicas`` overrides the session count."""
+        import os
+
         import tensorflow as tf
 
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
@@ -158,24 +174,56 @@ class GraphRunner:
                 return_elements=[f"{output_name}:0"], name="")
         graph.finalize()
         self._input, self._output = inp, out
-        config = None
-        if threads:
-            config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=threads,
-                                              inter_op_parallelism_threads=1)
-        self._session = tf.compat.v1.Session(graph=graph, config=config)
+        cores = threads or os.cpu_count() or 1
+        n = max(1, replicas or default_replicas(cores))
+        if n == 1 and not threads:
+            configs = [None]  # one session with TensorFlow's own thread pools
+        else:
+            # Each session gets its own pools: shared global pools would serialise them.
+            per = max(1, cores // n)
+            configs = [tf.compat.v1.ConfigProto(intra_op_parallelism_threads=per,
+                                                inter_op_parallelism_threads=1,
+                                                use_per_session_threads=True)
+                       for _ in range(n)]
+        self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
+        self._pool = None
+        if n > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="graph-replica")
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
+
+    @property
+    def replicas(self) -> int:
+        return len(self._sessions)
 
     @property
     def input_size(self) -> tuple[int, int]:
         return int(self.input_shape[1]), int(self.input_shape[2])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self._session.run(self._output, {self._input: np.asarray(batch, np.float32)})
+        batch = np.asarray(batch, np.float32)
+        n = min(len(self._sessions), len(batch))
+        if n <= 1:
+            return self.run_on(0, batch)
+        parts = np.array_split(batch, n)
+        assert self._pool is not None
+        others = [self._pool.submit(self.run_on, i, part) for i, part in enumerate(parts) if i]
+        first = self.run_on(0, parts[0])
+        return np.concatenate([first] + [f.result() for f in others])
+
+    def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
+        """The forward pass of ``batch`` on one session only (callers that keep every
+        replica busy themselves, like the server's model threads)."""
+        out = self._sessions[replica].run(self._output, {self._input: np.asarray(batch, np.float32)})
         return np.asarray(out, np.float32)
 
     def close(self) -> None:
-        self._session.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for session in self._sessions:
+            session.close()
 
 
 def load_graph_def(path: str) -> Any:

@@ -163,3 +163,18 @@ def test_lazy_backbone_skips_the_build_when_its_weights_file_is_known(tmp_path):
         assert create_backbone("lazy_test", "random", lazy=True).is_built  # random: never memoised
     finally:
         unregister("lazy_test")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 16])
+def test_replicated_sessions_give_the_single_session_result(tiny, n):
+    """A batch split over two sessions (own threads each) returns every row, in order."""
+    from retrainer.graph import GraphRunner, freeze
+
+    graph = freeze(tiny.model)
+    single = GraphRunner(graph, replicas=1)
+    split = GraphRunner(graph, replicas=2)
+    assert (single.replicas, split.replicas) == (1, 2)
+    x = pixels(n, seed=n)
+    np.testing.assert_allclose(split(x), single(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split.run_on(1, x[:1]), single(x[:1]), rtol=1e-5, atol=1e-6)
+    split.close()

@@ -152,3 +152,53 @@ def test_a_full_queue_refuses_instead_of_growing():
         asyncio.run(main())
     finally:
         batcher.stop()
+
+
+def test_closed_loop_clients_settle_into_full_batches():
+    """N clients that each send again once answered: the batch waits for the N it saw in
+    flight (within max_wait) instead of running the stragglers as a second, small pass."""
+    class SlowModel(Recorder):  # a pass takes time, as a real one does
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            time.sleep(0.02)
+            return super().__call__(batch)
+
+    model = SlowModel()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=500)
+    batcher.start()
+
+    async def client(i: int) -> None:
+        for round_ in range(6):
+            await asyncio.sleep(0.002 * i)  # answers reach the clients at different times
+            with batcher.incoming() as ticket:
+                await asyncio.sleep(0.001)  # reading and decoding the body
+                future = batcher.enqueue(image(i), ticket)
+            assert float((await future)[0]) == float(i)
+
+    async def main() -> None:
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(6))), timeout=20)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.stop()
+    # The first passes start before all six are seen, and the clients that got in early
+    # finish early; in between, every pass holds all six.
+    assert sum(model.sizes) == 36 and max(model.sizes) == 6
+    assert model.sizes.count(6) >= 3, model.sizes
+
+
+def test_a_smaller_crowd_is_not_waited_for_after_the_peak_window(monkeypatch):
+    import retrainer.serve.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "PEAK_WINDOW_S", 0.05)
+    model = Recorder()
+    batcher = MicroBatcher(model, max_batch_size=32, max_wait_ms=3000)
+    run(batcher, 6)  # a peak of 6 in flight
+    batcher.start()
+    try:
+        time.sleep(0.1)
+        t = time.perf_counter()
+        asyncio.run(submit_all(batcher, 1))
+        assert time.perf_counter() - t < 1.5  # not the 3 s max_wait
+    finally:
+        batcher.stop()
