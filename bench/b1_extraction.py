@@ -41,8 +41,9 @@ def main() -> None:
         forward = make_forward(backbone, work / "graphs")
         records = all_records[:: max(1, len(all_records) // ROUND_IMAGES.get(name, 500))]
         raw_rates, raw_batch, rates = [], 0, []
+        by_sessions: dict[int, float] = {}
         for _ in range(args.rounds):
-            rate, bs = raw_forward_rate(forward, spec.input_size)
+            rate, bs = raw_forward_rate(forward, spec.input_size, by_sessions=by_sessions)
             raw_rates.append(rate)
             raw_batch = bs if rate >= max(raw_rates) else raw_batch
             cache_root = work / "b1-cache"
@@ -64,7 +65,8 @@ def main() -> None:
                      "extract_batch": defaults.extract_batch_size,
                      "raw_rounds": [round(r, 2) for r in raw_rates],
                      "train_rounds": [round(r, 2) for r in rates],
-                     "ratio": round(rate / raw, 3)}
+                     "ratio": round(rate / raw, 3),
+                     "raw_by_sessions": {n: round(r, 2) for n, r in by_sessions.items()}}
     emit({"benchmark": "extraction", "results": out})
 
 
