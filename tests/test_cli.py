@@ -112,3 +112,21 @@ def test_label_with_no_model_says_how_to_get_one(tmp_path):
 def test_label_of_a_missing_file_fails_cleanly(tmp_path):
     result = CliRunner().invoke(cli, ["label", str(tmp_path / "nope.jpg")])
     assert result.exit_code == 1 and "no such file" in result.output
+
+
+def test_a_reader_that_quits_early_ends_label_quietly(tmp_path):
+    """``retrainer label ... | head``: no 'unexpected error', the SIGPIPE status instead."""
+    import subprocess
+    import sys
+
+    from conftest import train_tiny_model
+
+    model = train_tiny_model(tmp_path)
+    images = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))
+    proc = subprocess.Popen([sys.executable, "-m", "retrainer", "label", "--model-dir",
+                             str(model), *images], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141, err
+    assert "Error" not in err and "Traceback" not in err
