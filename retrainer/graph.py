@@ -11,6 +11,7 @@ graph with the small frozen head spliced on (:func:`compose`), not a second free
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,8 +161,6 @@ class GraphRunner:
                  replicas: int | None = None) -> None:
         """``threads`` caps the op threads of all sessions together (a Spark worker sharing a
         machine's cores; default: every core); ``replicas`` overrides the session count."""
-        import os
-
         import tensorflow as tf
 
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
@@ -214,8 +213,7 @@ class GraphRunner:
         return np.concatenate([first] + [f.result() for f in others])
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
-        """The forward pass of ``batch`` on one session only (callers that keep every
-        replica busy themselves, like the server's model threads)."""
+        """The forward pass of ``batch`` on session ``replica`` only."""
         out = self._sessions[replica].run(self._output, {self._input: np.asarray(batch, np.float32)})
         return np.asarray(out, np.float32)
 

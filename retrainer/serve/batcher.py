@@ -85,14 +85,9 @@ class MicroBatcher:
         finally:
             if not ticket.used:  # the request failed before queueing anything
                 with self._lock:
+                    ticket.used = True
+                    self._incoming -= 1
                     self._count_in_flight(-1)
-            self._end(ticket)
-
-    def _end(self, ticket: "Ticket | None") -> None:
-        with self._lock:
-            if ticket is not None and not ticket.used:
-                ticket.used = True
-                self._incoming -= 1
 
     def _count_in_flight(self, delta: int) -> None:
         """Under the lock: track requests in the service and their recent peak."""
@@ -120,20 +115,19 @@ class MicroBatcher:
 
     def enqueue(self, pixels: np.ndarray, ticket: "Ticket | None" = None) -> asyncio.Future:
         """Queue one (H, W, 3) image from the event loop; the future gets its probabilities."""
-        future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.put(pixels, future, ticket)
-        return future
-
-    def put(self, pixels: np.ndarray, future: asyncio.Future, ticket: "Ticket | None" = None
-            ) -> None:
-        """Queue one image whose result goes to ``future`` (made on its event loop)."""
         if self._thread is None:
             raise RuntimeError("the batcher is not running")
         if self._queue.qsize() >= self.max_queue:
             raise QueueFull(f"{self.max_queue} images are already waiting for the model")
-        counted = ticket is not None and not ticket.used
-        self._end(ticket)  # before the put, so the model thread never waits for it
-        self._queue.put((pixels, future, future.get_loop(), counted))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        counted = ticket is not None and not ticket.used  # in flight since incoming()
+        if counted:
+            with self._lock:
+                ticket.used = True
+                self._incoming -= 1  # before the put, so the model thread never waits for it
+        self._queue.put((pixels, future, loop, counted))
+        return future
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """Queue one (H, W, 3) image; resolve to its (classes,) probabilities."""
