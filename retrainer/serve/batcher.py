@@ -146,8 +146,11 @@ class MicroBatcher:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self._incoming <= 0 and len(batch) >= expected):
                     break
-                try:  # short sleeps, so a request that fails to decode ends the wait early
-                    item = self._queue.get(timeout=min(remaining, 0.0005))
+                # One blocking wait, not a polling loop: a thread that wakes every fraction of
+                # a millisecond takes the GIL from the event loop while it reads requests. (A
+                # request that fails to decode just lets the wait run to the deadline.)
+                try:
+                    item = self._queue.get(timeout=remaining)
                 except queue.Empty:
                     continue
             if item is _STOP:
