@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name, srv in servers.items():  # warm both up: connections, threads, caches
                 load_test(srv, images, args.clients, 4 * args.clients, args.time_limit)
-            sizes = sorted({1, args.clients, 16, 32, args.max_batch_size})
+            sizes = sorted({1, 2, 4, args.clients, 16, 32, args.max_batch_size})
             calibration = {b: 0.0 for b in sizes}
             for _ in range(3):  # interleaved, best of three: one busy moment picks no winner
                 for b in sizes:

@@ -213,7 +213,7 @@ class GraphRunner:
         return np.concatenate([first] + [f.result() for f in others])
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
-        """The forward pass of ``batch`` on session ``replica`` only."""
+        """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
         out = self._sessions[replica].run(self._output, {self._input: np.asarray(batch, np.float32)})
         return np.asarray(out, np.float32)
 

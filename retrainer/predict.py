@@ -5,12 +5,13 @@ resize method) comes from the export's metadata, so it always matches training.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -118,6 +119,11 @@ class Classifier:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) RGB 0..255 -> (N, classes) probabilities."""
         return self.runner(pixels)
+
+    def lanes(self) -> list[Callable[[np.ndarray], np.ndarray]]:
+        """Like :meth:`predict`, once per session: each runs a whole batch on one session
+        only, so a caller with a thread per lane keeps every session busy on its own."""
+        return [functools.partial(self.runner.run_on, i) for i in range(self.runner.replicas)]
 
     def prepare(self, data: bytes, name: str = "<bytes>") -> np.ndarray:
         return load_pixels(data, self.input_size, self.resize, name=name)

@@ -22,6 +22,7 @@ from conftest import COLOURS, loaded_after_help, make_image, train_tiny_model
 from PIL import Image
 
 from retrainer.cli import cli
+from retrainer.graph import default_replicas
 
 KEY = "s3cret-key"
 
@@ -109,6 +110,7 @@ def test_health_labels_and_model(client):
     assert model["backbone"] == "tiny_test_backbone" and model["input_size"] == [32, 32]
     assert model["labels"] == sorted(COLOURS) and len(model["version"]) == 16
     assert model["serving"]["max_pixels"] == 1_000_000
+    assert model["serving"]["model_threads"] == default_replicas(os.cpu_count() or 1)
     assert "image_source" not in json.dumps(model)  # no paths of the training machine
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -202,3 +203,38 @@ def test_a_smaller_crowd_is_not_waited_for_after_the_peak_window(monkeypatch):
         assert time.perf_counter() - t < 1.5  # not the 3 s max_wait
     finally:
         batcher.stop()
+
+
+def test_lanes_share_the_crowd_and_run_side_by_side():
+    """Two lanes (one per session): each pass takes at most ceil(peak / (2 x lanes)) images,
+    both lanes work at the same time, and every request still gets its own row."""
+    passes: list[tuple[int, int, float, float]] = []  # lane, size, start, end
+
+    def lane(number: int):
+        def predict(batch: np.ndarray) -> np.ndarray:
+            start = time.perf_counter()
+            time.sleep(0.05)
+            passes.append((number, len(batch), start, time.perf_counter()))
+            return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+        return predict
+
+    batcher = MicroBatcher([lane(0), lane(1)], max_batch_size=32, max_wait_ms=200)
+    batcher.start()
+
+    async def main() -> list[np.ndarray]:
+        with ExitStack() as stack:  # eight requests announced at once: a peak of 8
+            tickets = [stack.enter_context(batcher.incoming()) for _ in range(8)]
+            futures = [batcher.enqueue(image(i), t) for i, t in enumerate(tickets)]
+        return await asyncio.wait_for(asyncio.gather(*futures), timeout=20)
+
+    try:
+        rows = asyncio.run(main())
+    finally:
+        batcher.stop()
+    assert [float(r[0]) for r in rows] == [float(i) for i in range(8)]
+    assert sum(size for _, size, _, _ in passes) == 8
+    assert max(size for _, size, _, _ in passes) == 2  # ceil(8 / 4)
+    assert {number for number, _, _, _ in passes} == {0, 1}
+    first = {number: min((s, e) for n, _, s, e in passes if n == number) for number in (0, 1)}
+    assert first[0][0] < first[1][1] and first[1][0] < first[0][1]  # their first passes overlap
+    assert batcher.stats.to_dict()["batches"] == 4

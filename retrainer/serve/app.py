@@ -88,12 +88,12 @@ _BATCH_BODY = {
 
 def create_app(classifier: Any, config: ServeConfig | None = None,
                model_info: dict[str, Any] | None = None) -> FastAPI:
-    """An ASGI app serving ``classifier``; its model thread runs for the app's lifespan."""
+    """An ASGI app serving ``classifier``; its model threads run for the app's lifespan."""
     config = config or ServeConfig()
     info = model_info or {"name": "model", "labels": list(classifier.labels)}
     summary = {k: info[k] for k in ("name", "version", "backbone") if k in info}
-    batcher = MicroBatcher(classifier.predict, config.max_batch_size, config.max_wait_ms,
-                           config.max_queue)
+    # One model thread per session: each session runs on its own core (see MicroBatcher).
+    batcher = MicroBatcher(classifier.lanes(), config.max_batch_size, config.max_wait_ms, config.max_queue)
     counters = {"requests": 0, "images": 0, "refused": 0, "started": time.time()}
     # Decoding gets its own threads, handed work through asyncio directly: cheaper per request
     # than Starlette's general thread pool, which matters when the loop serves hundreds a second.
@@ -104,7 +104,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         decoders.append(ThreadPoolExecutor(thread_name_prefix="decode"))
         batcher.start()
         yield
-        # Uvicorn has answered every in-flight request by now; end the model thread.
+        # Uvicorn has answered every in-flight request by now; end the model threads.
         await run_in_threadpool(batcher.stop)
         decoders.pop().shutdown(wait=False)
 
@@ -162,7 +162,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
 
     async def enqueue(data: bytes, name: str, ticket: Ticket) -> asyncio.Future:
         """Decode on a worker thread, then queue for the model; ``ticket`` comes from
-        ``batcher.incoming()``, which told the model thread this image is on its way."""
+        ``batcher.incoming()``, which told the model threads this image is on its way."""
         pixels = await asyncio.get_running_loop().run_in_executor(
             decoders[0], _decode, classifier, data, name, config.max_pixels)
         try:
@@ -195,6 +195,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         """The model's metadata, and the service's limits and batching settings."""
         return dict(info, serving={
             "max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
+            "model_threads": len(batcher.lanes),
             "max_body_bytes": config.max_body_bytes, "max_pixels": config.max_pixels,
             "max_files": config.max_files, "default_top_k": config.default_top_k})
 

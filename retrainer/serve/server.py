@@ -1,7 +1,7 @@
 """Running the service: load the export once, bind, serve with uvicorn, stop gracefully.
 
 SIGTERM and SIGINT stop accepting connections, let in-flight requests finish (up to
-``graceful_timeout``), end the model thread, and return normally, so the process exits 0.
+``graceful_timeout``), end the model threads, and return normally, so the process exits 0.
 """
 from __future__ import annotations
 
@@ -75,13 +75,15 @@ def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def warm_up(classifier: Any, batch_size: int) -> float:
-    """Run the graph once at batch 1 and at the largest batch, so no request pays for it."""
+    """Run every session once at batch 1, and the graph at the largest batch, so no request
+    pays for a session's first run."""
     import numpy as np
 
     height, width = classifier.input_size
     t = time.perf_counter()
-    for n in sorted({1, batch_size}):
-        classifier.predict(np.zeros((n, height, width, 3), np.float32))
+    for lane in classifier.lanes():
+        lane(np.zeros((1, height, width, 3), np.float32))
+    classifier.predict(np.zeros((batch_size, height, width, 3), np.float32))
     return time.perf_counter() - t
 
 
