@@ -93,7 +93,8 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
     info = model_info or {"name": "model", "labels": list(classifier.labels)}
     summary = {k: info[k] for k in ("name", "version", "backbone") if k in info}
     # One model thread per session: each session runs on its own core (see MicroBatcher).
-    batcher = MicroBatcher(classifier.lanes(), config.max_batch_size, config.max_wait_ms, config.max_queue)
+    batcher = MicroBatcher(classifier.lanes(), config.max_batch_size, config.max_wait_ms,
+                           config.max_queue)
     counters = {"requests": 0, "images": 0, "refused": 0, "started": time.time()}
     # Decoding gets its own threads, handed work through asyncio directly: cheaper per request
     # than Starlette's general thread pool, which matters when the loop serves hundreds a second.
