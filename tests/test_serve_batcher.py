@@ -237,4 +237,4 @@ def test_lanes_share_the_crowd_and_run_side_by_side():
     assert {number for number, _, _, _ in passes} == {0, 1}
     first = {number: min((s, e) for n, _, s, e in passes if n == number) for number in (0, 1)}
     assert first[0][0] < first[1][1] and first[1][0] < first[0][1]  # their first passes overlap
-    assert batcher.stats.to_dict()["batches"] == 4
+    assert batcher.stats.to_dict()["images"] == 8  # counted across the lanes
