@@ -153,7 +153,7 @@ class GraphRunner:
     A Session runs the same frozen graph ~30 % faster (wall time, same CPU time) than calling it
     as a TF2 function on a 2-core CPU: its executor keeps both cores busier. A batch is split
     over ``replicas`` sessions, each with its own threads (:func:`default_replicas`), run side
-    by side. ``run`` is thread-safe.
+    by side. Calling the runner, and :meth:`run_on`, is thread-safe.
     """
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
-from conftest import COLOURS, TINY, loaded_after_help, make_image
+from conftest import COLOURS, TINY, loaded_after_help, make_image, train_tiny_model
 
 from retrainer.cli import cli
 from retrainer.cli.main import COMMANDS
@@ -116,11 +118,6 @@ def test_label_of_a_missing_file_fails_cleanly(tmp_path):
 
 def test_a_reader_that_quits_early_ends_label_quietly(tmp_path):
     """``retrainer label ... | head``: no 'unexpected error', the SIGPIPE status instead."""
-    import subprocess
-    import sys
-
-    from conftest import train_tiny_model
-
     model = train_tiny_model(tmp_path)
     images = sorted(str(p) for p in (tmp_path / "images").rglob("*.png"))
     proc = subprocess.Popen([sys.executable, "-m", "retrainer", "label", "--model-dir",
