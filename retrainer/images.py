@@ -1,18 +1,26 @@
-"""Decoding images into model-ready pixels, with Pillow.
+"""Decoding images into model-ready pixels.
 
 Images are recognised by their content, not their file name: JPEG, PNG, GIF (first frame), BMP,
 WebP and TIFF. EXIF orientation is applied, and every mode (grayscale, palette, CMYK, alpha,
 16-bit) becomes 8-bit RGB. The same function prepares pixels for training, labelling and
 serving, so a model always sees images the way it was trained on them.
+
+Pillow reads every header and decodes every format. RGB and grayscale JPEGs, nearly all
+photos, are decoded by libjpeg-turbo through simplejpeg instead, at the smallest DCT scale that
+still covers the model's input, and resized by OpenCV: together about half the CPU time of
+Pillow's decode and antialiased resize, which matters when the backbone itself needs only a
+few milliseconds per image.
 """
 from __future__ import annotations
 
 import io
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
 
@@ -20,9 +28,39 @@ FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG covers MPO
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 #: Decompression-bomb guard: images above this many pixels are refused.
 MAX_PIXELS = 100_000_000
+#: Changes whenever decoding or resizing changes the pixels a backbone sees (part of cache ids).
+PIXELS_VERSION = 2
+
+#: Pillow's EXIF orientation transforms (as in ``ImageOps.exif_transpose``).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 Image.init()  # register every decoder plugin (MPO, WebP, TIFF) before ``formats=`` filters them
+
+
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Turn whatever a decoder raises into an :class:`ImageError` that says why."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(name, f"too many pixels (over {MAX_PIXELS:,})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageError(name, f"cannot decode ({exc})") from None
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    """Pillow's lazy open: the header only, so format, size and mode are known (and checked)."""
+    if not data:
+        raise ImageError(name, "empty file")
+    return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
 def open_image(
@@ -33,23 +71,69 @@ def open_image(
     With ``draft`` (width, height), a JPEG much larger than that is decoded at a reduced scale
     (Pillow's ``draft``), several times faster and still at least ``draft`` on both sides.
     """
-    if not data:
-        raise ImageError(name, "empty file")
+    with _decoding(name):
+        return _upright_rgb(_open(data, name), draft)
+
+
+def _upright_rgb(img: Image.Image, draft: tuple[int, int] | None) -> Image.Image:
+    if draft is not None and img.format in ("JPEG", "MPO"):
+        side = max(draft)  # square, so EXIF rotation cannot make a side too small
+        img.draft("RGB", (side, side))
+    img = ImageOps.exif_transpose(img) or img
+    return to_rgb(img)
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>",
+               min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Encoded bytes -> upright (height, width, 3) uint8 RGB array, or :class:`ImageError`.
+
+    With ``min_size`` (height, width), a large JPEG is decoded at a reduced DCT scale that is
+    still at least that big.
+    """
+    draft = (min_size[1], min_size[0]) if min_size else None
+    with _decoding(name):
+        img = _open(data, name)
+        if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+            pixels = _decode_jpeg(data, min_size, orientation)
+            if pixels is not None:
+                return pixels
+        return np.asarray(_upright_rgb(img, draft))
+
+
+def _decode_jpeg(data: bytes, min_size: tuple[int, int] | None,
+                 orientation: int) -> np.ndarray | None:
+    """libjpeg-turbo's decode, upright; None when it refuses (Pillow then decodes, or says why)."""
+    import simplejpeg
+
+    height, width = min_size or (0, 0)
+    if orientation in (5, 6, 7, 8):  # stored on its side: the minimum applies turned too
+        height, width = width, height
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-            if draft is not None and img.format in ("JPEG", "MPO"):
-                side = max(draft)  # square, so EXIF rotation cannot make a side too small
-                img.draft("RGB", (side, side))
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image (or an unsupported format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(name, f"too many pixels (over {MAX_PIXELS:,})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError(name, f"cannot decode ({exc})") from None
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
+    except ValueError:
+        return None
+    method = _TRANSPOSE.get(orientation)
+    return pixels if method is None else np.asarray(Image.fromarray(pixels).transpose(method))
+
+
+def resize_rgb(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:
+    """(H, W, 3) uint8 -> (height, width, 3) uint8.
+
+    ``bilinear`` runs on OpenCV: it interpolates (half-pixel centres, as ``tf.image.resize``),
+    and shrinking a side by 2x or more averages areas instead, so nothing is aliased away.
+    ``bicubic`` keeps Pillow's antialiased filter (OpenCV's cubic kernel is a sharper one).
+    """
+    import cv2
+
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    if resize != "bilinear":
+        return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLE[resize]))
+    shrink = pixels.shape[0] >= 2 * height or pixels.shape[1] >= 2 * width
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    return cv2.resize(pixels, (width, height), interpolation=method)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -75,14 +159,7 @@ def load_pixels(
     data: bytes, size: tuple[int, int], resize: str = "bilinear", name: str = "<bytes>"
 ) -> np.ndarray:
     """Encoded bytes -> float32 array (height, width, 3) of RGB values in 0..255."""
-    height, width = size
-    img = open_image(data, name, draft=(width, height))
-    try:
-        if img.size != (width, height):
-            img = img.resize((width, height), RESAMPLE[resize])
-        return np.asarray(img, dtype=np.float32)
-    except (OSError, ValueError) as exc:
-        raise ImageError(name, f"cannot decode ({exc})") from None
+    return resize_rgb(decode_rgb(data, name, min_size=size), size, resize).astype(np.float32)
 
 
 def load_file(path: str | Path, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:

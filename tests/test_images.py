@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from retrainer.errors import ImageError
-from retrainer.images import load_file, load_pixels, open_image
+from retrainer.images import decode_rgb, load_file, load_pixels, open_image, resize_rgb
 
 RED = (200, 20, 20)
 
@@ -39,6 +39,77 @@ def test_gif_uses_the_first_frame():
         frame.putpalette(list(colour) * 256)
     data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
     assert np.allclose(load_pixels(data, (10, 10))[0, 0], RED)
+
+
+def photo() -> bytes:
+    """A real photo (427x640 JPEG) that scikit-learn ships."""
+    from importlib.resources import files
+
+    return (files("sklearn.datasets.images") / "china.jpg").read_bytes()
+
+
+def test_fast_jpeg_decode_equals_pillows():
+    data = photo()
+    fast = decode_rgb(data).astype(int)
+    assert fast.shape == (427, 640, 3)
+    assert np.abs(fast - np.asarray(open_image(data), dtype=int)).max() <= 1
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_still_covers_the_input():
+    data = photo()
+    pixels = decode_rgb(data, min_size=(150, 100))
+    assert 150 <= pixels.shape[0] < 427 and 100 <= pixels.shape[1] < 640
+    # an exact 1/2 DCT scale matches Pillow's half-size draft of the same file
+    half = decode_rgb(data, min_size=(213, 320))
+    assert half.shape == (214, 320, 3)
+    reference = Image.open(io.BytesIO(data))
+    reference.draft("RGB", (320, 213))
+    assert reference.size == (320, 214)
+    assert np.abs(half.astype(int) - np.asarray(reference, int)).max() <= 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_as_pillow_does(orientation):
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)).resize((48, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    fast = decode_rgb(data)
+    expected = np.asarray(open_image(data))
+    assert fast.shape == expected.shape == ((48, 32, 3) if orientation >= 5 else (32, 48, 3))
+    assert np.abs(fast.astype(int) - expected.astype(int)).max() <= 1
+    # the reduced scale is chosen for the upright image, whichever way the JPEG is stored
+    scaled = decode_rgb(data, min_size=(10, 30))
+    assert scaled.shape[0] >= 10 and scaled.shape[1] >= 30
+
+
+def test_cmyk_and_grayscale_jpegs_keep_their_colours():
+    grey = decode_rgb(encode(Image.new("L", (16, 16), 90), "JPEG"))
+    assert grey.shape == (16, 16, 3) and np.allclose(grey, 90, atol=1)
+    cmyk = decode_rgb(encode(Image.new("RGB", (16, 16), RED).convert("CMYK"), "JPEG"))
+    assert np.allclose(cmyk.mean(axis=(0, 1)), RED, atol=6)
+
+
+def test_shrinking_averages_instead_of_aliasing():
+    stripes = np.zeros((64, 64, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: point sampling would keep only one colour
+    out = resize_rgb(stripes, (16, 16))
+    assert out.shape == (16, 16, 3) and np.allclose(out, 127.5, atol=1)
+
+
+def test_bicubic_is_pillows_filter():
+    pixels = np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(pixels).resize((64, 64), Image.BICUBIC))
+    assert np.array_equal(resize_rgb(pixels, (64, 64), "bicubic"), expected)
+
+
+def test_prepared_photo_is_close_to_an_antialiased_resize():
+    data = photo()
+    ours = load_pixels(data, (224, 224))
+    reference = np.asarray(open_image(data).resize((224, 224), Image.BILINEAR), np.float32)
+    assert ours.shape == (224, 224, 3)
+    assert np.abs(ours - reference).mean() < 6
 
 
 def test_exif_orientation_is_applied():

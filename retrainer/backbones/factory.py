@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from ..images import PIXELS_VERSION
 from .registry import BackboneSpec, get_spec, is_backbone
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Backbone:
         """The cache id of this backbone run at ``precision``."""
         fields = {k: v for k, v in self.spec.to_dict().items()
                   if k not in ("description", "license", "builder")}
-        blob = json.dumps([fields, self.weights_digest, precision], sort_keys=True)
+        blob = json.dumps([fields, self.weights_digest, precision, PIXELS_VERSION], sort_keys=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.spec.name)
         return f"{safe}-{precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
