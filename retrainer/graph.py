@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
@@ -187,8 +191,6 @@ class GraphRunner:
         self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
         self._pool = None
         if n > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="graph-replica")
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
@@ -212,6 +214,40 @@ class GraphRunner:
         first = self.run_on(0, parts[0])
         return np.concatenate([first] + [f.result() for f in others])
 
+    def stream(self, batches: Iterable[tuple[T, np.ndarray]], depth: int = 2
+               ) -> Iterator[tuple[T, np.ndarray]]:
+        """(tag, output) for each (tag, batch), in order, keeping every session busy.
+
+        Each batch is split over the sessions as by ``__call__``, but a session moves on to
+        its share of the next batch as soon as it is done, instead of waiting for the slowest
+        share: with decoding competing for the same cores, the shares never finish together.
+        At most ``depth`` batches are in flight.
+        """
+        if len(self._sessions) == 1:
+            for tag, batch in batches:
+                yield tag, self.run_on(0, batch)
+            return
+        lanes = [ThreadPoolExecutor(1, thread_name_prefix="graph-lane")
+                 for _ in self._sessions]
+        pending: deque[tuple[T, list[Future]]] = deque()
+
+        def finish() -> tuple[T, np.ndarray]:
+            tag, parts = pending.popleft()
+            return tag, np.concatenate([f.result() for f in parts])
+
+        try:
+            for tag, batch in batches:
+                parts = np.array_split(np.asarray(batch), min(len(lanes), len(batch)))
+                pending.append((tag, [lane.submit(self.run_on, i, part)
+                                      for i, (lane, part) in enumerate(zip(lanes, parts))]))
+                if len(pending) >= max(1, depth):
+                    yield finish()
+            while pending:
+                yield finish()
+        finally:
+            for lane in lanes:
+                lane.shutdown(wait=True, cancel_futures=True)
+
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
         """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
         out = self._sessions[replica].run(self._output, {self._input: np.asarray(batch, np.float32)})
@@ -231,3 +267,14 @@ def load_graph_def(path: str) -> Any:
     with open(path, "rb") as fh:
         graph_def.ParseFromString(fh.read())
     return graph_def
+
+
+def run_batches(forward: Callable[[np.ndarray], np.ndarray],
+                batches: Iterable[tuple[T, np.ndarray]]) -> Iterator[tuple[T, np.ndarray]]:
+    """(tag, forward(batch)) in order: pipelined over the sessions of a :class:`GraphRunner`,
+    one batch at a time for any other function."""
+    if isinstance(forward, GraphRunner):
+        yield from forward.stream(batches)
+    else:
+        for tag, batch in batches:
+            yield tag, forward(batch)

@@ -135,29 +135,23 @@ class Classifier:
     def label_records(self, records: Sequence[ImageRecord], top_k: int = 5,
                       batch_size: int = 32, workers: int | None = None) -> Iterator[LabelResult]:
         """Score records in batches, decoding in parallel; failures come back as results."""
-        from .bottlenecks.local import decode_stream, default_workers
+        from .bottlenecks.local import decoded_batches, default_workers
+        from .graph import run_batches
 
-        pending: list[tuple[ImageRecord, np.ndarray]] = []
+        failed: dict[tuple[int, int], list[LabelResult]] = {}  # (batch, row) -> results
 
-        def flush() -> Iterator[LabelResult]:
-            probs = self.predict(np.stack([p for _, p in pending]))
-            for (rec, _), row in zip(pending, probs):
-                yield LabelResult(rec.display, self.top_k(row, top_k), probabilities=row)
-            pending.clear()
+        def fail(key: str, rec: ImageRecord, reason: str, where: tuple[int, int]) -> None:
+            failed.setdefault(where, []).append(LabelResult(rec.display, error=reason))
 
         items = ((rec.key, rec) for rec in records)
-        stream = decode_stream(items, self.input_size, self.resize,
-                               workers or default_workers(), window=2 * batch_size)
-        for _, rec, pixels, error in stream:
-            if pixels is None:
-                yield from flush() if pending else ()
-                yield LabelResult(rec.display, error=error)
-                continue
-            pending.append((rec, pixels))
-            if len(pending) >= batch_size:
-                yield from flush()
-        if pending:
-            yield from flush()
+        batches = decoded_batches(items, self.input_size, self.resize,
+                                  workers or default_workers(), batch_size, fail)
+        for done, (pairs, probs) in enumerate(run_batches(self.runner, batches)):
+            for row, ((_, rec), scores) in enumerate(zip(pairs, probs)):
+                yield from failed.pop((done, row), [])  # in input order
+                yield LabelResult(rec.display, self.top_k(scores, top_k), probabilities=scores)
+        for where in sorted(failed):  # after the last image
+            yield from failed[where]
 
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
         records = [ImageRecord(key=p, label="", read=Path(p).read_bytes, path=p) for p in paths]

@@ -90,6 +90,17 @@ def test_label_reports_bad_images_and_keeps_going(export, tmp_path):
     assert results[2].predictions[0].label == list(COLOURS)[1]
 
 
+def test_label_results_keep_the_input_order_across_batches(export, tmp_path):
+    model_dir, probes = export
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    good = [str(p) for p in probes]
+    paths = [str(bad)] + good[:3] + [str(bad)] + good * 3 + [str(bad), str(bad)]
+    results = list(Classifier.load(model_dir).label_paths(paths, batch_size=2))
+    assert [r.path for r in results] == paths
+    assert [r.error is None for r in results] == [p != str(bad) for p in paths]
+
+
 def test_graph_and_labels_files_without_a_model_dir(export):
     model_dir, probes = export
     classifier = Classifier.load(None, graph=str(model_dir / "retrained_graph.pb"),

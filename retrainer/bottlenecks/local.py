@@ -47,6 +47,31 @@ def decode_stream(
             yield _result(*pending.popleft())
 
 
+def decoded_batches(
+    items: Iterable[tuple[str, ImageRecord]], size: tuple[int, int], resize: str, workers: int,
+    batch_size: int, on_error: Callable[[str, ImageRecord, str, tuple[int, int]], None],
+) -> Iterator[tuple[list[tuple[str, ImageRecord]], np.ndarray]]:
+    """Batches of ``batch_size`` decoded images: ((key, record) pairs, stacked pixels).
+
+    An image that cannot be decoded goes to ``on_error(key, record, reason, (batch, row))``:
+    it came just before row ``row`` of batch number ``batch`` (a batch that may never come).
+    """
+    pairs: list[tuple[str, ImageRecord]] = []
+    pixels: list[np.ndarray] = []
+    made = 0
+    for key, rec, image, error in decode_stream(items, size, resize, workers, 2 * batch_size):
+        if image is None:
+            on_error(key, rec, error or "unreadable", (made, len(pairs)))
+            continue
+        pairs.append((key, rec))
+        pixels.append(image)
+        if len(pairs) >= batch_size:
+            yield pairs, np.stack(pixels)
+            pairs, pixels, made = [], [], made + 1
+    if pairs:
+        yield pairs, np.stack(pixels)
+
+
 def _result(key: str, rec: ImageRecord, fut: Future):
     try:
         return key, rec, fut.result(), None
@@ -66,30 +91,21 @@ class LocalEngine:
                 size: tuple[int, int], resize: str, cache: BottleneckCache,
                 batch_size: int = 16) -> list[Skipped]:
         """Compute and cache bottlenecks for ``items`` (key, record); return the failures."""
+        from ..graph import run_batches
+
         failures: list[Skipped] = []
-        keys: list[str] = []
-        batch: list[np.ndarray] = []
-
-        def run() -> None:
-            cache.add(keys, forward(np.stack(batch)))
-            keys.clear()
-            batch.clear()
-
         with bar(len(items), "extracting bottlenecks") as progress:
+
+            def skip(key: str, rec: ImageRecord, reason: str, where: tuple[int, int]) -> None:
+                log.warning("skipped %s: %s", rec.display, reason)
+                failures.append(Skipped(rec.display, reason))
+                progress.update(1)
+
             try:
-                stream = decode_stream(items, size, resize, self.workers, window=2 * batch_size)
-                for key, rec, pixels, error in stream:
-                    if pixels is None:
-                        log.warning("skipped %s: %s", rec.display, error)
-                        failures.append(Skipped(rec.display, error or "unreadable"))
-                    else:
-                        keys.append(key)
-                        batch.append(pixels)
-                        if len(batch) >= batch_size:
-                            run()
-                    progress.update(1)
-                if batch:
-                    run()
+                batches = decoded_batches(items, size, resize, self.workers, batch_size, skip)
+                for pairs, features in run_batches(forward, batches):
+                    cache.add([key for key, _ in pairs], features)
+                    progress.update(len(pairs))
             finally:
                 cache.close()  # keep what was computed, even when interrupted
         return failures
