@@ -11,11 +11,12 @@ graph with the small frozen head spliced on (:func:`compose`), not a second free
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -193,9 +194,10 @@ class GraphRunner:
         self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
         self._cold = set(range(n))  # sessions that have not run yet
         self._first_runs = threading.Lock()
-        self._pool = None
-        if n > 1:
-            self._pool = ThreadPoolExecutor(n - 1, thread_name_prefix="graph-replica")
+        # One thread per session, for as long as the runner lives: a batch's shares queue on
+        # them, so a session goes on to its next share without waiting for the others.
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"graph-lane-{i}")
+                       for i in range(n)] if n > 1 else []
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
 
@@ -208,49 +210,45 @@ class GraphRunner:
         return int(self.input_shape[1]), int(self.input_shape[2])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, np.float32)
-        n = min(len(self._sessions), len(batch))
-        if n <= 1:
+        batch = np.asarray(batch)
+        if not self._lanes or len(batch) <= 1:
             return self.run_on(0, batch)
-        parts = np.array_split(batch, n)
-        assert self._pool is not None
-        others = [self._pool.submit(self.run_on, i, part) for i, part in enumerate(parts) if i]
-        first = self.run_on(0, parts[0])
-        return np.concatenate([first] + [f.result() for f in others])
+        return _joined(self._submit(batch))
+
+    def _submit(self, batch: np.ndarray) -> list[Future]:
+        """Split ``batch`` over the sessions, each share queued on its session's lane."""
+        parts = np.array_split(np.asarray(batch), max(1, min(len(self._lanes), len(batch))))
+        return [lane.submit(self.run_on, i, part)
+                for i, (lane, part) in enumerate(zip(self._lanes, parts))]
 
     def stream(self, batches: Iterable[tuple[T, np.ndarray]], depth: int = 2
                ) -> Iterator[tuple[T, np.ndarray]]:
         """(tag, output) for each (tag, batch), in order, keeping every session busy.
 
-        Each batch is split over the sessions as by ``__call__``, but a session moves on to
-        its share of the next batch as soon as it is done, instead of waiting for the slowest
-        share: with decoding competing for the same cores, the shares never finish together.
-        At most ``depth`` batches are in flight.
+        Each batch is split over the sessions as by ``__call__``, but up to ``depth`` batches
+        are in flight, so a session moves on to its share of the next batch as soon as it is
+        done instead of waiting for the slowest share: with decoding competing for the same
+        cores, the shares never finish together.
         """
-        if len(self._sessions) == 1:
+        if not self._lanes:
             for tag, batch in batches:
                 yield tag, self.run_on(0, batch)
             return
-        lanes = [ThreadPoolExecutor(1, thread_name_prefix="graph-lane")
-                 for _ in self._sessions]
         pending: deque[tuple[T, list[Future]]] = deque()
-
-        def finish() -> tuple[T, np.ndarray]:
-            tag, parts = pending.popleft()
-            return tag, np.concatenate([f.result() for f in parts])
-
         try:
             for tag, batch in batches:
-                parts = np.array_split(np.asarray(batch), min(len(lanes), len(batch)))
-                pending.append((tag, [lane.submit(self.run_on, i, part)
-                                      for i, (lane, part) in enumerate(zip(lanes, parts))]))
+                pending.append((tag, self._submit(batch)))
                 if len(pending) >= max(1, depth):
-                    yield finish()
+                    tag, parts = pending.popleft()
+                    yield tag, _joined(parts)
             while pending:
-                yield finish()
-        finally:
-            for lane in lanes:
-                lane.shutdown(wait=True, cancel_futures=True)
+                tag, parts = pending.popleft()
+                yield tag, _joined(parts)
+        finally:  # stopped early: drop the shares not started, let the running ones end
+            for _, parts in pending:
+                for future in parts:
+                    future.cancel()
+            wait([f for _, parts in pending for f in parts])
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
         """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
@@ -270,8 +268,8 @@ class GraphRunner:
         return np.asarray(out, np.float32)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
         for session in self._sessions:
             session.close()
 
@@ -279,17 +277,21 @@ class GraphRunner:
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere a
     no-op). TensorFlow frees large buffers that glibc would otherwise keep mapped."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim: Any = None
+@functools.cache
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _joined(parts: list[Future]) -> np.ndarray:
+    return np.concatenate([f.result() for f in parts])
 
 
 def load_graph_def(path: str) -> Any:
@@ -300,13 +302,3 @@ def load_graph_def(path: str) -> Any:
         graph_def.ParseFromString(fh.read())
     return graph_def
 
-
-def run_batches(forward: Callable[[np.ndarray], np.ndarray],
-                batches: Iterable[tuple[T, np.ndarray]]) -> Iterator[tuple[T, np.ndarray]]:
-    """(tag, forward(batch)) in order: pipelined over the sessions of a :class:`GraphRunner`,
-    one batch at a time for any other function."""
-    if isinstance(forward, GraphRunner):
-        yield from forward.stream(batches)
-    else:
-        for tag, batch in batches:
-            yield tag, forward(batch)

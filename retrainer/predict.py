@@ -136,7 +136,6 @@ class Classifier:
                       batch_size: int = 32, workers: int | None = None) -> Iterator[LabelResult]:
         """Score records in batches, decoding in parallel; failures come back as results."""
         from .bottlenecks.local import decoded_batches, default_workers
-        from .graph import run_batches
 
         failed: dict[tuple[int, int], list[LabelResult]] = {}  # (batch, row) -> results
 
@@ -146,7 +145,7 @@ class Classifier:
         items = ((rec.key, rec) for rec in records)
         batches = decoded_batches(items, self.input_size, self.resize,
                                   workers or default_workers(), batch_size, fail)
-        for done, (pairs, probs) in enumerate(run_batches(self.runner, batches)):
+        for done, (pairs, probs) in enumerate(self.runner.stream(batches)):
             for row, ((_, rec), scores) in enumerate(zip(pairs, probs)):
                 yield from failed.pop((done, row), [])  # in input order
                 yield LabelResult(rec.display, self.top_k(scores, top_k), probabilities=scores)

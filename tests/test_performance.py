@@ -182,16 +182,19 @@ def test_replicated_sessions_give_the_single_session_result(tiny, n):
 
 def test_pipelined_batches_come_back_in_order_with_their_tags(tiny):
     """``stream`` keeps several batches in flight over two sessions; each output is its own."""
-    from retrainer.graph import GraphRunner, freeze, run_batches
+    from retrainer.graph import GraphRunner, freeze
 
     graph = freeze(tiny.model)
     single = GraphRunner(graph, replicas=1)
     split = GraphRunner(graph, replicas=2)
     batches = [(f"b{i}", pixels(n, seed=i)) for i, n in enumerate([4, 1, 7, 2, 5, 3])]
-    got = list(run_batches(split, iter(batches)))
+    got = list(split.stream(iter(batches)))
     assert [tag for tag, _ in got] == [tag for tag, _ in batches]
     for (_, x), (_, out) in zip(batches, got):
         np.testing.assert_allclose(out, single(x), rtol=1e-5, atol=1e-6)
-    plain = list(run_batches(single, iter(batches)))  # any function: one batch at a time
+    plain = list(single.stream(iter(batches)))  # one session: one batch at a time
     assert [tag for tag, _ in plain] == [tag for tag, _ in batches]
+    # a consumer that stops early leaves the runner usable
+    assert next(split.stream(iter(batches)))[0] == "b0"
+    np.testing.assert_allclose(split(batches[2][1]), single(batches[2][1]), rtol=1e-5, atol=1e-6)
     split.close()

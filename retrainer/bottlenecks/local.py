@@ -10,14 +10,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..errors import ImageError
+from ..graph import GraphRunner
 from ..images import load_pixels
 from ..progress import bar
 from ..sources.base import ImageRecord, Skipped
 from .cache import BottleneckCache
 
 log = logging.getLogger(__name__)
-
-Forward = Callable[[np.ndarray], np.ndarray]
 
 
 def default_workers() -> int:
@@ -87,12 +86,10 @@ class LocalEngine:
     def __init__(self, workers: int | None = None) -> None:
         self.workers = workers or default_workers()
 
-    def extract(self, items: Sequence[tuple[str, ImageRecord]], forward: Forward,
+    def extract(self, items: Sequence[tuple[str, ImageRecord]], forward: GraphRunner,
                 size: tuple[int, int], resize: str, cache: BottleneckCache,
                 batch_size: int = 16) -> list[Skipped]:
         """Compute and cache bottlenecks for ``items`` (key, record); return the failures."""
-        from ..graph import run_batches
-
         failures: list[Skipped] = []
         with bar(len(items), "extracting bottlenecks") as progress:
 
@@ -103,7 +100,7 @@ class LocalEngine:
 
             try:
                 batches = decoded_batches(items, size, resize, self.workers, batch_size, skip)
-                for pairs, features in run_batches(forward, batches):
+                for pairs, features in forward.stream(batches):
                     cache.add([key for key, _ in pairs], features)
                     progress.update(len(pairs))
             finally:
