@@ -16,6 +16,7 @@ import numpy as np
 
 from .progress import bar
 from .sources.base import ImageRecord
+from .tfload import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def fine_tune(backbone_model: Any, head_model: Any, n_classes: int,
               seed: int = 0) -> FineTuneResult:
     """Fine-tune in place; on return both models hold the best epoch's weights."""
     import keras
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     top = unfreeze_top(backbone_model, layers)
     variables = [v for layer in top for v in layer.trainable_weights] + \
@@ -150,7 +151,7 @@ def fine_tune(backbone_model: Any, head_model: Any, n_classes: int,
 
 def predict(fn: Any, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Run ``fn`` over uint8 pixels in batches; (N, classes) float probabilities."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     if not len(x):
         return np.zeros((0, 0), np.float32)

@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
+from .tfload import import_tensorflow
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -32,7 +34,7 @@ OUTPUT_NAME = "final_result"
 
 def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> Any:
     """A frozen ``tf.compat.v1.GraphDef`` of ``model`` with a float input and a named output."""
-    import tensorflow as tf
+    tf = import_tensorflow()
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -50,7 +52,7 @@ def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_N
 def dense_softmax_graph(kernel: np.ndarray, bias: np.ndarray, input_name: str = INPUT_NAME,
                         output_name: str = OUTPUT_NAME) -> Any:
     """A frozen GraphDef of ``softmax(x @ kernel + bias)``: the trained head, without Keras."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     with tf.Graph().as_default() as graph:
         x = tf.compat.v1.placeholder(tf.float32, [None, kernel.shape[0]], name=input_name)
@@ -86,9 +88,9 @@ def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
 def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
             output_name: str = OUTPUT_NAME) -> Any:
     """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
-    shape = _input_shape(backbone, input_name)
+    shape = input_shape(backbone, input_name)
     with tf.Graph().as_default() as graph:
         inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
         (feats,) = tf.compat.v1.import_graph_def(
@@ -103,7 +105,7 @@ def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
 
 def _without(graph_def: Any, name: str) -> Any:
     """A copy of ``graph_def`` without node ``name`` (an input about to be replaced)."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     body = tf.compat.v1.GraphDef()
     body.versions.CopyFrom(graph_def.versions)
@@ -112,7 +114,7 @@ def _without(graph_def: Any, name: str) -> Any:
     return body
 
 
-def _input_shape(graph_def: Any, name: str) -> list[int | None]:
+def input_shape(graph_def: Any, name: str) -> list[int | None]:
     """The placeholder's shape with a free batch dimension."""
     for node in graph_def.node:
         if node.name == name:
@@ -128,9 +130,9 @@ def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
     function's argument: 2-3x quicker to build than ``wrap_function`` + ``prune``, which copy
     every op in Python, and it runs the same.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()
 
-    shape = _input_shape(graph_def, input_name)
+    shape = input_shape(graph_def, input_name)
     body = _without(graph_def, input_name)
 
     @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=input_name)])
@@ -168,12 +170,12 @@ class GraphRunner:
                  replicas: int | None = None) -> None:
         """``threads`` caps the op threads of all sessions together (a Spark worker sharing a
         machine's cores; default: every core); ``replicas`` overrides the session count."""
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
         graph = tf.Graph()
         with graph.as_default():
-            shape = _input_shape(graph_def, input_name)
+            shape = input_shape(graph_def, input_name)
             inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
             (out,) = tf.compat.v1.import_graph_def(
                 _without(graph_def, input_name), input_map={f"{input_name}:0": inp},
@@ -295,7 +297,7 @@ def _joined(parts: list[Future]) -> np.ndarray:
 
 
 def load_graph_def(path: str) -> Any:
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     graph_def = tf.compat.v1.GraphDef()
     with open(path, "rb") as fh:

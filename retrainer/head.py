@@ -17,6 +17,7 @@ import numpy as np
 
 from .config import HeadConfig
 from .progress import bar
+from .tfload import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -285,14 +286,14 @@ def _summary_writer(summaries_dir: str | None) -> Any:
 
         raise RetrainerError("--summaries-dir needs the tensorboard package.",
                              "Install it: pip install 'retrainer[tensorboard]'.") from None
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     return tf.summary.create_file_writer(summaries_dir)
 
 
 def _write_summaries(writer: Any, row: dict[str, float], kernel: Any, bias: Any, epoch: int) -> None:
     """TensorBoard scalars (loss, accuracy, validation) and weight histograms for one epoch."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     with writer.as_default(step=epoch):
         for name, value in row.items():

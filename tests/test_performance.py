@@ -198,3 +198,25 @@ def test_pipelined_batches_come_back_in_order_with_their_tags(tiny):
     assert next(split.stream(iter(batches)))[0] == "b0"
     np.testing.assert_allclose(split(batches[2][1]), single(batches[2][1]), rtol=1e-5, atol=1e-6)
     split.close()
+
+
+def test_tensorflow_is_imported_without_keras_which_still_imports_later():
+    """Labelling and exporting skip Keras's ~1.5 s import; building a backbone still gets it."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from retrainer.tfload import KERAS_EAGER_IMPORT, import_tensorflow
+tf = import_tensorflow()
+assert import_tensorflow() is tf
+print(sorted(m for m in ("keras", "sklearn", KERAS_EAGER_IMPORT) if m in sys.modules))
+import keras
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+print(model(tf.ones((1, 3))).shape, type(tf.keras.layers.Dense(1)).__module__.split(".")[0])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "(1, 2) keras"]

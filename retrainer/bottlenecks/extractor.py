@@ -6,10 +6,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..tfload import import_tensorflow
+
 
 def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = None) -> Path:
     """Where the frozen graph of ``backbone`` at ``precision`` is kept, beside its bottlenecks."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from .. import __version__
 

@@ -21,6 +21,7 @@ from ..progress import bar
 from ..sources.base import ImageRecord, Skipped
 from ..spark_session import SparkError, local_cores, spark_session
 from .cache import BottleneckCache
+from ..tfload import import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def worker_runner(broadcast: Any, digest: str, threads: int | None) -> Any:
 def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
     """A GraphRunner in a Spark worker, with TensorFlow kept to the worker's share of cores."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     from ..graph import GraphRunner
 
