@@ -1,4 +1,10 @@
-"""Scoring predictions against true labels (scikit-learn metrics), for ``train`` and ``evaluate``."""
+"""Scoring predictions against true labels, for ``train`` and ``evaluate``.
+
+The metrics are scikit-learn's definitions (``precision_recall_fscore_support`` with
+``zero_division=0``, ``confusion_matrix``, one-vs-rest ``roc_auc_score``), computed here from the
+confusion matrix and from ranks: importing ``sklearn.metrics`` alone takes about a second, an
+eighth of a whole warm re-train. The tests check every figure against scikit-learn.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -122,17 +128,54 @@ def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den``, 0 where ``den`` is 0 (scikit-learn's ``zero_division=0``)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den != 0)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts; rows are true classes, columns predicted ones."""
+    flat = np.asarray(y_true, np.int64) * n_classes + np.asarray(y_pred, np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def precision_recall_f1(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class precision, recall, F1 and support from a confusion matrix."""
+    tp = np.diag(cm)
+    predicted, support = cm.sum(axis=0), cm.sum(axis=1)
+    return (_ratio(tp, predicted), _ratio(tp, support), _ratio(2 * tp, predicted + support),
+            support)
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``x``, ties sharing the mean of their ranks."""
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return ranks
+
+
+def binary_roc_auc(positives: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a positive outscores a negative (ties: half)."""
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    rank_sum = average_ranks(np.asarray(scores, np.float64))[positives].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def roc_auc_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
     """One-vs-rest ROC AUC per class and averaged; None where a class has no positive or negative."""
-    from sklearn.metrics import roc_auc_score
-
     per_class: dict[str, float | None] = {}
     for i, label in enumerate(labels):
         positives = y_true == i
         if positives.all() or not positives.any():
             per_class[label] = None
         else:
-            per_class[label] = float(roc_auc_score(positives, probs[:, i]))
+            per_class[label] = binary_roc_auc(positives, probs[:, i])
     scored = [(v, int((y_true == i).sum())) for i, v in enumerate(per_class.values()) if v is not None]
     macro = float(np.mean([v for v, _ in scored])) if scored else None
     weighted = (float(sum(v * n for v, n in scored) / sum(n for _, n in scored))
@@ -143,20 +186,17 @@ def roc_auc_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> 
 def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[str],
                          paths: Sequence[str] | None = None, split: str = "") -> EvaluationReport:
     """Metrics for class indices ``y_true`` against predicted probabilities (N, classes)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     y_true = np.asarray(y_true, dtype=int)
     probs = np.asarray(probs, dtype=np.float64).reshape(len(y_true), len(labels))
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
-    idx = list(range(len(labels)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, len(labels))
+    p, r, f, s = precision_recall_f1(cm)
     per_class = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                          "support": int(s[i])} for i, label in enumerate(labels)}
-    averages = {}
-    for avg in ("macro", "weighted"):
-        ap, ar, af, _ = precision_recall_fscore_support(y_true, y_pred, labels=idx, average=avg,
-                                                         zero_division=0)
-        averages[avg] = {"precision": float(ap), "recall": float(ar), "f1": float(af)}
+    averages = {"macro": {"precision": float(p.mean()), "recall": float(r.mean()),
+                          "f1": float(f.mean())},
+                "weighted": {name: float(_ratio(values @ s, s.sum()))
+                             for name, values in (("precision", p), ("recall", r), ("f1", f))}}
     wrong = np.nonzero(y_true != y_pred)[0]
     mistakes = [Misclassified(paths[i] if paths is not None else str(i), labels[y_true[i]],
                               labels[y_pred[i]], float(probs[i, y_pred[i]])) for i in wrong]
@@ -165,7 +205,7 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
         labels=labels, n=int(len(y_true)),
         accuracy=float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         per_class=per_class, macro=averages["macro"], weighted=averages["weighted"],
-        confusion=confusion_matrix(y_true, y_pred, labels=idx).tolist() if len(y_true) else [],
+        confusion=cm.tolist() if len(y_true) else [],
         misclassified=mistakes,
         roc_auc=roc_auc_scores(y_true, probs, labels) if len(y_true) else {},
         split=split,

@@ -1,4 +1,4 @@
-"""Evaluation reports: scikit-learn metrics, ROC AUC, the confusion PNG, and the CLI around them."""
+"""Evaluation reports: metrics equal to scikit-learn's, ROC AUC, the confusion PNG, and the CLI around them."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,36 @@ def test_metrics_match_scikit_learn_and_mistakes_are_listed_most_confident_first
     assert "roc_auc" in text and "accuracy 0.6250 (N=8)" in text
     assert "confusion matrix (rows: true, columns: predicted)" in text
     assert "  2  fox" in text
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_figure_equals_scikit_learns_on_random_predictions(seed: int):
+    """Five classes, one never true and one never predicted (zero division), tied scores."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    labels = [f"c{i}" for i in range(5)]
+    y_true = rng.choice([0, 1, 2, 3], size=60)  # class 4 never true
+    probs = np.round(rng.dirichlet(np.ones(5), size=60), 1)  # coarse: many ties
+    probs[:, 2] = 0.0  # class 2 never predicted
+    report = evaluate_predictions(y_true, probs, labels)
+    y_pred = probs.argmax(axis=1)
+    idx = list(range(5))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    for i, label in enumerate(labels):
+        row = report.per_class[label]
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[i], r[i], f[i]))
+        assert row["support"] == s[i]
+    for avg in ("macro", "weighted"):
+        expected = precision_recall_fscore_support(y_true, y_pred, labels=idx, average=avg,
+                                                   zero_division=0)[:3]
+        got = report.macro if avg == "macro" else report.weighted
+        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(expected)
+    assert report.confusion == confusion_matrix(y_true, y_pred, labels=idx).tolist()
+    for i, label in enumerate(labels[:4]):
+        expected_auc = roc_auc_score(y_true == i, probs[:, i])
+        assert report.roc_auc["per_class"][label] == pytest.approx(expected_auc, abs=1e-12)
+    assert report.roc_auc["per_class"]["c4"] is None
 
 
 def test_roc_auc_is_none_for_a_class_without_positives():
