@@ -60,9 +60,12 @@ def test_label_equals_saved_model_and_tflite(export):
     np.testing.assert_allclose(served, ours, atol=1e-4)
 
     interpreter = tf.lite.Interpreter(model_path=str(model_dir / "model.tflite"))
-    runner = interpreter.get_signature_runner()
-    lite = np.concatenate([next(iter(runner(images=batch[i:i + 1]).values())) for i in range(len(batch))])
+    assert interpreter.get_signature_list() == {
+        "serving_default": {"inputs": ["images"], "outputs": ["scores"]}}
+    runner = interpreter.get_signature_runner("serving_default")
+    lite = np.concatenate([runner(images=batch[i:i + 1])["scores"] for i in range(len(batch))])
     np.testing.assert_allclose(lite, ours, atol=1e-4)
+    np.testing.assert_allclose(runner(images=batch)["scores"], ours, atol=1e-4)  # any batch size
 
 
 def test_saved_model_takes_encoded_image_bytes(export):
