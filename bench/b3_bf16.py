@@ -4,10 +4,14 @@ Each data set is extracted twice through ``train``'s engine, at fp32 and at bf16
 keeps them apart). Accuracy is a fixed linear probe on the bottlenecks (scikit-learn logistic
 regression): hymenoptera trains on train/ and tests on val/ (153 images); flowers uses 5-fold
 cross-validation over its 300 images. ``agreement`` is the share of test images both precisions
-label alike.
+label alike; ``fp32_only_right`` and ``bf16_only_right`` count the test images only one of them
+gets right, and ``mcnemar_p`` is the exact two-sided McNemar p-value of that split (a small p
+means the accuracy difference is not chance; with random weights, the features themselves are
+noise, so only a small p would say that bf16 costs accuracy).
 """
 from __future__ import annotations
 
+import math
 import shutil
 import time
 
@@ -55,6 +59,16 @@ def probe(x: np.ndarray, y: np.ndarray, test: np.ndarray | None) -> np.ndarray:
     return model.predict(x[test])
 
 
+def mcnemar_p(a: int, b: int) -> float:
+    """Exact two-sided McNemar test: how likely a split of a + b discordant images at least this
+    uneven is when both precisions are equally accurate."""
+    n = a + b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(a, b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def main() -> None:
     args = parser(__doc__).parse_args()
     root, work = data_root(args), work_dir(args)
@@ -83,6 +97,10 @@ def main() -> None:
             row["speedup"] = round(row["bf16_img_s"] / row["fp32_img_s"], 2)
             row["accuracy_delta_points"] = round(100 * (row["bf16_accuracy"] - row["fp32_accuracy"]), 2)
             row["agreement"] = round(float((preds["fp32"] == preds["bf16"]).mean()), 4)
+            right = {p: preds[p] == truth for p in preds}
+            row["fp32_only_right"] = int((right["fp32"] & ~right["bf16"]).sum())
+            row["bf16_only_right"] = int((right["bf16"] & ~right["fp32"]).sum())
+            row["mcnemar_p"] = round(mcnemar_p(row["fp32_only_right"], row["bf16_only_right"]), 3)
             row["test_images"] = int(test.sum()) if test is not None else len(records)
             out[name][ds] = row
     emit({"benchmark": "bf16", "results": out})

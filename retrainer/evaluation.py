@@ -2,8 +2,9 @@
 
 The metrics are scikit-learn's definitions (``precision_recall_fscore_support`` with
 ``zero_division=0``, ``confusion_matrix``, one-vs-rest ``roc_auc_score``), computed here from the
-confusion matrix and from ranks: importing ``sklearn.metrics`` alone takes about a second, an
-eighth of a whole warm re-train. The tests check every figure against scikit-learn.
+confusion matrix and from ranks: importing ``sklearn.metrics`` alone takes about a second, a
+seventh of a whole warm re-train of 10k images. The tests check every figure against
+scikit-learn.
 """
 from __future__ import annotations
 
