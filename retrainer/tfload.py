@@ -19,9 +19,14 @@ _lock = threading.Lock()
 
 
 def import_tensorflow() -> ModuleType:
-    """``import tensorflow``; the first time, without importing Keras."""
-    tf = sys.modules.get("tensorflow")
-    if tf is not None:
+    """``import tensorflow``; the first time, without importing Keras.
+
+    While the first import runs (about 2 s), ``keras.src.optimizers`` cannot be imported: code
+    that imports Keras on another thread meanwhile should call this first.
+    """
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf  # waits for an import still running on another thread
+
         return tf
     with _lock:
         skip = "keras" not in sys.modules and KERAS_EAGER_IMPORT not in sys.modules
