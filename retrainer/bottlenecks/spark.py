@@ -20,8 +20,8 @@ import numpy as np
 from ..progress import bar
 from ..sources.base import ImageRecord, Skipped
 from ..spark_session import SparkError, local_cores, spark_session
-from .cache import BottleneckCache
 from ..tfload import import_tensorflow
+from .cache import BottleneckCache
 
 log = logging.getLogger(__name__)
 
