@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test
 
-.PHONY: demo test venv system-deps bench lint clean
+.PHONY: demo test venv system-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
