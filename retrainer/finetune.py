@@ -42,7 +42,7 @@ def load_pixels_of(records: Sequence[ImageRecord], size: tuple[int, int], resize
                 log.warning("fine-tuning: cannot decode %s (%s); using a blank image",
                             rec.display, error)
             else:
-                out[int(key)] = np.clip(pixels, 0, 255).astype(np.uint8)
+                out[int(key)] = pixels  # whole numbers in 0..255 (resized uint8)
             progress.update(1)
     return out
 

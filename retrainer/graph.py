@@ -303,4 +303,3 @@ def load_graph_def(path: str) -> Any:
     with open(path, "rb") as fh:
         graph_def.ParseFromString(fh.read())
     return graph_def
-

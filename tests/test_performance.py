@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -202,9 +204,6 @@ def test_pipelined_batches_come_back_in_order_with_their_tags(tiny):
 
 def test_tensorflow_is_imported_without_keras_which_still_imports_later():
     """Labelling and exporting skip Keras's ~1.5 s import; building a backbone still gets it."""
-    import subprocess
-    import sys
-
     script = """
 import sys
 from retrainer.tfload import KERAS_EAGER_IMPORT, import_tensorflow
