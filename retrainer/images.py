@@ -6,10 +6,10 @@ WebP and TIFF. EXIF orientation is applied, and every mode (grayscale, palette, 
 serving, so a model always sees images the way it was trained on them.
 
 Pillow reads every header and decodes every format. RGB and grayscale JPEGs, nearly all
-photos, are decoded by libjpeg-turbo through simplejpeg instead, at the smallest DCT scale that
-still covers the model's input, and resized by OpenCV: together about half the CPU time of
-Pillow's decode and antialiased resize, which matters when the backbone itself needs only a
-few milliseconds per image.
+photos, are decoded by libjpeg-turbo through simplejpeg instead, halved by the DCT (1/2, 1/4,
+1/8) as long as the result still covers the model's input, and resized by OpenCV: together
+about half the CPU time of Pillow's decode and antialiased resize, which matters when the
+backbone itself needs only a few milliseconds per image.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.B
 #: Decompression-bomb guard: images above this many pixels are refused.
 MAX_PIXELS = 100_000_000
 #: Changes whenever decoding or resizing changes the pixels a backbone sees (part of cache ids).
-PIXELS_VERSION = 2
+PIXELS_VERSION = 3
 
 #: Pillow's EXIF orientation transforms (as in ``ImageOps.exif_transpose``).
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -106,22 +106,42 @@ def _decode_jpeg(data: bytes, min_size: tuple[int, int] | None,
     """libjpeg-turbo's decode, upright; None when it refuses (Pillow then decodes, or says why)."""
     import simplejpeg
 
-    height, width = min_size or (0, 0)
+    min_height, min_width = min_size or (0, 0)
     if orientation in (5, 6, 7, 8):  # stored on its side: the minimum applies turned too
-        height, width = width, height
+        min_height, min_width = min_width, min_height
     try:
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=height, min_width=width)
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        k = dct_reduction(height, width, min_height, min_width) if min_size else 1
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // k) if k > 1 else 0,
+                                        min_width=-(-width // k) if k > 1 else 0)
     except ValueError:
         return None
     method = _TRANSPOSE.get(orientation)
     return pixels if method is None else np.asarray(Image.fromarray(pixels).transpose(method))
 
 
+def dct_reduction(height: int, width: int, min_height: int, min_width: int) -> int:
+    """The largest of 1, 2, 4, 8 that a JPEG's sides can be divided by and still cover the minimum.
+
+    libjpeg-turbo can scale by any n/8 while decoding, but only these reductions run on its SIMD
+    code: the scales between (5/8, 3/4, 7/8) are plain C and cost more than a full decode (on
+    500 photos for a 224x224 input: 0.86 CPU-ms per image at the smallest n/8 that covers,
+    0.64 at the power of two).
+    """
+    k = 1
+    while k < 8 and -(-height // (2 * k)) >= min_height and -(-width // (2 * k)) >= min_width:
+        k *= 2
+    return k
+
+
 def resize_rgb(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:
     """(H, W, 3) uint8 -> (height, width, 3) uint8.
 
-    ``bilinear`` runs on OpenCV: it interpolates (half-pixel centres, as ``tf.image.resize``),
-    and shrinking a side by 2x or more averages areas instead, so nothing is aliased away.
+    ``bilinear`` runs on OpenCV: it interpolates (half-pixel centres, as ``tf.image.resize``).
+    Shrinking by a factor ``s`` of 2 or more would skip pixels (aliasing), so the image is first
+    interpolated to ``floor(s)`` times the output, then averaged down by that whole number:
+    as close to a Lanczos resize as OpenCV's area averaging, at under half its cost (area
+    averaging by a factor that is not a whole number is OpenCV's slow path).
     ``bicubic`` keeps Pillow's antialiased filter (OpenCV's cubic kernel is a sharper one).
     """
     import cv2
@@ -131,9 +151,11 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinea
         return pixels
     if resize != "bilinear":
         return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLE[resize]))
-    shrink = pixels.shape[0] >= 2 * height or pixels.shape[1] >= 2 * width
-    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
-    return cv2.resize(pixels, (width, height), interpolation=method)
+    k = int(max(pixels.shape[0] / height, pixels.shape[1] / width))
+    if k < 2:
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
+    pixels = cv2.resize(pixels, (k * width, k * height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
