@@ -5,7 +5,7 @@ convolutions: it runs markedly faster on CPU than the Keras call, and it is what
 as ``retrained_graph.pb`` for plain-TF users.
 
 Freezing a large backbone takes seconds (Inception-v3: 5-10 s), so a backbone is frozen once and
-its graph kept beside its bottlenecks (:func:`cached_freeze`); the exported classifier is that
+its graph kept in the cache dir (:func:`cached_freeze`); the exported classifier is that
 graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
 """
 from __future__ import annotations

@@ -73,7 +73,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     t0 = time.perf_counter()
     filled = fill(config, dataset)
     spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
-    cache_root, keys, skipped = filled.cache_root, filled.keys, filled.skipped
+    keys, skipped = filled.keys, filled.skipped
     n_cached, n_computed = filled.cached, filled.computed
     timings = {"setup": filled.timings["setup"],
                "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
@@ -149,14 +149,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
                      "fine_tuned": config.fine_tune,
                      "test_accuracy": result.test_accuracy},
     }
-    from .bottlenecks.extractor import backbone_graph
+    from .bottlenecks.extractor import backbone_graph, graphs_dir
     from .export import export_graph
     from .graph import compose, dense_softmax_graph
 
-    # The backbone's frozen graph (kept beside its bottlenecks) plus the frozen head: no
-    # second freeze of the whole classifier. Exports are fp32 whatever the extraction precision.
+    # The backbone's kept frozen graph plus the frozen head: no second freeze of the whole
+    # classifier. Exports are fp32 whatever the extraction precision.
     # A fine-tuned backbone has new weights: freeze it afresh instead.
-    kept = None if config.fine_tune else cache_root
+    kept = None if config.fine_tune else graphs_dir()
     classifier = compose(backbone_graph(backbone, kept, "fp32"),
                          dense_softmax_graph(head.kernel, head.bias))
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
@@ -181,11 +181,11 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     if not aug.enabled:
         return x_tr, y_tr
     from .bottlenecks import get_engine
-    from .bottlenecks.extractor import make_forward
+    from .bottlenecks.extractor import graphs_dir, make_forward
 
     def extract(items: list) -> list:
         engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
-        return engine.extract(items, make_forward(backbone, cache.dir.parent), spec.input_size,
+        return engine.extract(items, make_forward(backbone, graphs_dir()), spec.input_size,
                               spec.resize, cache,
                               batch_size=config.extract_batch_size)
 

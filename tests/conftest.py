@@ -100,9 +100,9 @@ def fast_config(tmp_path: Path):
 
     def make(image_dir: Path, **kw):
         kw.setdefault("export_formats", ("graph",))  # SavedModel/TFLite are tested on their own
+        kw.setdefault("bottleneck_dir", str(tmp_path / "bottlenecks"))
         head = kw.pop("head", HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0))
         return TrainConfig(image_dir=str(image_dir), output_dir=str(tmp_path / "out"),
-                           architecture=TINY, bottleneck_dir=str(tmp_path / "bottlenecks"),
-                           head=head, **kw)
+                           architecture=TINY, head=head, **kw)
 
     return make

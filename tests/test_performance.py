@@ -77,28 +77,35 @@ def test_unknown_precision_is_a_clear_error():
         create_backbone(TINY, precision="fp8")
 
 
-def test_bf16_training_caches_apart_and_exports_fp32(colour_tree, fast_config, tmp_path):
+def test_bf16_training_caches_apart_and_exports_fp32(colour_tree, fast_config, tmp_path,
+                                                    monkeypatch):
     from retrainer.graph import load_graph_def
     from retrainer.training import train
 
+    monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
     fp32 = train(fast_config(colour_tree))
     bf16 = train(fast_config(colour_tree, precision="bf16"))
     assert bf16.bottlenecks_computed == 36 and bf16.cache_dir != fp32.cache_dir
     graph = load_graph_def(bf16.outputs["graph"])
     assert not [n.name for n in graph.node if "T" in n.attr and n.attr["T"].type == 14]  # exported in fp32
-    kept = sorted(p.name for p in (tmp_path / "bottlenecks").glob("*/frozen-graph-*.pb"))
-    assert len(kept) == 2  # one per precision, beside the bottlenecks
+    kept = sorted(p.name for p in (tmp_path / "cache" / "graphs").glob("*/frozen-graph-*.pb"))
+    assert len(kept) == 2  # one per precision, in the cache dir
+    assert not list((tmp_path / "bottlenecks").glob("*/*.pb"))
     assert bf16.validation_accuracy == fp32.validation_accuracy
 
 
-def test_second_run_reuses_the_kept_frozen_graph(colour_tree, fast_config, tmp_path):
+def test_a_new_bottleneck_dir_reuses_the_kept_frozen_graph(colour_tree, fast_config, tmp_path,
+                                                           monkeypatch):
+    """The frozen graph belongs to the backbone, not to a data set or a bottleneck dir."""
     from retrainer.training import train
 
+    monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
     train(fast_config(colour_tree))
-    (kept,) = (tmp_path / "bottlenecks").glob("*/frozen-graph-*.pb")
+    (kept,) = (tmp_path / "cache" / "graphs").glob("*/frozen-graph-*.pb")
     stamp = kept.stat().st_mtime_ns
-    train(fast_config(colour_tree))
-    assert kept.stat().st_mtime_ns == stamp
+    again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other")))
+    assert again.bottlenecks_computed == 36  # a new, empty bottleneck cache...
+    assert kept.stat().st_mtime_ns == stamp  # ...and the graph is not frozen again
 
 
 def test_decoding_keeps_a_bounded_window_in_flight():

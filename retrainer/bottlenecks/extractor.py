@@ -9,8 +9,20 @@ import numpy as np
 from ..tfload import import_tensorflow
 
 
+def graphs_dir() -> Path:
+    """Where frozen backbone graphs are kept: in the cache dir, apart from any bottleneck dir.
+
+    A frozen graph belongs to the backbone's weights, not to a data set, so every bottleneck
+    dir (``--bottleneck-dir``) shares it, as retrain.py's ``--model_dir`` kept its graph apart
+    from its ``--bottleneck_dir``: a new data set does not pay for freezing again.
+    """
+    from .cache import default_cache_dir
+
+    return default_cache_dir() / "graphs"
+
+
 def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = None) -> Path:
-    """Where the frozen graph of ``backbone`` at ``precision`` is kept, beside its bottlenecks."""
+    """Where the frozen graph of ``backbone`` at ``precision`` is kept under ``cache_root``."""
     tf = import_tensorflow()
 
     from .. import __version__
