@@ -4,14 +4,16 @@ The raw pass runs the backbone's frozen graph on pre-decoded random tensors at b
 and keeps the best; ``train``'s path hashes, reads, decodes and resizes real JPEGs (500 for
 Lite0, 160 for Inception-v3) on the thread pool while the same graph runs on full batches, and
 writes the bottleneck cache. Raw and train rounds alternate; the best of each is kept, since
-other work on the machine skews single measurements.
+other work on the machine skews single measurements. Each round also records the CPU-ms per
+image (all threads) and the share of the cores kept busy: where the train path's time goes.
 """
 from __future__ import annotations
 
 import shutil
-import time
 
-from common import WEIGHTS, backbones, data_root, emit, jpeg_set_500, parser, raw_forward_rate, work_dir
+from common import (
+    WEIGHTS, Clock, backbones, data_root, emit, jpeg_set_500, parser, raw_forward_rate, work_dir,
+)
 
 
 #: Images per timed round: enough for a steady state (Inception-v3 is ~8x slower per image).
@@ -50,22 +52,22 @@ def main() -> None:
             shutil.rmtree(cache_root, ignore_errors=True)
             cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim)
             engine = get_engine(defaults.engine, workers=defaults.workers)
-            t = time.perf_counter()
-            keys, _ = hash_records(records, defaults.workers)
-            items = list(dict(zip(keys, records)).items())
-            engine.extract(items, forward, spec.input_size, spec.resize, cache,
-                           batch_size=defaults.extract_batch_size)
-            seconds = time.perf_counter() - t
+            with Clock() as clock:
+                keys, _ = hash_records(records, defaults.workers)
+                items = list(dict(zip(keys, records)).items())
+                engine.extract(items, forward, spec.input_size, spec.resize, cache,
+                               batch_size=defaults.extract_batch_size)
             done = len(BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim))
-            rates.append(done / seconds)
+            rates.append(clock.rate(done))
             shutil.rmtree(cache_root, ignore_errors=True)
         raw, rate = max(raw_rates), max(rates)
-        out[name] = {"raw_img_s": round(raw, 2), "raw_batch": raw_batch,
-                     "train_img_s": round(rate, 2), "images": done,
+        out[name] = {"raw_img_s": round(raw.per_s, 2), "raw_batch": raw_batch,
+                     "train_img_s": round(rate.per_s, 2), "images": done,
                      "extract_batch": defaults.extract_batch_size,
-                     "raw_rounds": [round(r, 2) for r in raw_rates],
-                     "train_rounds": [round(r, 2) for r in rates],
-                     "ratio": round(rate / raw, 3),
+                     "raw_rounds": [r.to_dict() for r in raw_rates],
+                     "train_rounds": [r.to_dict() for r in rates],
+                     "raw_best": raw.to_dict(), "train_best": rate.to_dict(),
+                     "ratio": round(rate.per_s / raw.per_s, 3),
                      "raw_by_sessions": {n: round(r, 2) for n, r in by_sessions.items()}}
     emit({"benchmark": "extraction", "results": out})
 

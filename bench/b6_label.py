@@ -7,10 +7,10 @@ pool at its default batch. The CLI's wall time (TensorFlow import, model load) i
 """
 from __future__ import annotations
 
-import sys
-import time
-
-from common import data_root, emit, jpeg_set_500, parser, raw_forward_rate, retrainer_cmd, run, work_dir
+from common import (
+    Clock, Rate, data_root, emit, jpeg_set_500, parser, raw_forward_rate, retrainer_cmd, run,
+    work_dir,
+)
 
 
 def main() -> None:
@@ -30,27 +30,28 @@ def main() -> None:
     paths, _ = expand_inputs([str(images)])
     classifier = Classifier.load(model)
     list(classifier.label_paths(paths[:batch], batch_size=batch))  # warm-up
-    raw_rates: list[float] = []
+    raw_rates: list[Rate] = []
     raw_batches: list[int] = []
-    rates: list[float] = []
+    rates: list[Rate] = []
     by_sessions: dict[int, float] = {}
     for _ in range(2):  # alternate, keep the best of each: other work on the machine skews both
         raw, bs = raw_forward_rate(classifier.runner, classifier.input_size,
                                    by_sessions=by_sessions)
         raw_rates.append(raw)
         raw_batches.append(bs)
-        t = time.perf_counter()
-        results = list(classifier.label_paths(paths, batch_size=batch))
-        rates.append(len(results) / (time.perf_counter() - t))
+        with Clock() as clock:
+            results = list(classifier.label_paths(paths, batch_size=batch))
+        rates.append(clock.rate(len(results)))
     raw, rate = max(raw_rates), max(rates)
     cli_wall, _, _ = run([*retrainer_cmd(), "-q", "label", "--json", "--model-dir", str(model),
                           str(images)])
     emit({"benchmark": "label", "backbone": "efficientnet_lite0", "results": {
-        "images": len(results), "label_img_s": round(rate, 2), "label_batch": batch,
-        "raw_img_s": round(raw, 2), "raw_batch": raw_batches[raw_rates.index(raw)],
-        "raw_rounds": [round(r, 2) for r in raw_rates],
-        "label_rounds": [round(r, 2) for r in rates],
-        "ratio": round(rate / raw, 3), "cli_wall_s": round(cli_wall, 2),
+        "images": len(results), "label_img_s": round(rate.per_s, 2), "label_batch": batch,
+        "raw_img_s": round(raw.per_s, 2), "raw_batch": raw_batches[raw_rates.index(raw)],
+        "raw_rounds": [r.to_dict() for r in raw_rates],
+        "label_rounds": [r.to_dict() for r in rates],
+        "raw_best": raw.to_dict(), "label_best": rate.to_dict(),
+        "ratio": round(rate.per_s / raw.per_s, 3), "cli_wall_s": round(cli_wall, 2),
         "raw_by_sessions": {n: round(r, 2) for n, r in by_sessions.items()}}})
 
 

@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,40 +103,74 @@ def synthetic_set(dest: Path, n: int, size: int = 96, seed: int = 0) -> Path:
     return dest
 
 
-def best_rate(fn: Callable[[], int], seconds: float = 8.0, rounds: int = 1) -> float:
-    """Items per second of ``fn`` (returns items done per call), after one warm-up call."""
+class Clock:
+    """Wall time and this process's CPU time (all threads) over a block.
+
+    A throughput alone does not say where the time went; CPU-ms per item and how busy the cores
+    were do: the profile that a missed goal is explained with.
+    """
+
+    def __enter__(self) -> "Clock":
+        self.start, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.start
+        self.cpu = time.process_time() - self._cpu
+
+    def rate(self, items: int) -> "Rate":
+        return Rate(items / self.wall, 1000 * self.cpu / items,
+                    self.cpu / (self.wall * (os.cpu_count() or 1)))
+
+
+@dataclass(frozen=True, order=True)
+class Rate:
+    """Items per second, with the CPU-ms each item cost and the share of all cores kept busy."""
+
+    per_s: float
+    cpu_ms: float = 0.0
+    busy: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"img_s": round(self.per_s, 2), "cpu_ms_per_img": round(self.cpu_ms, 2),
+                "cores_busy": round(self.busy, 3)}
+
+
+def best_rate(fn: Callable[[], int], seconds: float = 8.0, rounds: int = 1) -> Rate:
+    """The rate of ``fn`` (returns items done per call), after one warm-up call."""
     fn()
-    best = 0.0
+    best = Rate(0.0)
     for _ in range(rounds):
-        n, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds:
-            n += fn()
-        best = max(best, n / (time.perf_counter() - t))
+        n = 0
+        with Clock() as clock:
+            while time.perf_counter() - clock.start < seconds:
+                n += fn()
+        best = max(best, clock.rate(n))
     return best
 
 
-def stream_rate(runner: Any, x: np.ndarray, seconds: float = 8.0) -> float:
-    """Images per second of ``runner.stream`` fed the same batch for ``seconds``."""
+def stream_rate(runner: Any, x: np.ndarray, seconds: float = 8.0) -> Rate:
+    """The rate of ``runner.stream`` fed the same batch for ``seconds``."""
     def feed(until: float) -> Any:
         while time.perf_counter() < until:
             yield None, x
 
     for _ in runner.stream(feed(time.perf_counter() + 1.0)):  # warm-up
         pass
-    t = time.perf_counter()
-    done = sum(len(out) for _, out in runner.stream(feed(t + seconds)))
-    return done / (time.perf_counter() - t)
+    with Clock() as clock:
+        done = sum(len(out) for _, out in runner.stream(feed(time.perf_counter() + seconds)))
+    return clock.rate(done)
 
 
 def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...] = (16, 32, 64),
                      seconds: float = 8.0, by_sessions: dict[int, float] | None = None
-                     ) -> tuple[float, int]:
-    """The fastest forward pass of a frozen-graph runner on pre-decoded tensors: (img/s, batch).
+                     ) -> tuple[Rate, int]:
+    """The fastest forward pass of a frozen-graph runner on pre-decoded tensors: (rate, batch).
 
     A runner with several sessions is measured both called batch by batch and pipelined
     (``stream``), and also as one plain session on the same graph; the fastest counts: the
     baseline is the best the backbone can do here.
-    ``by_sessions`` gets the best rate of each session count.
+    ``by_sessions`` gets the best img/s of each session count.
     """
     rng = np.random.default_rng(0)
     candidates = [runner]
@@ -143,7 +178,7 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
         from retrainer.graph import GraphRunner
 
         candidates.append(GraphRunner(runner.graph_def, replicas=1))
-    best = (0.0, 0)
+    best = (Rate(0.0), 0)
     for candidate in candidates:
         n = getattr(candidate, "replicas", 1)
         for bs in batches:
@@ -158,11 +193,12 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
                 modes["pipelined"] = stream_rate(candidate, x, seconds)
             for mode, rate in modes.items():
                 print(f"raw forward pass, {n} session(s), batch {bs}, {mode}: "
-                      f"{rate:.1f} images/s", file=sys.stderr)
+                      f"{rate.per_s:.1f} images/s, {rate.cpu_ms:.2f} CPU-ms per image",
+                      file=sys.stderr)
                 if rate > best[0]:
                     best = (rate, bs)
                 if by_sessions is not None:
-                    by_sessions[n] = max(by_sessions.get(n, 0.0), rate)
+                    by_sessions[n] = max(by_sessions.get(n, 0.0), rate.per_s)
     for candidate in candidates[1:]:
         candidate.close()
     return best

@@ -7,6 +7,10 @@ What it does, as retrain.py does it:
 - each bottleneck is written as one text file of comma-separated floats and read back;
 - 4000 SGD steps (learning rate 0.01) of 100 randomly sampled bottlenecks, every one read and
   parsed from its text file; every 10 steps a validation batch of 100, read the same way;
+- with ``--summaries-dir`` (retrain.py's default is /tmp/retrain_logs), TensorBoard summaries as
+  retrain.py writes them: the graph, then every step the merged summaries (mean, stddev, max,
+  min and histogram of the weights and biases, histograms of the logits and the softmax, cross
+  entropy, accuracy) for the training batch, and every 10 steps for the validation batch;
 - a final test on every test image, then the graph (backbone + new layer) frozen to a .pb.
 
 The train/validation/test split is retrainer's, so both tools are tested on the same images.
@@ -37,6 +41,8 @@ def main() -> None:
     p.add_argument("--validation-batch-size", type=int, default=100)
     p.add_argument("--eval-step-interval", type=int, default=10)
     p.add_argument("--testing-percentage", type=float, default=10)
+    p.add_argument("--summaries-dir", default=None,
+                   help="Write TensorBoard summaries as retrain.py does by default.")
     p.add_argument("--validation-percentage", type=float, default=10)
     args = p.parse_args()
 
@@ -82,10 +88,27 @@ def main() -> None:
         train_step = tf1.train.GradientDescentOptimizer(args.learning_rate).minimize(loss)
         prediction = tf1.argmax(final, 1)
         accuracy = tf1.reduce_mean(tf1.cast(tf1.equal(prediction, truth), tf.float32))
+        for name, var in (("weights", weights), ("biases", biases)):  # variable_summaries
+            with tf1.name_scope(name):
+                mean = tf1.reduce_mean(var)
+                tf1.summary.scalar("mean", mean)
+                tf1.summary.scalar("stddev", tf1.sqrt(tf1.reduce_mean(tf1.square(var - mean))))
+                tf1.summary.scalar("max", tf1.reduce_max(var))
+                tf1.summary.scalar("min", tf1.reduce_min(var))
+                tf1.summary.histogram("histogram", var)
+        tf1.summary.histogram("pre_activations", logits)
+        tf1.summary.histogram("activations", final)
+        tf1.summary.scalar("cross_entropy", loss)
+        tf1.summary.scalar("accuracy", accuracy)
+        merged = tf1.summary.merge_all()
         init = tf1.global_variables_initializer()
 
     sess = tf1.Session(graph=graph)
     sess.run(init)
+    writers = None
+    if args.summaries_dir:
+        writers = (tf1.summary.FileWriter(f"{args.summaries_dir}/train", graph),
+                   tf1.summary.FileWriter(f"{args.summaries_dir}/validation"))
     bdir = Path(args.bottleneck_dir)
 
     def bottleneck_path(rec) -> Path:  # noqa: ANN001
@@ -127,13 +150,23 @@ def main() -> None:
     t = time.perf_counter()
     for step in range(args.how_many_training_steps):
         xs, ys = random_batch("training", args.train_batch_size)
-        sess.run(train_step, {bottleneck_input: xs, truth: ys})
+        if writers:
+            summary, _ = sess.run([merged, train_step], {bottleneck_input: xs, truth: ys})
+            writers[0].add_summary(summary, step)
+        else:
+            sess.run(train_step, {bottleneck_input: xs, truth: ys})
         last = step + 1 == args.how_many_training_steps
         if step % args.eval_step_interval == 0 or last:
             sess.run([accuracy, loss], {bottleneck_input: xs, truth: ys})
             vx, vy = random_batch("validation", args.validation_batch_size)
-            if vx:
+            if vx and writers:
+                summary, _ = sess.run([merged, accuracy], {bottleneck_input: vx, truth: vy})
+                writers[1].add_summary(summary, step)
+            elif vx:
                 sess.run(accuracy, {bottleneck_input: vx, truth: vy})
+    if writers:
+        for writer in writers:
+            writer.close()
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()

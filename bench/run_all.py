@@ -59,6 +59,15 @@ def _one_session_row(name: str, x: dict, key: str) -> list[tuple[str, str, str, 
     return [(name, f"{x[key]} / {one} img/s = {x[key] / one:.3f}", "(info)", "")]
 
 
+def _cpu_row(name: str, x: dict, key: str) -> list[tuple[str, str, str, str]]:
+    """CPU-ms per image and cores kept busy, of the best round on each side: where time went."""
+    ours, raw = x.get(f"{key}_best"), x.get("raw_best")
+    if not ours or not raw:
+        return []
+    return [(name, f"{ours['cpu_ms_per_img']} / {raw['cpu_ms_per_img']} CPU-ms per image, "
+                   f"busy {ours['cores_busy']:.0%} / {raw['cores_busy']:.0%}", "(info)", "")]
+
+
 def print_table(r: dict) -> None:
     rows: list[tuple[str, str, str, str]] = []
 
@@ -70,12 +79,16 @@ def print_table(r: dict) -> None:
             rows.append((f"1 extraction/raw {bb}", f"{x['train_img_s']} / {x['raw_img_s']} img/s "
                          f"= {x['ratio']}", ">= 0.90", ok(x["ratio"] >= 0.9)))
             rows += _one_session_row(f"  vs one session {bb}", x, "train_img_s")
+            rows += _cpu_row(f"  train / raw {bb}", x, "train")
     if "b2_end_to_end" in r:
         for bb, x in r["b2_end_to_end"]["results"].items():
             goal = 8 if bb == "inception_v3" else 20
             acc_ok = (x["retrainer_test_accuracy"] or 0) >= (x["baseline_test_accuracy"] or 0)
             rows.append((f"2 end-to-end {bb}", f"{x['baseline_s']} s / {x['retrainer_s']} s = "
                          f"{x['speedup']}x", f">= {goal}x", ok(x["speedup"] >= goal)))
+            if "prepare_s" in x:
+                rows.append((f"  + first freeze {bb}", f"{x['baseline_s']} s / ({x['retrainer_s']}"
+                             f" + {x['prepare_s']}) s = {x['speedup_with_prepare']}x", "(info)", ""))
             rows.append((f"  test accuracy {bb}", f"ours {x['retrainer_test_accuracy']:.3f} vs "
                          f"baseline {x['baseline_test_accuracy']:.3f} (N={x['test_images']})",
                          ">= baseline", ok(acc_ok)))
@@ -105,6 +118,7 @@ def print_table(r: dict) -> None:
         rows.append(("6 label/raw lite0", f"{x['label_img_s']} / {x['raw_img_s']} img/s = "
                      f"{x['ratio']}", ">= 0.85", ok(x["ratio"] >= 0.85)))
         rows += _one_session_row("  vs one session lite0", x, "label_img_s")
+        rows += _cpu_row("  label / raw lite0", x, "label")
     if "b7_startup" in r:
         x = r["b7_startup"]["results"]
         rows.append(("7 retrainer --help", f"{x['help_s']} s (python -c pass {x['python_s']} s)",
