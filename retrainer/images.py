@@ -150,8 +150,15 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinea
         return pixels
     if resize != "bilinear":
         return np.asarray(Image.fromarray(pixels).resize((width, height), RESAMPLE[resize]))
-    k = int(max(pixels.shape[0] / height, pixels.shape[1] / width))
+    rows, cols = pixels.shape[:2]
+    k = int(max(rows / height, cols / width))
     if k < 2:
+        return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
+    if k * k * height * width > 2 * rows * cols:
+        # A long strip: the intermediate would outgrow the image. Average the sides that shrink
+        # (OpenCV's area averaging is only right when no side grows), then stretch the other.
+        pixels = cv2.resize(pixels, (min(cols, width), min(rows, height)),
+                            interpolation=cv2.INTER_AREA)
         return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
     pixels = cv2.resize(pixels, (k * width, k * height), interpolation=cv2.INTER_LINEAR)
     return cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)

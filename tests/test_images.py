@@ -109,6 +109,11 @@ def test_shrinking_averages_instead_of_aliasing():
     # by a factor that is not a whole number (2.5x): plain interpolation swings 64..191 here
     out = resize_rgb(stripes[:60, :60], (24, 24))
     assert out.shape == (24, 24, 3) and np.abs(out.astype(float) - 127.5).max() <= 32
+    # a long strip (4000x8 to 16x16) is averaged directly, never blown up to 4000x4000 first
+    strip = np.zeros((8, 4000, 3), np.uint8)
+    strip[:, ::2] = 255
+    out = resize_rgb(strip, (16, 16))
+    assert out.shape == (16, 16, 3) and np.allclose(out, 127.5, atol=1)
 
 
 def test_bicubic_is_pillows_filter():
