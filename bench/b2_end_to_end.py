@@ -44,7 +44,8 @@ def prepare_graph(name: str, weights: str | None, cache_dir: Path) -> tuple[str,
     run; (graph file, seconds). The baseline reads the same file (retrain.py reads a .pb too)."""
     code = ("import sys; from retrainer.backbones.factory import create_backbone; "
             "from retrainer.bottlenecks.extractor import backbone_graph, graph_path, graphs_dir; "
-            "b = create_backbone(sys.argv[1], None if sys.argv[2] == '-' else sys.argv[2], lazy=True); "
+            "w = None if sys.argv[2] == '-' else sys.argv[2]; "
+            "b = create_backbone(sys.argv[1], w, lazy=True); "
             "backbone_graph(b, graphs_dir()); print(graph_path(graphs_dir(), b))")
     shutil.rmtree(cache_dir, ignore_errors=True)
     wall, out, _ = run([sys.executable, "-c", code, name, weights or "-"],
