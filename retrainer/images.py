@@ -95,25 +95,30 @@ def decode_rgb(data: bytes, name: str = "<bytes>",
         img = _open(data, name)
         if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-            pixels = _decode_jpeg(data, min_size, orientation)
+            pixels = _decode_jpeg(data, img.size, min_size, orientation)
             if pixels is not None:
                 return pixels
         return np.asarray(_upright_rgb(img, draft))
 
 
-def _decode_jpeg(data: bytes, min_size: tuple[int, int] | None,
+def _decode_jpeg(data: bytes, stored: tuple[int, int], min_size: tuple[int, int] | None,
                  orientation: int) -> np.ndarray | None:
-    """libjpeg-turbo's decode, upright; None when it refuses (Pillow then decodes, or says why)."""
+    """libjpeg-turbo's decode, upright; None when it refuses (Pillow then decodes, or says why).
+
+    ``stored`` is the (width, height) in the file, as Pillow's header read gives it.
+    """
     import simplejpeg
 
-    min_height, min_width = min_size or (0, 0)
-    if orientation in (5, 6, 7, 8):  # stored on its side: the minimum applies turned too
-        min_height, min_width = min_width, min_height
+    width, height = stored
+    k = 1
+    if min_size:
+        min_height, min_width = min_size
+        if orientation in (5, 6, 7, 8):  # stored on its side: the minimum applies turned too
+            min_height, min_width = min_width, min_height
+        k = dct_reduction(height, width, min_height, min_width)
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-        k = dct_reduction(height, width, min_height, min_width) if min_size else 1
-        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // k) if k > 1 else 0,
-                                        min_width=-(-width // k) if k > 1 else 0)
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // k),
+                                        min_width=-(-width // k))
     except ValueError:
         return None
     method = _TRANSPOSE.get(orientation)

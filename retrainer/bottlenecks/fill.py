@@ -44,7 +44,6 @@ class Filled:
     dataset: Dataset
     backbone: Any
     cache: Any
-    cache_root: Path
     keys: list[str | None]  # per dataset record; None where the file was unreadable
     skipped: list[Skipped]
     cached: int
@@ -99,7 +98,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     if skipped:
         log.warning("skipped %d unusable file(s); see the summary", len(skipped))
     return Filled(spec=spec, dataset=dataset, backbone=backbone, cache=cache,
-                  cache_root=cache_root, keys=keys, skipped=skipped,
+                  keys=keys, skipped=skipped,
                   cached=len(todo) - len(missing), computed=computed,
                   engine=getattr(engine, "name", config.engine), timings=timings)
 
