@@ -6,10 +6,10 @@ bottleneck cache. ``retrainer train`` runs with its defaults; the baseline
 (``retrain_baseline.py``) with retrain.py's defaults (4000 steps).
 
 Both start with the backbone's frozen graph ready, as retrain.py is handed its downloaded
-``classify_image_graph_def.pb`` and retrainer keeps a backbone's frozen graph in its cache dir
-(apart from any bottleneck dir) after the first run: the time retrainer takes to build and
-freeze the backbone once is reported on its own (``prepare_s``), and the baseline reads that
-same graph file. Inception-v3's ImageNet weights need a download, so a fixed set of random
+``classify_image_graph_def.pb`` and retrainer keeps a backbone's graphs in its cache dir (apart
+from any bottleneck dir) after the first run: the frozen graph and the optimized graph its
+extraction runs. The time retrainer takes to build, freeze and optimize the backbone once is
+reported on its own (``prepare_s``), and the baseline reads the same frozen graph file. Inception-v3's ImageNet weights need a download, so a fixed set of random
 weights saved to a file stands in for them, as a local weights file does for an offline user.
 """
 from __future__ import annotations
@@ -40,13 +40,14 @@ def weights_file(name: str, work: Path) -> str | None:
 
 
 def prepare_graph(name: str, weights: str | None, cache_dir: Path) -> tuple[str, float]:
-    """Build and freeze the backbone into ``cache_dir`` as ``retrainer train`` does on its first
-    run; (graph file, seconds). The baseline reads the same file (retrain.py reads a .pb too)."""
+    """Build, freeze and optimize the backbone into ``cache_dir`` as ``retrainer train`` does on
+    its first run; (frozen graph file, seconds). The baseline reads the frozen graph (retrain.py
+    reads a .pb too)."""
     code = ("import sys; from retrainer.backbones.factory import create_backbone; "
-            "from retrainer.bottlenecks.extractor import backbone_graph, graph_path, graphs_dir; "
+            "from retrainer.bottlenecks.extractor import forward_graph, graph_path, graphs_dir; "
             "w = None if sys.argv[2] == '-' else sys.argv[2]; "
             "b = create_backbone(sys.argv[1], w, lazy=True); "
-            "backbone_graph(b, graphs_dir()); print(graph_path(graphs_dir(), b))")
+            "forward_graph(b, graphs_dir()); print(graph_path(graphs_dir(), b))")
     shutil.rmtree(cache_dir, ignore_errors=True)
     wall, out, _ = run([sys.executable, "-c", code, name, weights or "-"],
                        env={"RETRAINER_CACHE_DIR": str(cache_dir)})

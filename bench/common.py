@@ -177,7 +177,8 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
     if getattr(runner, "replicas", 1) > 1:
         from retrainer.graph import GraphRunner
 
-        candidates.append(GraphRunner(runner.graph_def, replicas=1))
+        candidates.append(GraphRunner(runner.graph_def, replicas=1,
+                                      optimized=getattr(runner, "optimized", False)))
     best = (Rate(0.0), 0)
     for candidate in candidates:
         n = getattr(candidate, "replicas", 1)

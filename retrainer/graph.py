@@ -7,6 +7,8 @@ as ``retrained_graph.pb`` for plain-TF users.
 Freezing a large backbone takes seconds (Inception-v3: 5-10 s), so a backbone is frozen once and
 its graph kept in the cache dir (:func:`cached_freeze`); the exported classifier is that
 graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
+The graph the backbone runs as is kept too, already rewritten as a session would on its first
+run (:func:`optimize`).
 """
 from __future__ import annotations
 
@@ -69,6 +71,12 @@ def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
     The caller picks a path that changes whenever the model's weights or structure do (the
     bottleneck cache id does), plus the TensorFlow version.
     """
+    return kept_graph(path, lambda: freeze(build()), "frozen graph")
+
+
+def kept_graph(path: str | Path, make: Callable[[], Any], what: str = "graph") -> Any:
+    """The GraphDef kept at ``path``; made by ``make()`` and written there (atomically) when
+    it is missing or damaged. A cache dir that cannot be written costs only the time."""
     from .bottlenecks.cache import atomic_write
 
     path = Path(path)
@@ -76,13 +84,50 @@ def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
         try:
             return load_graph_def(str(path))
         except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
-            log.warning("frozen graph %s is damaged (%s); freezing again", path.name, exc)
-    graph_def = freeze(build())
+            log.warning("%s %s is damaged (%s); making it again", what, path.name, exc)
+    graph_def = make()
     try:
         atomic_write(path, lambda fh: fh.write(graph_def.SerializeToString()))
     except OSError as exc:
-        log.warning("cannot keep the frozen graph at %s (%s)", path, exc.strerror or exc)
+        log.warning("cannot keep the %s at %s (%s)", what, path, exc.strerror or exc)
     return graph_def
+
+
+CPU = "/job:localhost/replica:0/task:0/device:CPU:0"
+
+
+def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
+    """``graph_def`` as a CPU session rewrites it on its first run (grappler: constants
+    folded, BatchNorm folded into the convolutions, ops fused), done once and kept.
+
+    A session then runs it with its own rewriting turned off (``GraphRunner(optimized=True)``):
+    the same outputs bit for bit and the same speed, but with no constants to fold, two
+    sessions take their first runs side by side in 1.3 s where they took 2.0 + 1.9 s in turn
+    (Inception-v3; peak RSS 2.4 GB against 2.7), and 0.4 s against 0.7 (EfficientNet-Lite0).
+    The rewriting itself takes 2.7 s (Inception-v3) and 0.5 s, once.
+    """
+    tf = import_tensorflow()
+    from tensorflow.python.grappler import tf_optimizer
+
+    placed = tf.compat.v1.GraphDef()
+    placed.CopyFrom(graph_def)
+    for node in placed.node:
+        node.device = CPU  # the CPU-only rewrites (fusions) look at the placement
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(placed, name="")
+        meta = tf.compat.v1.train.export_meta_graph(graph=graph)
+    meta.collection_def["train_op"].node_list.value.append(output_name)  # what must survive
+    out = tf_optimizer.OptimizeGraph(tf.compat.v1.ConfigProto(), meta)
+    for node in out.node:
+        node.device = ""
+    return out
+
+
+def cpu_only() -> bool:
+    """True when TensorFlow sees no GPU: :func:`optimize` rewrites for the CPU."""
+    tf = import_tensorflow()
+
+    return not tf.config.list_physical_devices("GPU")
 
 
 def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
@@ -183,12 +228,14 @@ class GraphRunner:
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME, threads: int | None = None,
-                 replicas: int | None = None) -> None:
+                 replicas: int | None = None, optimized: bool = False) -> None:
         """``threads`` caps the op threads of all sessions together (a Spark worker sharing a
-        machine's cores; default: every core); ``replicas`` overrides the session count."""
+        machine's cores; default: every core); ``replicas`` overrides the session count;
+        ``optimized``: the graph comes from :func:`optimize`, so sessions do not rewrite it."""
         tf = import_tensorflow()
 
         self.graph_def = graph_def  # kept so other processes (Spark workers) can rebuild it
+        self.optimized = optimized
         graph = tf.Graph()
         with graph.as_default():
             shape = input_shape(graph_def, input_name)
@@ -201,7 +248,7 @@ class GraphRunner:
         cores = threads or os.cpu_count() or 1
         n = max(1, replicas or default_replicas(cores))
         if n == 1 and not threads:
-            configs = [None]  # one session with TensorFlow's own thread pools
+            configs = [tf.compat.v1.ConfigProto()]  # TensorFlow's own thread pools
         else:
             # Each session gets its own pools: shared global pools would serialise them.
             per = max(1, cores // n)
@@ -209,8 +256,12 @@ class GraphRunner:
                                                 inter_op_parallelism_threads=1,
                                                 use_per_session_threads=True)
                        for _ in range(n)]
+        for config in configs:
+            config.graph_options.rewrite_options.disable_meta_optimizer = optimized
         self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
-        self._cold = set(range(n))  # sessions that have not run yet
+        # Sessions that have not run yet; their first runs take turns unless there is no
+        # rewriting to do (see run_on).
+        self._cold = set() if optimized else set(range(n))
         self._first_runs = threading.Lock()
         # One thread per session, for as long as the runner lives: a batch's shares queue on
         # them, so a session goes on to its next share without waiting for the others.

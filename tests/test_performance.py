@@ -56,6 +56,34 @@ def test_frozen_graph_is_kept_and_read_back_without_building(tiny, tmp_path, cap
     np.testing.assert_array_equal(GraphRunner(rebuilt)(pixels()), GraphRunner(first)(pixels()))
 
 
+def test_optimized_graph_folds_batchnorm_and_scores_as_the_frozen_one():
+    """The rewriting a session does on its first run, done ahead: same scores, fewer ops."""
+    import keras
+
+    from retrainer.graph import GraphRunner, freeze, optimize
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((32, 32, 3), name="input")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    bn = keras.layers.BatchNormalization(epsilon=1e-3)
+    x = keras.layers.ReLU(6.0)(bn(x))
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    gamma, beta, _, _ = bn.get_weights()
+    rng = np.random.default_rng(1)
+    bn.set_weights([gamma * 1.5, beta + 0.2, rng.normal(size=8) * 30, rng.uniform(1, 900, 8)])
+    frozen = freeze(model)
+    optimized = optimize(frozen)
+    ops = {n.op for n in optimized.node}
+    assert {"Rsqrt", "FusedBatchNormV3"} & {n.op for n in frozen.node}
+    assert not {"Rsqrt", "FusedBatchNormV3"} & ops and len(optimized.node) < len(frozen.node)
+    assert not [n.device for n in optimized.node if n.device]  # placement left to the session
+    expected = GraphRunner(frozen)(pixels(6))
+    for replicas in (1, 2):
+        runner = GraphRunner(optimized, optimized=True, replicas=replicas)
+        np.testing.assert_allclose(runner(pixels(6)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(expected, model(pixels(6)).numpy(), rtol=1e-4, atol=1e-3)
+
+
 def test_bf16_copy_computes_in_bfloat16_close_to_fp32(tiny):
     from retrainer.graph import GraphRunner, freeze
 
@@ -96,16 +124,19 @@ def test_bf16_training_caches_apart_and_exports_fp32(colour_tree, fast_config, t
 
 def test_a_new_bottleneck_dir_reuses_the_kept_frozen_graph(colour_tree, fast_config, tmp_path,
                                                            monkeypatch):
-    """The frozen graph belongs to the backbone, not to a data set or a bottleneck dir."""
+    """The frozen graph, and the optimized one extraction runs, belong to the backbone, not to
+    a data set or a bottleneck dir."""
     from retrainer.training import train
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
     train(fast_config(colour_tree))
-    (kept,) = (tmp_path / "cache" / "graphs").glob("*/frozen-graph-*.pb")
-    stamp = kept.stat().st_mtime_ns
+    graphs = tmp_path / "cache" / "graphs"
+    kept = [*graphs.glob("*/frozen-graph-*.pb"), *graphs.glob("*/optimized-graph-*.pb")]
+    assert len(kept) == 2
+    stamps = [path.stat().st_mtime_ns for path in kept]
     again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other")))
     assert again.bottlenecks_computed == 36  # a new, empty bottleneck cache...
-    assert kept.stat().st_mtime_ns == stamp  # ...and the graph is not frozen again
+    assert [path.stat().st_mtime_ns for path in kept] == stamps  # ...and no graph made again
 
 
 def test_decoding_keeps_a_bounded_window_in_flight():
