@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .bottlenecks.cache import atomic_write
 from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
 from .tfload import import_tensorflow
@@ -54,12 +56,13 @@ def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
                  output_dir: str | Path, formats: tuple[str, ...] = FORMATS,
-                 output_graph: str | None = None,
-                 output_labels: str | None = None) -> dict[str, str]:
+                 output_graph: str | None = None, output_labels: str | None = None,
+                 tflite: bytes | None = None) -> dict[str, str]:
     """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
 
     Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
-    model or function is traced) and TFLite is converted from it directly.
+    model or function is traced) and TFLite is converted from it directly, unless the caller
+    has the ``tflite`` model already (:func:`tflite_with_head`).
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +80,8 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
         written["saved_model"] = str(saved)
     if "tflite" in formats:
         tflite_path = out / TFLITE_FILE
-        write_tflite(graph_def, tflite_path)
+        blob = tflite or with_signature(tflite_model(graph_def))
+        atomic_write(tflite_path, lambda fh: fh.write(blob))
         written["tflite"] = str(tflite_path)
     meta = dict(metadata, labels=labels, files={k: _rel(v, out) for k, v in written.items()})
     write_json(out / METADATA_FILE, meta)
@@ -148,13 +152,12 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
     tmp.rename(path)
 
 
-def write_tflite(graph_def: Any, path: Path) -> None:
-    """TFLite of the frozen classifier, with the SavedModel's ``serving_default`` signature
-    (``images`` -> ``scores``) and a free batch dimension.
+def tflite_model(graph_def: Any) -> bytes:
+    """TFLite of a frozen graph (``input`` -> ``final_result``) with a free batch dimension.
 
     The GraphDef converter takes 0.4 s where converting the SavedModel's concrete function
     takes 1.3 s (it writes and reads back a temporary SavedModel first); the two models give
-    identical scores. It does not name a signature, so one is added to the flatbuffer.
+    identical scores. It names no signature: see :func:`with_signature`.
     """
     tf = import_tensorflow()
 
@@ -162,30 +165,104 @@ def write_tflite(graph_def: Any, path: Path) -> None:
     converter = tf.compat.v1.lite.TFLiteConverter(
         graph_def, None, None, input_arrays_with_shape=[(INPUT_NAME, shape)],
         output_arrays=[OUTPUT_NAME])
-    converter.exclude_conversion_metadata = True
-    blob = with_signature(converter.convert(), "serving_default", "images", "scores")
-    atomic_write(path, lambda fh: fh.write(blob))
+    converter.exclude_conversion_metadata = True  # saves a third unpack and pack of the model
+    return bytes(converter.convert())
 
 
-def with_signature(tflite: bytes, key: str, input_name: str, output_name: str) -> bytes:
+def with_signature(tflite: bytes, key: str = "serving_default", input_name: str = "images",
+                   output_name: str = "scores") -> bytes:
     """A one-input, one-output TFLite model with its signature ``key`` set to these names."""
-    import flatbuffers
-    from tensorflow.lite.python import schema_py_generated as schema
+    model = schema().ModelT.InitFromPackedBuf(tflite, 0)
+    return _packed(_signed(model, key, input_name, output_name))
 
-    model = schema.ModelT.InitFromPackedBuf(tflite, 0)
+
+def tflite_with_head(backbone: bytes, kernel: np.ndarray, bias: np.ndarray) -> bytes:
+    """The TFLite classifier: a backbone's TFLite model (:func:`tflite_model`) with the head
+    ``softmax(x @ kernel + bias)`` appended as the converter writes it (FULLY_CONNECTED with
+    the kernel transposed, then SOFTMAX), and the ``serving_default`` signature.
+
+    The backbone is converted once and kept (Inception-v3: 2.3 s); this takes 0.3 s.
+    """
+    sc = schema()
+    model = sc.ModelT.InitFromPackedBuf(backbone, 0)
+    graph = model.subgraphs[0]
+    (features,) = graph.outputs
+
+    def buffer(array: np.ndarray) -> int:
+        entry = sc.BufferT()
+        entry.data = np.frombuffer(np.ascontiguousarray(array, np.float32).tobytes(), np.uint8)
+        model.buffers.append(entry)
+        return len(model.buffers) - 1
+
+    def tensor(name: str, shape: tuple[int, ...], data: int = 0, batch: bool = False) -> int:
+        entry = sc.TensorT()
+        entry.name, entry.type, entry.buffer = name.encode(), sc.TensorType.FLOAT32, data
+        entry.shape = np.array((1, *shape) if batch else shape, np.int32)
+        if batch:
+            entry.shapeSignature = np.array((-1, *shape), np.int32)
+        graph.tensors.append(entry)
+        return len(graph.tensors) - 1
+
+    def opcode(code: int) -> int:
+        for i, entry in enumerate(model.operatorCodes):
+            if max(entry.builtinCode, entry.deprecatedBuiltinCode) == code:
+                return i
+        entry = sc.OperatorCodeT()
+        entry.builtinCode = entry.deprecatedBuiltinCode = code
+        entry.version = 1
+        model.operatorCodes.append(entry)
+        return len(model.operatorCodes) - 1
+
+    def operator(code: int, inputs: list[int], output: int, kind: int, options: Any) -> None:
+        entry = sc.OperatorT()
+        entry.opcodeIndex, entry.inputs, entry.outputs = opcode(code), inputs, [output]
+        entry.builtinOptionsType, entry.builtinOptions = kind, options
+        graph.operators.append(entry)
+
+    classes = int(kernel.shape[1])
+    weights = tensor("head/MatMul", (classes, int(kernel.shape[0])), buffer(np.transpose(kernel)))
+    biases = tensor("head/BiasAdd", (classes,), buffer(bias))
+    logits = tensor("head/logits", (classes,), batch=True)
+    scores = tensor(OUTPUT_NAME, (classes,), batch=True)
+    operator(sc.BuiltinOperator.FULLY_CONNECTED, [features, weights, biases], logits,
+             sc.BuiltinOptions.FullyConnectedOptions, sc.FullyConnectedOptionsT())
+    softmax = sc.SoftmaxOptionsT()
+    softmax.beta = 1.0
+    operator(sc.BuiltinOperator.SOFTMAX, [logits], scores, sc.BuiltinOptions.SoftmaxOptions,
+             softmax)
+    graph.outputs = [scores]
+    return _packed(_signed(model, "serving_default", "images", "scores"))
+
+
+def schema() -> Any:
+    from tensorflow.lite.python import schema_py_generated
+
+    return schema_py_generated
+
+
+def _signed(model: Any, key: str, input_name: str, output_name: str) -> Any:
+    """``model`` (one subgraph, one input, one output) with the signature ``key``."""
+    sc = schema()
     graph = model.subgraphs[0]
 
     def tensor(name: str, index: int) -> Any:
-        entry = schema.TensorMapT()
+        entry = sc.TensorMapT()
         entry.name, entry.tensorIndex = name, index
         return entry
 
-    signature = schema.SignatureDefT()
+    signature = sc.SignatureDefT()
     signature.signatureKey, signature.subgraphIndex = key, 0
     signature.inputs = [tensor(input_name, graph.inputs[0])]
     signature.outputs = [tensor(output_name, graph.outputs[0])]
     model.signatureDefs = [signature]
-    builder = flatbuffers.Builder(len(tflite) + 4096)
+    return model
+
+
+def _packed(model: Any) -> bytes:
+    import flatbuffers
+
+    size = sum(len(b.data) for b in model.buffers if b.data is not None)
+    builder = flatbuffers.Builder(size + (1 << 20))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 

@@ -75,22 +75,29 @@ def cached_freeze(path: str | Path, build: Callable[[], Any]) -> Any:
 
 
 def kept_graph(path: str | Path, make: Callable[[], Any], what: str = "graph") -> Any:
-    """The GraphDef kept at ``path``; made by ``make()`` and written there (atomically) when
-    it is missing or damaged. A cache dir that cannot be written costs only the time."""
+    """The GraphDef kept at ``path``; made by ``make()`` and kept when missing or damaged."""
+    return kept_file(path, make, lambda g: g.SerializeToString(), parse_graph_def, what)
+
+
+def kept_file(path: str | Path, make: Callable[[], T], dump: Callable[[T], bytes],
+              load: Callable[[bytes], T], what: str) -> T:
+    """``load`` of the file at ``path``; when it is missing or ``load`` fails, ``make()``,
+    written there atomically as ``dump`` gives it. A cache dir that cannot be written costs
+    only the time."""
     from .bottlenecks.cache import atomic_write
 
     path = Path(path)
     if path.is_file():
         try:
-            return load_graph_def(str(path))
-        except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
+            return load(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - protobuf and flatbuffers raise their own kinds
             log.warning("%s %s is damaged (%s); making it again", what, path.name, exc)
-    graph_def = make()
+    value = make()
     try:
-        atomic_write(path, lambda fh: fh.write(graph_def.SerializeToString()))
+        atomic_write(path, lambda fh: fh.write(dump(value)))
     except OSError as exc:
         log.warning("cannot keep the %s at %s (%s)", what, path, exc.strerror or exc)
-    return graph_def
+    return value
 
 
 CPU = "/job:localhost/replica:0/task:0/device:CPU:0"
@@ -364,9 +371,13 @@ def _joined(parts: list[Future]) -> np.ndarray:
 
 
 def load_graph_def(path: str) -> Any:
+    with open(path, "rb") as fh:
+        return parse_graph_def(fh.read())
+
+
+def parse_graph_def(data: bytes) -> Any:
     tf = import_tensorflow()
 
     graph_def = tf.compat.v1.GraphDef()
-    with open(path, "rb") as fh:
-        graph_def.ParseFromString(fh.read())
+    graph_def.ParseFromString(data)
     return graph_def

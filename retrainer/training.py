@@ -149,18 +149,22 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
                      "fine_tuned": config.fine_tune,
                      "test_accuracy": result.test_accuracy},
     }
-    from .bottlenecks.extractor import backbone_graph, graphs_dir
-    from .export import export_graph
+    from .bottlenecks.extractor import backbone_graph, backbone_tflite, graphs_dir
+    from .export import export_graph, tflite_with_head
     from .graph import compose, dense_softmax_graph
 
-    # The backbone's kept frozen graph plus the frozen head: no second freeze of the whole
-    # classifier. Exports are fp32 whatever the extraction precision.
-    # A fine-tuned backbone has new weights: freeze it afresh instead.
+    # The backbone's kept frozen graph (and TFLite model) plus the head: no second freeze or
+    # conversion of the whole classifier. Exports are fp32 whatever the extraction precision.
+    # A fine-tuned backbone has new weights: freeze and convert it afresh instead.
     kept = None if config.fine_tune else graphs_dir()
     classifier = compose(backbone_graph(backbone, kept, "fp32"),
                          dense_softmax_graph(head.kernel, head.bias))
+    tflite = None
+    if kept is not None and "tflite" in config.export_formats:
+        tflite = tflite_with_head(backbone_tflite(backbone, kept), head.kernel, head.bias)
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
-                                  config.export_formats, config.output_graph, config.output_labels)
+                                  config.export_formats, config.output_graph, config.output_labels,
+                                  tflite)
     report = test or val_report
     if report is not None:
         result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))

@@ -68,6 +68,38 @@ def test_label_equals_saved_model_and_tflite(export):
     np.testing.assert_allclose(runner(images=batch)["scores"], ours, atol=1e-4)  # any batch size
 
 
+def test_tflite_head_appended_to_a_kept_backbone_equals_converting_the_whole(tiny_backbone):
+    """The export appends the head to the backbone's kept TFLite model instead of converting
+    the whole classifier again: same operators, same scores."""
+    import tensorflow as tf
+
+    from retrainer.backbones.factory import create_backbone
+    from retrainer.export import schema, tflite_model, tflite_with_head, with_signature
+    from retrainer.graph import compose, dense_softmax_graph, freeze
+
+    rng = np.random.default_rng(5)
+    kernel, bias = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)
+    backbone = freeze(create_backbone(TINY).model)
+    appended = tflite_with_head(tflite_model(backbone), kernel, bias)
+    whole = with_signature(tflite_model(compose(backbone, dense_softmax_graph(kernel, bias))))
+
+    def operators(blob):
+        model = schema().ModelT.InitFromPackedBuf(blob, 0)
+        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+        return [codes[op.opcodeIndex] for op in model.subgraphs[0].operators]
+
+    assert operators(appended) == operators(whole)
+    batch = rng.uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    scores = []
+    for blob in (appended, whole):
+        interpreter = tf.lite.Interpreter(model_content=blob)
+        assert interpreter.get_signature_list() == {
+            "serving_default": {"inputs": ["images"], "outputs": ["scores"]}}
+        scores.append(interpreter.get_signature_runner("serving_default")(images=batch)["scores"])
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-6)
+    assert not np.allclose(scores[0], scores[0][:1])  # the images score differently
+
+
 def test_saved_model_takes_encoded_image_bytes(export):
     import tensorflow as tf
 

@@ -129,12 +129,14 @@ def test_a_new_bottleneck_dir_reuses_the_kept_frozen_graph(colour_tree, fast_con
     from retrainer.training import train
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
-    train(fast_config(colour_tree))
+    train(fast_config(colour_tree, export_formats=("graph", "tflite")))
     graphs = tmp_path / "cache" / "graphs"
-    kept = [*graphs.glob("*/frozen-graph-*.pb"), *graphs.glob("*/optimized-graph-*.pb")]
-    assert len(kept) == 2
+    kept = [*graphs.glob("*/frozen-graph-*.pb"), *graphs.glob("*/optimized-graph-*.pb"),
+            *graphs.glob("*/tflite-graph-*.tflite")]
+    assert len(kept) == 3
     stamps = [path.stat().st_mtime_ns for path in kept]
-    again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other")))
+    again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other"),
+                              export_formats=("graph", "tflite")))
     assert again.bottlenecks_computed == 36  # a new, empty bottleneck cache...
     assert [path.stat().st_mtime_ns for path in kept] == stamps  # ...and no graph made again
 

@@ -28,15 +28,18 @@ def graphs_dir() -> Path:
 def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = None,
                kind: str = "frozen") -> Path:
     """Where the ``kind`` graph of ``backbone`` at ``precision`` is kept under ``cache_root``:
-    ``frozen`` (what exports build on) or ``optimized`` (what extraction runs; its name
-    carries the machine's kind too, since the rewrites depend on the CPU)."""
+    ``frozen`` (what exports build on), ``tflite`` (its TFLite conversion) or ``optimized``
+    (what extraction runs; its name carries the machine's kind too, since the rewrites depend
+    on the CPU)."""
     tf = import_tensorflow()
 
     from .. import __version__
 
     ident = backbone.id_for(precision or backbone.precision)
     machine = f"-{machine_tag()}" if kind == "optimized" else ""
-    return Path(cache_root) / ident / f"{kind}-graph{machine}-tf{tf.__version__}-r{__version__}.pb"
+    suffix = ".tflite" if kind == "tflite" else ".pb"
+    return (Path(cache_root) / ident
+            / f"{kind}-graph{machine}-tf{tf.__version__}-r{__version__}{suffix}")
 
 
 def machine_tag() -> str:
@@ -70,6 +73,22 @@ def backbone_graph(backbone: Any, cache_root: str | Path | None = None,
         return freeze(backbone.model_for(precision))
     return cached_freeze(graph_path(cache_root, backbone, precision),
                          lambda: backbone.model_for(precision))
+
+
+def backbone_tflite(backbone: Any, cache_root: str | Path) -> bytes:
+    """The fp32 backbone as TFLite (:func:`retrainer.export.tflite_model`), converted once and
+    kept under ``cache_root``: an export appends its head (:func:`retrainer.export.tflite_with_head`)."""
+    from ..export import tflite_model
+    from ..graph import kept_file
+
+    def load(data: bytes) -> bytes:
+        if data[4:8] != b"TFL3":
+            raise ValueError("not a TFLite model")
+        return data
+
+    return kept_file(graph_path(cache_root, backbone, "fp32", kind="tflite"),
+                     lambda: tflite_model(backbone_graph(backbone, cache_root, "fp32")),
+                     bytes, load, "TFLite backbone")
 
 
 def make_forward(backbone: Any, cache_root: str | Path | None = None
