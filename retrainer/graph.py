@@ -139,7 +139,8 @@ def cpu_only() -> bool:
 
 def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
             output_name: str = OUTPUT_NAME) -> Any:
-    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in :func:`freeze`.
+    """One frozen GraphDef: ``backbone``'s output feeds ``head``'s input; names as in
+    :func:`freeze`.
 
     The nodes are copied under ``backbone/`` and ``head/``, the names ``import_graph_def``
     would give them, without importing either graph: 0.1 s for Inception-v3 where importing

@@ -77,7 +77,8 @@ def backbone_graph(backbone: Any, cache_root: str | Path | None = None,
 
 def backbone_tflite(backbone: Any, cache_root: str | Path) -> bytes:
     """The fp32 backbone as TFLite (:func:`retrainer.export.tflite_model`), converted once and
-    kept under ``cache_root``: an export appends its head (:func:`retrainer.export.tflite_with_head`)."""
+    kept under ``cache_root``; exports append their head to it
+    (:func:`retrainer.export.tflite_with_head`)."""
     from ..export import tflite_model
     from ..graph import kept_file
 
