@@ -43,8 +43,8 @@ def weights_file(name: str, work: Path) -> str | None:
 
 def prepare_graph(name: str, weights: str | None, cache_dir: Path) -> tuple[str, float]:
     """Build, freeze, optimize and convert the backbone into ``cache_dir`` as ``retrainer train``
-    does on its first run; (frozen graph file, seconds). The baseline reads the frozen graph (retrain.py
-    reads a .pb too)."""
+    does on its first run; (frozen graph file, seconds). The baseline reads the frozen graph
+    (retrain.py reads a .pb too)."""
     code = ("import sys; from retrainer.backbones.factory import create_backbone; "
             "from retrainer.bottlenecks.extractor import "
             "backbone_tflite, forward_graph, graph_path, graphs_dir; "
