@@ -108,9 +108,8 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
     folded, BatchNorm folded into the convolutions, ops fused), done once and kept.
 
     A session then runs it with its own rewriting turned off (``GraphRunner(optimized=True)``):
-    the same outputs bit for bit and the same speed, but with no constants to fold, two
-    sessions take their first runs side by side in 1.3 s where they took 2.0 + 1.9 s in turn
-    (Inception-v3; peak RSS 2.4 GB against 2.7), and 0.4 s against 0.7 (EfficientNet-Lite0).
+    the same outputs bit for bit and the same speed, but a first run takes 1.1 s instead of
+    2.0 s (Inception-v3) and 0.2 s instead of 0.35 s (EfficientNet-Lite0), with less memory.
     The rewriting itself takes 2.7 s (Inception-v3) and 0.5 s, once.
     """
     tf = import_tensorflow()
@@ -127,6 +126,8 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
     out = tf_optimizer.OptimizeGraph(tf.compat.v1.ConfigProto(), meta)
     for node in out.node:
         node.device = ""
+    del placed, graph, meta
+    release_free_memory()  # grappler's buffers: Lite0 190 MB the sessions would never reuse
     return out
 
 
@@ -267,9 +268,7 @@ class GraphRunner:
         for config in configs:
             config.graph_options.rewrite_options.disable_meta_optimizer = optimized
         self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
-        # Sessions that have not run yet; their first runs take turns unless there is no
-        # rewriting to do (see run_on).
-        self._cold = set() if optimized else set(range(n))
+        self._cold = set(range(n))  # sessions that have not run yet
         self._first_runs = threading.Lock()
         # One thread per session, for as long as the runner lives: a batch's shares queue on
         # them, so a session goes on to its next share without waiting for the others.
@@ -330,8 +329,9 @@ class GraphRunner:
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
         """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
         if replica in self._cold:
-            # A session's first run optimises the graph and builds its kernels, with large
-            # temporary buffers. Two at once peaked ~200 MB higher (EfficientNet-Lite0), so
+            # A session's first run optimises the graph (unless it comes optimized) and builds
+            # its kernels, with large temporary buffers. Two at once peaked ~200 MB higher
+            # (EfficientNet-Lite0; ~110 MB with an optimized graph, Inception-v3 ~230 MB), so
             # first runs take turns, and the freed buffers go back to the system.
             with self._first_runs:
                 out = self._run(replica, batch)
