@@ -157,11 +157,11 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     # conversion of the whole classifier. Exports are fp32 whatever the extraction precision.
     # A fine-tuned backbone has new weights: freeze and convert it afresh instead.
     kept = None if config.fine_tune else graphs_dir()
-    classifier = compose(backbone_graph(backbone, kept, "fp32"),
-                         dense_softmax_graph(head.kernel, head.bias))
+    frozen = backbone_graph(backbone, kept, "fp32")
+    classifier = compose(frozen, dense_softmax_graph(head.kernel, head.bias))
     tflite = None
     if kept is not None and "tflite" in config.export_formats:
-        tflite = tflite_with_head(backbone_tflite(backbone, kept), head.kernel, head.bias)
+        tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels,
                                   tflite)

@@ -75,10 +75,11 @@ def backbone_graph(backbone: Any, cache_root: str | Path | None = None,
                          lambda: backbone.model_for(precision))
 
 
-def backbone_tflite(backbone: Any, cache_root: str | Path) -> bytes:
+def backbone_tflite(backbone: Any, cache_root: str | Path, frozen: Any = None) -> bytes:
     """The fp32 backbone as TFLite (:func:`retrainer.export.tflite_model`), converted once and
     kept under ``cache_root``; exports append their head to it
-    (:func:`retrainer.export.tflite_with_head`)."""
+    (:func:`retrainer.export.tflite_with_head`). ``frozen``: its fp32 frozen graph, when the
+    caller has it loaded already."""
     from ..export import tflite_model
     from ..graph import kept_file
 
@@ -87,9 +88,12 @@ def backbone_tflite(backbone: Any, cache_root: str | Path) -> bytes:
             raise ValueError("not a TFLite model")
         return data
 
-    return kept_file(graph_path(cache_root, backbone, "fp32", kind="tflite"),
-                     lambda: tflite_model(backbone_graph(backbone, cache_root, "fp32")),
-                     bytes, load, "TFLite backbone")
+    def convert() -> bytes:
+        graph = frozen if frozen is not None else backbone_graph(backbone, cache_root, "fp32")
+        return tflite_model(graph)
+
+    return kept_file(graph_path(cache_root, backbone, "fp32", kind="tflite"), convert, bytes,
+                     load, "TFLite backbone")
 
 
 def make_forward(backbone: Any, cache_root: str | Path | None = None
