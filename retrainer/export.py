@@ -16,7 +16,7 @@ import numpy as np
 
 from .bottlenecks.cache import atomic_write
 from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
-from .tfload import import_tensorflow
+from ._tf_internals import import_tensorflow
 
 log = logging.getLogger(__name__)
 

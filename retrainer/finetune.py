@@ -16,7 +16,7 @@ import numpy as np
 
 from .progress import bar
 from .sources.base import ImageRecord
-from .tfload import import_tensorflow
+from ._tf_internals import import_tensorflow
 
 log = logging.getLogger(__name__)
 

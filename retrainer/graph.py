@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from .tfload import import_tensorflow
+from ._tf_internals import convert_to_constants, grappler_optimize, import_tensorflow
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,13 @@ OUTPUT_NAME = "final_result"
 def freeze(model: Any, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> Any:
     """A frozen ``tf.compat.v1.GraphDef`` of ``model`` with a float input and a named output."""
     tf = import_tensorflow()
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=input_name)
 
     @tf.function(input_signature=[spec])
     def forward(x: Any) -> Any:
         return tf.identity(tf.cast(model(x, training=False), tf.float32), name=output_name)
 
-    frozen = convert_variables_to_constants_v2(forward.get_concrete_function())
+    frozen = convert_to_constants(forward.get_concrete_function())
     return frozen.graph.as_graph_def()
 
 
@@ -113,7 +109,6 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
     The rewriting itself takes 2.7 s (Inception-v3) and 0.5 s, once.
     """
     tf = import_tensorflow()
-    from tensorflow.python.grappler import tf_optimizer
 
     placed = tf.compat.v1.GraphDef()
     placed.CopyFrom(graph_def)
@@ -123,7 +118,7 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
         tf.compat.v1.import_graph_def(placed, name="")
         meta = tf.compat.v1.train.export_meta_graph(graph=graph)
     meta.collection_def["train_op"].node_list.value.append(output_name)  # what must survive
-    out = tf_optimizer.OptimizeGraph(tf.compat.v1.ConfigProto(), meta)
+    out = grappler_optimize(tf.compat.v1.ConfigProto(), meta)
     for node in out.node:
         node.device = ""
     del placed, graph, meta

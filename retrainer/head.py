@@ -17,7 +17,7 @@ import numpy as np
 
 from .config import HeadConfig
 from .progress import bar
-from .tfload import import_tensorflow
+from ._tf_internals import import_tensorflow
 
 log = logging.getLogger(__name__)
 

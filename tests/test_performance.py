@@ -246,7 +246,7 @@ def test_tensorflow_is_imported_without_keras_which_still_imports_later():
     """Labelling and exporting skip Keras's ~1.5 s import; building a backbone still gets it."""
     script = """
 import sys
-from retrainer.tfload import KERAS_EAGER_IMPORT, import_tensorflow
+from retrainer._tf_internals import KERAS_EAGER_IMPORT, import_tensorflow
 tf = import_tensorflow()
 assert import_tensorflow() is tf
 print(sorted(m for m in ("keras", "sklearn", KERAS_EAGER_IMPORT) if m in sys.modules))

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..tfload import import_tensorflow
+from .._tf_internals import import_tensorflow
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..progress import bar
 from ..sources.base import ImageRecord, Skipped
 from ..spark_session import SparkError, local_cores, spark_session
-from ..tfload import import_tensorflow
+from .._tf_internals import import_tensorflow
 from .cache import BottleneckCache
 
 log = logging.getLogger(__name__)
