@@ -4,8 +4,7 @@ A frozen graph holds its weights as constants, which lets TensorFlow fold BatchN
 convolutions: it runs markedly faster on CPU than the Keras call, and it is what the export writes
 as ``retrained_graph.pb`` for plain-TF users.
 
-Freezing a large backbone takes seconds (Inception-v3: 5-10 s), so a backbone is frozen once and
-its graph kept in the cache dir (:func:`cached_freeze`); the exported classifier is that
+Freezing a large backbone takes seconds, so a backbone is frozen once and its graph kept in the cache dir (:func:`cached_freeze`); the exported classifier is that
 graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
 The graph the backbone runs as is kept too, already rewritten as a session would on its first
 run (:func:`optimize`).
@@ -104,9 +103,8 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
     folded, BatchNorm folded into the convolutions, ops fused), done once and kept.
 
     A session then runs it with its own rewriting turned off (``GraphRunner(optimized=True)``):
-    the same outputs bit for bit and the same speed, but a first run takes 1.1 s instead of
-    2.0 s (Inception-v3) and 0.2 s instead of 0.35 s (EfficientNet-Lite0), with less memory.
-    The rewriting itself takes 2.7 s (Inception-v3) and 0.5 s, once.
+    the same outputs bit for bit and the same speed, with a faster first run and less memory
+    (figures in docs/performance.md).
     """
     tf = import_tensorflow()
 
@@ -122,7 +120,7 @@ def optimize(graph_def: Any, output_name: str = OUTPUT_NAME) -> Any:
     for node in out.node:
         node.device = ""
     del placed, graph, meta
-    release_free_memory()  # grappler's buffers: Lite0 190 MB the sessions would never reuse
+    release_free_memory()  # grappler's buffers, which the sessions would never reuse
     return out
 
 
@@ -139,8 +137,8 @@ def compose(backbone: Any, head: Any, input_name: str = INPUT_NAME,
     :func:`freeze`.
 
     The nodes are copied under ``backbone/`` and ``head/``, the names ``import_graph_def``
-    would give them, without importing either graph: 0.1 s for Inception-v3 where importing
-    both and extracting the subgraph took 0.7 s.
+    would give them, without importing either graph (several times faster than importing both
+    and extracting the subgraph).
     """
     tf = import_tensorflow()
 
@@ -213,10 +211,9 @@ def input_shape(graph_def: Any, name: str) -> list[int | None]:
 def default_replicas(cores: int) -> int:
     """Sessions a runner spreads a batch over: two whenever there are two cores.
 
-    On a 2-core CPU, two single-threaded sessions each running half the batch beat one session
-    using both cores by 25-38 % on EfficientNet-Lite0 and 6-27 % on Inception-v3 (fp32/bf16):
+    Two single-threaded sessions each running half the batch beat one session using both cores:
     TensorFlow's intra-op parallelism leaves cores idle on small convolutions, two independent
-    executors do not. See docs/performance.md.
+    executors do not (docs/performance.md).
     """
     return 2 if cores >= 2 else 1
 
@@ -224,8 +221,8 @@ def default_replicas(cores: int) -> int:
 class GraphRunner:
     """Calls a frozen GraphDef on numpy batches in ``tf.compat.v1.Session`` s (no Keras).
 
-    A Session runs the same frozen graph ~30 % faster (wall time, same CPU time) than calling it
-    as a TF2 function on a 2-core CPU: its executor keeps both cores busier. A batch is split
+    A Session runs the same frozen graph faster than calling it as a TF2 function (same CPU
+    time, less wall time): its executor keeps the cores busier. A batch is split
     over ``replicas`` sessions, each with its own threads (:func:`default_replicas`), run side
     by side. Calling the runner, and :meth:`run_on`, is thread-safe.
     """
@@ -325,9 +322,9 @@ class GraphRunner:
         """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
         if replica in self._cold:
             # A session's first run optimises the graph (unless it comes optimized) and builds
-            # its kernels, with large temporary buffers. Two at once peaked ~200 MB higher
-            # (EfficientNet-Lite0; ~110 MB with an optimized graph, Inception-v3 ~230 MB), so
-            # first runs take turns, and the freed buffers go back to the system.
+            # its kernels, with large temporary buffers; two at once peak markedly higher
+            # (docs/performance.md), so first runs take turns, and the freed buffers go back
+            # to the system.
             with self._first_runs:
                 out = self._run(replica, batch)
                 self._cold.discard(replica)
