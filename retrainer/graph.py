@@ -16,14 +16,13 @@ import functools
 import logging
 import os
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from ._tf_internals import convert_to_constants, grappler_optimize, import_tensorflow
+from .runner import LaneRunner, default_replicas
 
 log = logging.getLogger(__name__)
 
@@ -208,24 +207,17 @@ def input_shape(graph_def: Any, name: str) -> list[int | None]:
     raise ValueError(f"the graph has no input node {name!r}")
 
 
-def default_replicas(cores: int) -> int:
-    """Sessions a runner spreads a batch over: two whenever there are two cores.
-
-    Two single-threaded sessions each running half the batch beat one session using both cores:
-    TensorFlow's intra-op parallelism leaves cores idle on small convolutions, two independent
-    executors do not (docs/performance.md).
-    """
-    return 2 if cores >= 2 else 1
-
-
-class GraphRunner:
-    """Calls a frozen GraphDef on numpy batches in ``tf.compat.v1.Session`` s (no Keras).
+class GraphRunner(LaneRunner):
+    """Calls a frozen GraphDef on numpy batches in ``tf.compat.v1.Session`` s (no Keras), one
+    session per lane (:class:`retrainer.runner.LaneRunner`).
 
     A Session runs the same frozen graph faster than calling it as a TF2 function (same CPU
     time, less wall time): its executor keeps the cores busier. A batch is split
     over ``replicas`` sessions, each with its own threads (:func:`default_replicas`), run side
     by side. Calling the runner, and :meth:`run_on`, is thread-safe.
     """
+
+    runtime = "tensorflow"
 
     def __init__(self, graph_def: Any, input_name: str = INPUT_NAME,
                  output_name: str = OUTPUT_NAME, threads: int | None = None,
@@ -262,61 +254,9 @@ class GraphRunner:
         self._sessions = [tf.compat.v1.Session(graph=graph, config=c) for c in configs]
         self._cold = set(range(n))  # sessions that have not run yet
         self._first_runs = threading.Lock()
-        # One thread per session, for as long as the runner lives: a batch's shares queue on
-        # them, so a session goes on to its next share without waiting for the others.
-        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"graph-lane-{i}")
-                       for i in range(n)] if n > 1 else []
         self.input_shape = tuple(inp.shape.as_list())
         self.output_dim = int(out.shape[-1])
-
-    @property
-    def replicas(self) -> int:
-        return len(self._sessions)
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return int(self.input_shape[1]), int(self.input_shape[2])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch)
-        if not self._lanes or len(batch) <= 1:
-            return self.run_on(0, batch)
-        return _joined(self._submit(batch))
-
-    def _submit(self, batch: np.ndarray) -> list[Future]:
-        """Split ``batch`` over the sessions, each share queued on its session's lane."""
-        parts = np.array_split(np.asarray(batch), max(1, min(len(self._lanes), len(batch))))
-        return [lane.submit(self.run_on, i, part)
-                for i, (lane, part) in enumerate(zip(self._lanes, parts))]
-
-    def stream(self, batches: Iterable[tuple[T, np.ndarray]], depth: int = 2
-               ) -> Iterator[tuple[T, np.ndarray]]:
-        """(tag, output) for each (tag, batch), in order, keeping every session busy.
-
-        Each batch is split over the sessions as by ``__call__``, but up to ``depth`` batches
-        are in flight, so a session moves on to its share of the next batch as soon as it is
-        done instead of waiting for the slowest share: with decoding competing for the same
-        cores, the shares never finish together.
-        """
-        if not self._lanes:
-            for tag, batch in batches:
-                yield tag, self.run_on(0, batch)
-            return
-        pending: deque[tuple[T, list[Future]]] = deque()
-        try:
-            for tag, batch in batches:
-                pending.append((tag, self._submit(batch)))
-                if len(pending) >= max(1, depth):
-                    tag, parts = pending.popleft()
-                    yield tag, _joined(parts)
-            while pending:
-                tag, parts = pending.popleft()
-                yield tag, _joined(parts)
-        finally:  # stopped early: drop the shares not started, let the running ones end
-            for _, parts in pending:
-                for future in parts:
-                    future.cancel()
-            wait([f for _, parts in pending for f in parts])
+        super().__init__(n)
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
         """The forward pass of ``batch`` on session ``replica`` only (thread-safe)."""
@@ -337,8 +277,7 @@ class GraphRunner:
         return np.asarray(out, np.float32)
 
     def close(self) -> None:
-        for lane in self._lanes:
-            lane.shutdown(wait=True)
+        super().close()
         for session in self._sessions:
             session.close()
 
@@ -357,10 +296,6 @@ def _malloc_trim() -> Any:
         return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         return None
-
-
-def _joined(parts: list[Future]) -> np.ndarray:
-    return np.concatenate([f.result() for f in parts])
 
 
 def load_graph_def(path: str) -> Any:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import ModelDirError
-from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE
+from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE
 from .images import load_pixels
 from .sources.base import ImageRecord
 
@@ -76,40 +76,83 @@ def read_labels(path: str | Path) -> list[str]:
 class Classifier:
     """An exported model, ready to score pixels or encoded images."""
 
-    def __init__(self, graph_def: Any, labels: list[str], metadata: dict[str, Any]) -> None:
-        from .graph import GraphRunner
+    def __init__(self, graph_def: Any, labels: list[str], metadata: dict[str, Any],
+                 runner: Any = None) -> None:
+        """``runner`` runs the model (a :class:`retrainer.runner.LaneRunner`); by default the
+        frozen ``graph_def`` on TensorFlow."""
+        if runner is None:
+            from .graph import GraphRunner
 
-        try:
-            self.runner = GraphRunner(graph_def)
-        except (ValueError, KeyError) as exc:
-            raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path ({exc}).",
-                                "Use a graph exported by 'retrainer train'.") from None
+            try:
+                runner = GraphRunner(graph_def)
+            except (ValueError, KeyError) as exc:
+                raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path ({exc}).",
+                                    "Use a graph exported by 'retrainer train'.") from None
+        self.runner = runner
+        self.graph_def = graph_def
         self.labels = labels
         self.metadata = metadata
         if self.runner.output_dim != len(labels):
-            raise ModelDirError(f"the graph has {self.runner.output_dim} outputs but the labels "
+            raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
                                 f"file lists {len(labels)} labels.")
         self.input_size = self.runner.input_size
         self.resize = metadata.get("backbone", {}).get("resize", "bilinear")
 
+    @property
+    def runtime(self) -> str:
+        """Which runtime scores the images: ``tensorflow`` or ``litert``."""
+        return str(getattr(self.runner, "runtime", "tensorflow"))
+
     @classmethod
     def load(cls, model_dir: str | Path | None = "retrained", graph: str | None = None,
-             labels: str | None = None) -> "Classifier":
-        """Load from an export folder, or from explicit ``graph`` and ``labels`` files."""
-        from .graph import load_graph_def
+             labels: str | None = None, runtime: str = "auto") -> "Classifier":
+        """Load from an export folder, or from explicit ``graph`` and ``labels`` files.
 
+        ``runtime``: ``auto`` runs the folder's ``model.tflite`` on LiteRT when it is installed
+        (no TensorFlow import: a one-image ``label`` starts in a fraction of a second), else the
+        frozen graph on TensorFlow; ``tensorflow`` or ``litert`` force one.
+        """
+        from .runner import RUNTIMES, litert_available
+
+        if runtime not in RUNTIMES:
+            raise ModelDirError(f"unknown runtime {runtime!r}.",
+                                f"Use one of: {', '.join(RUNTIMES)}.")
         base = Path(model_dir) if model_dir else None
         graph_path = Path(graph) if graph else (base / GRAPH_FILE if base else None)
         labels_path = Path(labels) if labels else (base / LABELS_FILE if base else None)
         if graph_path is None or labels_path is None:
             raise ModelDirError("give a model folder, or both a graph and a labels file.")
-        if not graph_path.is_file():
+        tflite_path = base / TFLITE_FILE if base and not graph else None
+        use_litert = runtime == "litert" or (
+            runtime == "auto" and tflite_path is not None and tflite_path.is_file()
+            and litert_available())
+        if use_litert and runtime == "litert":
+            if tflite_path is None or not tflite_path.is_file():
+                raise ModelDirError(f"no {TFLITE_FILE} in the model folder for runtime 'litert'.",
+                                    "Export it (train with the tflite export format), or use "
+                                    "runtime 'tensorflow'.")
+            if not litert_available():
+                raise ModelDirError("runtime 'litert' needs the ai-edge-litert package.",
+                                    "Install it: pip install ai-edge-litert.")
+        model_path = tflite_path if use_litert else graph_path
+        if not model_path.is_file():
             raise ModelDirError(f"no frozen graph at '{graph_path}'.",
                                 "Train a model first: retrainer train --image-dir DIR.")
         metadata: dict[str, Any] = {}
         meta_path = (base / METADATA_FILE) if base else graph_path.with_name(METADATA_FILE)
         if meta_path.is_file():
             metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        if use_litert:
+            from .runner import LiteRTRunner
+
+            try:
+                runner = LiteRTRunner(model_path)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ModelDirError(f"'{model_path}' is not a TFLite model exported by retrainer "
+                                    f"({exc}).", "Train again, or use runtime 'tensorflow'.") from None
+            return cls(None, read_labels(labels_path), metadata, runner=runner)
+        from .graph import load_graph_def
+
         try:
             graph_def = load_graph_def(str(graph_path))
         except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds

@@ -106,7 +106,8 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
         raise SparkError("no images to label.")
     if not is_remote(output) and os.path.exists(output) and not overwrite:
         raise SparkError(f"'{output}' already exists.", "Remove it or pass --overwrite.")
-    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels)
+    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
+                                runtime="tensorflow")  # the workers rebuild the graph
     graph_bytes_raw = classifier.runner.graph_def.SerializeToString()
     if spark is not None:
         return _label(spark, paths, empty, output, classifier, graph_bytes_raw, top_k,

@@ -14,7 +14,8 @@ import sys
 import threading
 
 _NATIVE = re.compile(rb"^([IWE]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|"
-                     rb"WARNING: All log messages before absl::InitializeLog)")
+                     rb"WARNING: All log messages before absl::InitializeLog|"
+                     rb"INFO: Created TensorFlow Lite XNNPACK delegate)")
 
 
 def filter_native_logs() -> None:
