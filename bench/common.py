@@ -165,7 +165,7 @@ def stream_rate(runner: Any, x: np.ndarray, seconds: float = 8.0) -> Rate:
 def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...] = (16, 32, 64),
                      seconds: float = 8.0, by_sessions: dict[int, float] | None = None
                      ) -> tuple[Rate, int]:
-    """The fastest forward pass of a frozen-graph runner on pre-decoded tensors: (rate, batch).
+    """The fastest forward pass of a model runner on pre-decoded tensors: (rate, batch).
 
     A runner with several sessions is measured both called batch by batch and pipelined
     (``stream``), and also as one plain session on the same graph; the fastest counts: the
@@ -175,10 +175,15 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
     rng = np.random.default_rng(0)
     candidates = [runner]
     if getattr(runner, "replicas", 1) > 1:
-        from retrainer.graph import GraphRunner
+        if getattr(runner, "runtime", "tensorflow") == "litert":
+            from retrainer.runner import LiteRTRunner
 
-        candidates.append(GraphRunner(runner.graph_def, replicas=1,
-                                      optimized=getattr(runner, "optimized", False)))
+            candidates.append(LiteRTRunner(runner.path, replicas=1))
+        else:
+            from retrainer.graph import GraphRunner
+
+            candidates.append(GraphRunner(runner.graph_def, replicas=1,
+                                          optimized=getattr(runner, "optimized", False)))
     best = (Rate(0.0), 0)
     for candidate in candidates:
         n = getattr(candidate, "replicas", 1)

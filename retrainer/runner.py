@@ -132,6 +132,7 @@ class LiteRTRunner(LaneRunner):
                  replicas: int | None = None) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        self.path = Path(path)
         cores = threads or os.cpu_count() or 1
         n = max(1, replicas or default_replicas(cores))
         per = max(1, cores // n)
