@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: Outliers: a distance to the nearest class centre beyond Q3 + OUTLIER_IQR * IQR (Tukey's
 #: "far out" fence) of all images' distances.
 OUTLIER_IQR = 3.0
+#: Principal components the cross-validated head sees.
+PCA_DIMS = 128
 
 
 @dataclass
@@ -87,8 +89,9 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
     """P(label | image) for every row from a head that never saw it (or any copy of it).
 
     Stratified group k-fold (copies of one image share a fold) of a logistic regression on
-    standardised bottlenecks.
+    standardised bottlenecks reduced to at most PCA_DIMS principal components.
     """
+    from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
@@ -105,7 +108,10 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, fold
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only ..."
         folds_iter = list(splitter.split(x, y, groups))
     for train_idx, test_idx in folds_iter:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=500))
+        # PCA first: the same fit in ~1/10 of the time on 1280-d bottlenecks (bench/audit.py).
+        dims = min(PCA_DIMS, len(train_idx) - 1, x.shape[1])
+        model = make_pipeline(StandardScaler(), PCA(dims, random_state=seed),
+                              LogisticRegression(C=c, max_iter=500))
         model.fit(x[train_idx], y[train_idx])
         p = model.predict_proba(x[test_idx])
         probs[np.ix_(test_idx, model.classes_)] = p

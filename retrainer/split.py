@@ -32,7 +32,7 @@ _NOHASH = re.compile(r"_nohash_.*$")
 #: Cosine similarity of two (centred) bottlenecks above which they are one image: resized,
 #: re-encoded, slightly cropped or brightened copies. Measured with bench/audit.py on
 #: efficientnet_lite0 (docs/audit.md).
-NEAR_DUPLICATE_SIMILARITY = 0.90
+NEAR_DUPLICATE_SIMILARITY = 0.80
 #: Bottlenecks narrower than this say too little for a similarity threshold measured on a real
 #: backbone (a 3-d mean colour makes every image of one colour a "near-duplicate").
 NEAR_DUPLICATE_MIN_DIM = 64
