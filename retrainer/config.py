@@ -45,6 +45,8 @@ class TrainConfig:
     output_labels: str | None = None
     export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     print_misclassified: bool = False
+    # Identical files under two labels are left out of training and evaluation unless kept.
+    keep_conflicting_duplicates: bool = False
     assert_accuracy_at_least: float | None = None
     summaries_dir: str | None = None  # TensorBoard logs of the head training
     # Cached augmentation (retrain.py's names; percentages): on when any distortion is set.

@@ -1,9 +1,14 @@
-"""A stable train/validation/test split decided by each image's relative path.
+"""A stable train/validation/test split in which copies of one image never straddle splits.
 
 As in retrain.py, the split is a hash of the name, so adding images never moves old ones between
 sets, and ``_nohash_`` groups files (``bob_nohash_1.jpg``, ``bob_nohash_2.jpg``) into one set.
 Unlike retrain.py the hash covers the path *relative to the image folder*, so moving or mounting
 the folder elsewhere does not reshuffle it.
+
+Once the images' content hashes (and, for a real backbone, their bottlenecks) are known,
+:func:`assign_splits` also groups identical files and near-duplicates: a group lands in one split,
+the split its member with the smallest key would get on its own. Splits the source gives
+(train/ val/ test/ folders, database roles) are kept, and a group that straddles them is counted.
 """
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ import hashlib
 import logging
 import re
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Sequence
+
+import numpy as np
 
 from .errors import DatasetError
 from .sources.base import TESTING, TRAINING, VALIDATION, Dataset
@@ -21,12 +29,21 @@ log = logging.getLogger(__name__)
 _BUCKETS = 2**27 - 1
 _NOHASH = re.compile(r"_nohash_.*$")
 
+#: Cosine similarity of two (centred) bottlenecks above which they are one image: resized,
+#: re-encoded, slightly cropped or brightened copies. Measured with bench/audit.py on
+#: efficientnet_lite0 (docs/audit.md).
+NEAR_DUPLICATE_SIMILARITY = 0.80
+#: Bottlenecks narrower than this say too little for a similarity threshold measured on a real
+#: backbone (a 3-d mean colour makes every image of one colour a "near-duplicate").
+NEAR_DUPLICATE_MIN_DIM = 64
+
 
 def split_of(key: str, validation_percentage: float, testing_percentage: float) -> str:
-    """The split for one relative path."""
+    """The split for one relative path (any str; undecodable file-name bytes included)."""
     head, _, name = key.rpartition("/")
     group = f"{head}/{_NOHASH.sub('', name)}" if head else _NOHASH.sub("", name)
-    digest = hashlib.sha1(group.encode("utf-8")).hexdigest()
+    # surrogateescape: a file name that is not UTF-8 (caf\xe9.jpg) hashes as its own bytes.
+    digest = hashlib.sha1(group.encode("utf-8", "surrogateescape")).hexdigest()
     percent = (int(digest, 16) % (_BUCKETS + 1)) * (100.0 / _BUCKETS)
     if percent < validation_percentage:
         return VALIDATION
@@ -35,27 +52,133 @@ def split_of(key: str, validation_percentage: float, testing_percentage: float) 
     return TRAINING
 
 
+@dataclass
+class Grouping:
+    """What :func:`assign_splits` found about copies of one image (counts, for the summary)."""
+
+    exact_groups: int = 0  # sets of 2+ files with identical bytes
+    merged_copies: int = 0  # identical files under one label beyond the first: one image each
+    near_groups: int = 0  # sets joined by near-duplicate bottlenecks (not identical bytes)
+    moved: int = 0  # records given their group's split instead of their own hash split
+    straddling: int = 0  # groups spread over source-given splits (kept as given)
+    conflicting: int = 0  # files whose bytes are also under another label
+    excluded: int = 0  # of those, left out of training and evaluation
+    conflicting_paths: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"duplicates: {self.exact_groups} group(s) of identical files "
+                f"({self.merged_copies} extra copies counted once), {self.near_groups} "
+                f"near-duplicate group(s), {self.moved} image(s) moved to their group's split, "
+                f"{self.straddling} group(s) straddle the given splits, {self.conflicting} "
+                f"identical file(s) under different labels ({self.excluded} left out)")
+
+
+class _Union:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def join(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+
+def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY,
+                         block: int = 1024) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j whose centred, L2-normalised bottlenecks are above ``threshold``.
+
+    Centring on the set's mean removes what every image of a backbone shares (post-ReLU features
+    are all positive), so the cosine measures what sets two images apart. Blockwise: memory
+    stays ``block x n`` floats.
+    """
+    x = normalised(vectors)
+    pairs: list[tuple[int, int, float]] = []
+    for start in range(0, len(x), block):
+        sims = x[start:start + block] @ x.T
+        rows, cols = np.nonzero(sims > threshold)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if i < c:
+                pairs.append((i, c, float(sims[r, c])))
+    return pairs
+
+
+def normalised(vectors: np.ndarray) -> np.ndarray:
+    """Centred on their mean and scaled to unit length (rows), float32."""
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x - x.mean(axis=0, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | None = None,
+                     threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[int]:
+    """A group id per item: items with equal content keys or near-duplicate vectors share one.
+
+    ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates; items
+    whose key is None are their own group.
+    """
+    n = len(content_keys)
+    union = _Union(n)
+    first: dict[str, int] = {}
+    for i, key in enumerate(content_keys):
+        if key is None:
+            continue
+        if key in first:
+            union.join(first[key], i)
+        else:
+            first[key] = i
+    if vectors is not None and len(vectors) > 1:
+        have = np.flatnonzero(np.isfinite(vectors).all(axis=1))
+        for i, j, _ in near_duplicate_pairs(vectors[have], threshold):
+            union.join(int(have[i]), int(have[j]))
+    return [union.find(i) for i in range(n)]
+
+
 def assign_splits(dataset: Dataset, validation_percentage: float = 10,
-                  testing_percentage: float = 10) -> Dataset:
+                  testing_percentage: float = 10, content_keys: Sequence[str | None] | None = None,
+                  vectors: np.ndarray | None = None, keep_conflicting: bool = False,
+                  threshold: float = NEAR_DUPLICATE_SIMILARITY,
+                  grouping: Grouping | None = None) -> Dataset:
     """Give every record without a split one, keeping each hash-split class trainable.
 
-    A class whose images all hash into validation/testing (a class of one or two images) keeps
-    them for training instead, with a warning: a class the head never saw cannot be learnt.
+    With ``content_keys`` (one per record, e.g. SHA-256 of its bytes; None if unreadable) copies
+    of one image form a group that lands in one split; ``vectors`` (bottlenecks, one row per
+    record) add near-duplicates. Identical files under one label count once (the extra copies
+    are dropped); under different labels they are left out unless ``keep_conflicting``. What was
+    found is added to ``grouping`` when given. A class whose images all hash into
+    validation/testing (a class of one or two images) keeps them for training instead, with a
+    warning: a class the head never saw cannot be learnt.
     """
     if not 0 <= validation_percentage <= 100 or not 0 <= testing_percentage <= 100 \
             or validation_percentage + testing_percentage >= 100:
         raise DatasetError(
             f"validation ({validation_percentage}%) + testing ({testing_percentage}%) must be "
             "between 0 and 100%, leaving images for training.")
-    hashed = [rec.split is None for rec in dataset.records]
-    records = [
-        rec if rec.split else replace(
-            rec, split=split_of(rec.key, validation_percentage, testing_percentage))
-        for rec in dataset.records
-    ]
+    found = grouping if grouping is not None else Grouping()
+    records = list(dataset.records)
+    hashed = [rec.split is None for rec in records]
+    splits = [rec.split or split_of(rec.key, validation_percentage, testing_percentage)
+              for rec in records]
+    keep = [True] * len(records)
+    if content_keys is not None:
+        if len(content_keys) != len(records):
+            raise ValueError("one content key per record is needed")
+        _group(records, list(content_keys), vectors, threshold, hashed, splits, keep,
+               keep_conflicting, found)
+    records = [replace(rec, split=s) for rec, s in zip(records, splits)]
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
-        if hashed[i]:
+        if hashed[i] and keep[i]:
             by_class[rec.label].append(i)
     for label, idx in sorted(by_class.items()):
         if idx and not any(records[i].split == TRAINING for i in idx):
@@ -64,4 +187,56 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
                         label, len(idx), "it" if len(idx) == 1 else "them all")
             for i in idx:
                 records[i] = replace(records[i], split=TRAINING)
-    return replace(dataset, records=records)
+    if content_keys is None:
+        return replace(dataset, records=records)
+    return replace(dataset, records=[r for r, k in zip(records, keep) if k])
+
+
+def _group(records: list, keys: list[str | None], vectors: np.ndarray | None, threshold: float,
+           hashed: list[bool], splits: list[str], keep: list[bool], keep_conflicting: bool,
+           found: Grouping) -> None:
+    """Regroup ``splits`` in place so that copies share one; mark dropped records in ``keep``."""
+    exact = duplicate_groups(keys)
+    groups = duplicate_groups(keys, vectors, threshold) if vectors is not None else exact
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        if keys[i] is not None:
+            members[g].append(i)
+    exact_members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(exact):
+        if keys[i] is not None:
+            exact_members[g].append(i)
+    for idx in exact_members.values():
+        if len(idx) < 2:
+            continue
+        found.exact_groups += 1
+        labels = {records[i].label for i in idx}
+        if len(labels) > 1:
+            found.conflicting += len(idx)
+            found.conflicting_paths += [records[i].display for i in idx]
+            if not keep_conflicting:
+                found.excluded += len(idx)
+                for i in idx:
+                    keep[i] = False
+                continue
+        seen: set[tuple[str, str | None]] = set()
+        for i in sorted(idx, key=lambda i: records[i].key):
+            if (records[i].label, records[i].split) in seen or \
+                    (records[i].label, None) in seen:
+                keep[i] = False
+                found.merged_copies += 1
+            seen.add((records[i].label, records[i].split if not hashed[i] else None))
+    exact_sets = {frozenset(v) for v in exact_members.values()}
+    for idx in members.values():
+        if len(idx) < 2:
+            continue
+        if frozenset(idx) not in exact_sets:
+            found.near_groups += 1
+        given = sorted((records[i].key, splits[i]) for i in idx if not hashed[i])
+        if len({s for _, s in given}) > 1:
+            found.straddling += 1
+        target = given[0][1] if given else splits[min(idx, key=lambda i: records[i].key)]
+        for i in idx:
+            if hashed[i] and splits[i] != target:
+                splits[i] = target
+                found.moved += 1

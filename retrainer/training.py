@@ -35,6 +35,7 @@ class TrainResult:
     backbone: str
     cache_dir: str
     timings: dict[str, float] = field(default_factory=dict)
+    duplicates: dict[str, Any] = field(default_factory=dict)  # split.Grouping.to_dict()
 
     @property
     def test_accuracy(self) -> float | None:
@@ -48,8 +49,9 @@ class TrainResult:
         return data
 
 
-def load_dataset(config: TrainConfig) -> Dataset:
-    """The configured source, with every record given a split."""
+def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
+    """The configured source, with every record given a split (``split=False``: only the
+    source's own splits; ``fill`` then groups copies of one image into one split)."""
     from .sources.folder import scan_folder
     from .split import assign_splits
 
@@ -57,12 +59,16 @@ def load_dataset(config: TrainConfig) -> Dataset:
         from .sources.sql import scan_database
 
         dataset = scan_database(config.db, where=config.db_where)
+        if not split:
+            return dataset
         return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
     if not config.image_dir:
         raise DatasetError("no images to train on.",
                            "Give an image folder (--image-dir DIR) or a database (--db URL).")
     exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
     dataset = scan_folder(config.image_dir, exclude=exclude)
+    if not split:
+        return dataset
     return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
 
 
@@ -134,7 +140,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         labels=dataset.classes, counts=counts, bottlenecks_cached=n_cached,
         bottlenecks_computed=n_computed, skipped=skipped, history=head.history,
         best_epoch=head.best_epoch, validation_accuracy=val_acc, test=test, outputs={},
-        backbone=spec.name, cache_dir=str(cache.dir), timings=timings)
+        backbone=spec.name, cache_dir=str(cache.dir), timings=timings,
+        duplicates=filled.grouping.to_dict() if filled.grouping else {})
     metadata = {
         "retrainer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -96,3 +96,62 @@ def test_impossible_percentages_are_rejected(tmp_path, val, test):
         make_image(tmp_path / label / "x.png", (1, 2, 3), size=4)
     with pytest.raises(DatasetError, match="must be between"):
         assign_splits(scan_folder(tmp_path), val, test)
+
+
+def _two_classes(root, n=5):
+    for label, colour in (("cats", (200, 10, 10)), ("dogs", (10, 10, 200))):
+        for i in range(n):
+            make_image(root / label / f"{i}.png", colour, size=4, seed=i + (50 if label == "dogs" else 0))
+
+
+def test_symlink_loops_are_walked_once_and_fast(tmp_path):
+    import os
+    import time
+
+    _two_classes(tmp_path)
+    os.symlink("..", tmp_path / "cats" / "loop")
+    os.symlink("..", tmp_path / "dogs" / "loop")
+    os.symlink("../..", tmp_path / "cats" / "up2")
+    t = time.perf_counter()
+    ds = scan_folder(tmp_path)
+    assert time.perf_counter() - t < 0.5
+    assert sorted(r.key for r in ds.records) == sorted(
+        f"{label}/{i}.png" for label in ("cats", "dogs") for i in range(5))
+
+
+def test_a_linked_folder_is_followed_once_and_a_linked_file_counted_once(tmp_path):
+    import os
+
+    _two_classes(tmp_path / "set")
+    extra = tmp_path / "more_cats"
+    make_image(extra / "x.png", (200, 10, 10), size=4, seed=99)
+    os.symlink(extra, tmp_path / "set" / "cats" / "more")
+    os.symlink(extra, tmp_path / "set" / "cats" / "again")
+    os.symlink(tmp_path / "set" / "cats" / "0.png", tmp_path / "set" / "cats" / "zz_link.png")
+    ds = scan_folder(tmp_path / "set")
+    cats = sorted(r.key for r in ds.records if r.label == "cats")
+    assert cats == ["cats/0.png", "cats/1.png", "cats/2.png", "cats/3.png", "cats/4.png",
+                    "cats/again/x.png"]
+
+
+def test_a_link_into_another_class_does_not_relabel_its_images(tmp_path):
+    import os
+
+    _two_classes(tmp_path)
+    os.symlink("../dogs", tmp_path / "cats" / "dogs_too")
+    ds = scan_folder(tmp_path)
+    assert {r.key: r.label for r in ds.records if "dogs" in r.key} == {
+        f"dogs/{i}.png": "dogs" for i in range(5)}
+
+
+def test_non_utf8_file_names_are_scanned_and_split(tmp_path):
+    import os
+
+    _two_classes(tmp_path)
+    name = os.fsdecode(b"caf\xe9.png")
+    make_image(tmp_path / "cats" / name, (200, 10, 10), size=4, seed=7)
+    ds = assign_splits(scan_folder(tmp_path), 10, 10)
+    (rec,) = [r for r in ds.records if r.key == f"cats/{name}"]
+    assert rec.split in (TRAINING, VALIDATION, TESTING)
+    assert split_of(f"cats/{name}", 10, 10) == rec.split
+    assert rec.read()[:4] == b"\x89PNG"

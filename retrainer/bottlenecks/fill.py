@@ -50,12 +50,16 @@ class Filled:
     computed: int
     engine: str
     timings: dict[str, float]
+    grouping: Any = None  # split.Grouping: the copies found while splitting
 
 
-def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None) -> Filled:
+def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None,
+         split: bool = True) -> Filled:
     """Compute the bottlenecks ``train(config)`` needs that are not cached yet.
 
-    ``engine`` overrides ``config.engine`` (e.g. a SparkEngine on a running session).
+    ``engine`` overrides ``config.engine`` (e.g. a SparkEngine on a running session). With
+    ``split`` the records get their splits once their contents (and bottlenecks) are known, so
+    copies of one image land in one split (see :func:`retrainer.split.assign_splits`).
     """
     from ..backbones.factory import create_backbone, resolve_spec
     from ..training import load_dataset
@@ -65,7 +69,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
-    dataset = dataset or load_dataset(config)
+    dataset = dataset or load_dataset(config, split=False)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
     backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
     cache_root = (Path(config.bottleneck_dir) if config.bottleneck_dir
@@ -97,17 +101,50 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     computed = len(missing) - len(cache.missing(missing))
     if skipped:
         log.warning("skipped %d unusable file(s); see the summary", len(skipped))
+    grouping = None
+    if split:
+        t = time.perf_counter()
+        dataset, keys, grouping = _split(config, dataset, keys, cache, spec.feature_dim)
+        timings["split"] = time.perf_counter() - t
     return Filled(spec=spec, dataset=dataset, backbone=backbone, cache=cache,
                   keys=keys, skipped=skipped,
                   cached=len(todo) - len(missing), computed=computed,
-                  engine=getattr(engine, "name", config.engine), timings=timings)
+                  engine=getattr(engine, "name", config.engine), timings=timings,
+                  grouping=grouping)
+
+
+def _split(config: TrainConfig, dataset: Dataset, keys: list[str | None], cache: Any,
+           feature_dim: int) -> tuple[Dataset, list[str | None], Any]:
+    """Splits decided with the contents known: copies of one image land in one split."""
+    import numpy as np
+
+    from ..split import NEAR_DUPLICATE_MIN_DIM, Grouping, assign_splits
+
+    vectors = None
+    if feature_dim >= NEAR_DUPLICATE_MIN_DIM:
+        known = [i for i, k in enumerate(keys) if k is not None and k in cache]
+        vectors = np.full((len(keys), feature_dim), np.nan, np.float32)
+        if known:
+            vectors[known] = cache.load([keys[i] for i in known])
+    grouping = Grouping()
+    content = {rec.key: k for rec, k in zip(dataset.records, keys)}
+    dataset = assign_splits(dataset, config.validation_percentage, config.testing_percentage,
+                            content_keys=keys, vectors=vectors, grouping=grouping,
+                            keep_conflicting=getattr(config, "keep_conflicting_duplicates",
+                                                     False))
+    keys = [content[rec.key] for rec in dataset.records]
+    found = grouping.exact_groups or grouping.near_groups or grouping.straddling
+    (log.warning if grouping.conflicting or grouping.straddling else log.info)(
+        "%s%s", grouping.summary() if found else "duplicates: none found",
+        "; keep them with --keep-conflicting-duplicates" if grouping.excluded else "")
+    return dataset, keys, grouping
 
 
 def fill_cache(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
                ) -> FillResult:
     """:func:`fill`, summarised for the ``bottlenecks`` command."""
     t0 = time.perf_counter()
-    done = fill(config, dataset, engine)
+    done = fill(config, dataset, engine, split=False)
     done.cache.close()
     timings = {**done.timings, "total": time.perf_counter() - t0}
     return FillResult(images=len(done.dataset.records), cached=done.cached,

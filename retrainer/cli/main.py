@@ -24,6 +24,7 @@ COMMANDS = {
     "db": "retrainer.cli.db:db",
     "serve": "retrainer.cli.serve:serve",
     "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
+    "audit": "retrainer.cli.audit:audit",
 }
 
 EXIT_INTERRUPTED = 130

@@ -44,6 +44,9 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
+@click.option("--keep-conflicting-duplicates", is_flag=True,
+              help="Train and evaluate on identical files found under two labels too "
+                   "(default: left out, counted).")
 @click.option("--dropout", default=_H.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="Dropout on the bottleneck while training the head.")
 @click.option("--l2", default=_H.l2, show_default=True, type=click.FloatRange(min=0),

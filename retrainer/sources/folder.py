@@ -1,6 +1,7 @@
 """A folder with one sub-folder per class (or train/ val/ test/ folders holding those)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable
@@ -14,22 +15,83 @@ SPLIT_DIRS = {"train": TRAINING, "training": TRAINING, "val": VALIDATION,
 #: Folders that hold the tool's own output, never images to train on.
 OWN_DIRS = {"retrained", "bottlenecks", "__pycache__"}
 
+log = logging.getLogger(__name__)
+
 
 def _reader(path: Path):
     return path.read_bytes
 
 
-def _walk_files(folder: Path, exclude: set[Path]) -> Iterable[Path]:
-    """Regular files below ``folder``, sorted, skipping hidden entries and excluded folders."""
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames
-            if not d.startswith(".") and d not in OWN_DIRS and (here / d).resolve() not in exclude
-        )
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name
+def _walk_files(folder: Path, exclude: set[Path], walk: "_Walk") -> Iterable[Path]:
+    """Regular files below ``folder``, sorted, skipping hidden entries and excluded folders.
+
+    A symlinked folder is followed at most once in the whole scan (folders are tracked by their
+    real path), so a link to a parent (``cats/loop -> ..``) is no cycle, and a folder that is
+    another class's (or holds class folders) is not walked again under this one. A file reached
+    twice (two links to it) is listed once.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list '%s' (%s); skipped", folder, exc.strerror or exc)
+        walk.unreadable += 1
+        return
+    subdirs = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = folder / entry.name
+        try:
+            is_dir = entry.is_dir()  # follows links
+        except OSError:
+            continue
+        if is_dir:
+            if entry.name not in OWN_DIRS:
+                subdirs.append(path)
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            yield path  # a dangling link: reported as unreadable when it is read
+            continue
+        ident = (st.st_dev, st.st_ino)
+        if ident in walk.files:
+            walk.repeated_files += 1
+            continue
+        walk.files.add(ident)
+        yield path
+    for path in subdirs:
+        real = Path(os.path.realpath(path))
+        if real in exclude or real in walk.dirs or walk.reserved(real):
+            walk.links_skipped += 1
+            continue
+        walk.dirs.add(real)
+        yield from _walk_files(path, exclude, walk)
+
+
+class _Walk:
+    """What one scan has visited: real folder paths, file identities, and what it skipped."""
+
+    def __init__(self, class_dirs: list[Path], tops: list[Path]) -> None:
+        self.dirs: set[Path] = set()
+        self.files: set[tuple[int, int]] = set()
+        self.classes = [Path(os.path.realpath(p)) for p in class_dirs]
+        self.tops = [Path(os.path.realpath(p)) for p in tops]
+        self.current: Path | None = None
+        self.links_skipped = 0
+        self.repeated_files = 0
+        self.unreadable = 0
+
+    def reserved(self, real: Path) -> bool:
+        """A folder that belongs to another class, or holds the class folders themselves."""
+        if any(real == t or t.is_relative_to(real) for t in self.tops):
+            return True
+        for c in self.classes:
+            if c == self.current:
+                continue
+            if real.is_relative_to(c) or c.is_relative_to(real):
+                return True
+        return False
 
 
 def _class_dirs(folder: Path, exclude: set[Path]) -> list[Path]:
@@ -64,13 +126,21 @@ def scan_folder(image_dir: str | Path, exclude: Iterable[str | Path] = ()) -> Da
 
     records: list[ImageRecord] = []
     classes: set[str] = set()
-    for split, base in parts:
-        for class_dir in _class_dirs(base, excluded):
-            classes.add(class_dir.name)
-            for file in _walk_files(class_dir, excluded):
-                rel = file.relative_to(root).as_posix()
-                records.append(ImageRecord(key=rel, label=class_dir.name, read=_reader(file),
-                                           split=split, path=str(file)))
+    class_dirs = [(split, c) for split, base in parts for c in _class_dirs(base, excluded)]
+    walk = _Walk([c for _, c in class_dirs], [root] + [base for _, base in parts])
+    for _, class_dir in class_dirs:
+        walk.dirs.add(Path(os.path.realpath(class_dir)))
+    for split, class_dir in class_dirs:
+        classes.add(class_dir.name)
+        walk.current = Path(os.path.realpath(class_dir))
+        for file in _walk_files(class_dir, excluded, walk):
+            rel = file.relative_to(root).as_posix()
+            records.append(ImageRecord(key=rel, label=class_dir.name, read=_reader(file),
+                                       split=split, path=str(file)))
+    if walk.links_skipped or walk.repeated_files:
+        log.warning("folder walk: %d linked folder(s) not followed (already walked, a loop, or "
+                    "another class's), %d file(s) reached twice counted once",
+                    walk.links_skipped, walk.repeated_files)
     if len(classes) < 2:
         loose = sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
         where = f" ({loose} loose files)" if loose else ""

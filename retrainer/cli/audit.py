@@ -1,0 +1,108 @@
+"""``retrainer audit``."""
+from __future__ import annotations
+
+import click
+
+from ..config import TrainConfig
+from .bottlenecks import check_engine, engine_options
+from .common import backbone_options, echo_json, err, json_option
+
+_T = TrainConfig()
+
+
+@click.command()
+@click.option("--image-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder with one sub-folder of images per class (or train/ val/ test/ folders).")
+@click.option("--db", default=None, metavar="URL",
+              help="Audit a SQL database instead (see 'retrainer db import').")
+@click.option("--where", "db_where", default=None, metavar="FILTER",
+              help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
+@click.option("--backbone", default=None, metavar="NAME",
+              help="Same as --architecture: whose cached bottlenecks to use.")
+@backbone_options
+@click.option("--validation-percentage", default=_T.validation_percentage, show_default=True,
+              type=click.FloatRange(0, 100, max_open=True),
+              help="As in train: the splits shown for duplicate groups.")
+@click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
+              type=click.FloatRange(0, 100, max_open=True))
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Cross-validation folds for the out-of-fold probabilities.")
+@click.option("--near-threshold", default=None, type=click.FloatRange(0, 1),
+              help="Cosine similarity above which two images are near-duplicates "
+                   "(default: the measured one, see docs/audit.md).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Write an offline HTML page with thumbnails of every finding here.")
+@click.option("--write-relabel", "relabel_csv", type=click.Path(dir_okay=False), default=None,
+              help="Write path,label,suggested_label of the likely mislabels to this CSV.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Text mode: rows shown per table.")
+@engine_options
+@json_option
+def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float | None,
+          report_dir: str | None, relabel_csv: str | None, limit: int,
+          **options: object) -> None:
+    """Find duplicates, split leakage and likely mislabelled images (changes no file).
+
+    \b
+      retrainer audit --image-dir photos/ --architecture efficientnet_lite0
+      retrainer audit --image-dir photos/ --json --report audit/ --write-relabel fix.csv
+    """
+    from ..audit import audit as run_audit
+    from ..split import NEAR_DUPLICATE_SIMILARITY
+
+    if bool(options.get("image_dir")) == bool(options.get("db")):
+        raise click.UsageError("give either --image-dir DIR or --db URL.")
+    if backbone:
+        options["architecture"] = backbone
+    check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
+    config = TrainConfig(**options)  # type: ignore[arg-type]
+    result = run_audit(config, folds=folds,
+                       near_threshold=NEAR_DUPLICATE_SIMILARITY if near_threshold is None
+                       else near_threshold)
+    if relabel_csv:
+        n = result.write_relabel(relabel_csv)
+        err(f"Wrote {n} suggested relabel(s) to {relabel_csv}")
+    if report_dir:
+        err(f"Wrote the report to {result.write_report(report_dir)}")
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    _print_text(result, limit)
+
+
+def _print_text(result, limit: int) -> None:  # noqa: ANN001
+    echo = click.echo
+    s = result.summary
+
+    def more(rows: list) -> None:
+        if len(rows) > limit:
+            echo(f"  ... {len(rows) - limit} more (--limit, --json or --report for all)")
+
+    echo(f"Likely mislabelled ({len(result.label_issues)}), most suspicious first:")
+    if result.label_issues:
+        echo(f"  {'score':>5}  {'label':<16} {'suggested':<16} path")
+    for d in result.label_issues[:limit]:
+        echo(f"  {d['score']:5.3f}  {d['label']:<16} {d['suggested_label']:<16} {d['path']}")
+    more(result.label_issues)
+    echo(f"Duplicate groups ({len(result.duplicates)}):")
+    for d in result.duplicates[:limit]:
+        flags = [w for w, on in (("LABELS DIFFER", d["straddles_labels"]),
+                                 ("SPLITS DIFFER", d["straddles_splits"])) if on]
+        echo(f"  {d['kind']} {d['similarity']:.3f}" + (f"  [{', '.join(flags)}]" if flags else ""))
+        for p, label, split in zip(d["paths"], d["labels"], d["splits"]):
+            echo(f"    {label:<16} {split or '-':<10} {p}")
+    more(result.duplicates)
+    echo(f"Outliers ({len(result.outliers)}):")
+    for d in result.outliers[:limit]:
+        echo(f"  {d['score']:5.3f}  {d['label']:<16} {d['path']}")
+    more(result.outliers)
+    echo(f"{'class':<20} {'images':>7} {'mislabelled':>12} {'share':>7} {'in dups':>8} "
+         f"{'outliers':>9}")
+    for name, c in s["per_class"].items():
+        echo(f"{name:<20} {c['images']:>7} {c['label_issues']:>12} "
+             f"{100 * c['suspected_share']:>6.1f}% {c['in_duplicate_groups']:>8} "
+             f"{c['outliers']:>9}")
+    echo(f"{s['images']} images: {s['label_issues']} likely mislabelled, "
+         f"{s['exact_duplicate_groups']} exact and {s['near_duplicate_groups']} near duplicate "
+         f"group(s) ({s['groups_straddling_labels']} across labels, "
+         f"{s['groups_straddling_splits']} across splits), {s['outliers']} outlier(s)")

@@ -1,0 +1,108 @@
+"""Copies of one image (identical bytes, near-duplicate bottlenecks) never straddle splits."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+
+from retrainer.sources.base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord
+from retrainer.split import (Grouping, assign_splits, duplicate_groups, near_duplicate_pairs,
+                             split_of)
+
+
+def _records(keys, labels=None, splits=None):
+    labels = labels or ["a"] * len(keys)
+    splits = splits or [None] * len(keys)
+    return Dataset(classes=sorted(set(labels)), records=[
+        ImageRecord(key=k, label=l, read=lambda: b"", split=s)
+        for k, l, s in zip(keys, labels, splits)])
+
+
+def test_identical_files_land_in_one_split_the_smallest_keys():
+    keys = [f"a/{i:03d}.jpg" for i in range(300)]
+    # every 3 consecutive files are one image saved three times
+    content = [f"h{i // 3}" for i in range(300)]
+    g = Grouping()
+    ds = assign_splits(_records(keys), 20, 20, content_keys=content, grouping=g)
+    # copies under one label count once: the smallest key of each trio stays
+    assert [r.key for r in ds.records] == [k for i, k in enumerate(keys) if i % 3 == 0]
+    assert g.exact_groups == 100 and g.merged_copies == 200
+    # without merging, all members of a group get the split of the smallest key
+    labels = ["a", "b", "c"] * 100
+    ds = assign_splits(_records(keys, labels), 20, 20, content_keys=content, keep_conflicting=True)
+    by_group: dict[str, set] = {}
+    for rec, c in zip(ds.records, content):
+        by_group.setdefault(c, set()).add(rec.split)
+    assert all(len(s) == 1 for s in by_group.values())
+    for i in range(0, 300, 3):
+        assert ds.records[i].split == split_of(min(keys[i:i + 3]), 20, 20)
+    assert set(Counter(r.split for r in ds.records)) == {TRAINING, VALIDATION, TESTING}
+
+
+def test_identical_bytes_under_two_labels_are_left_out_and_counted():
+    keys = ["cat/x.jpg", "dog/x_copy.jpg", "cat/y.jpg", "dog/z.jpg"]
+    g = Grouping()
+    ds = assign_splits(_records(keys, ["cat", "dog", "cat", "dog"]), 0, 0,
+                       content_keys=["h1", "h1", "h2", "h3"], grouping=g)
+    assert [r.key for r in ds.records] == ["cat/y.jpg", "dog/z.jpg"]
+    assert g.conflicting == 2 and g.excluded == 2 and "left out" in g.summary()
+    kept = assign_splits(_records(keys, ["cat", "dog", "cat", "dog"]), 0, 0,
+                         content_keys=["h1", "h1", "h2", "h3"], keep_conflicting=True)
+    assert len(kept.records) == 4
+
+
+def test_given_splits_are_kept_and_straddling_groups_counted():
+    keys = ["train/a/1.jpg", "val/a/1_again.jpg", "train/a/2.jpg"]
+    g = Grouping()
+    ds = assign_splits(_records(keys, splits=[TRAINING, VALIDATION, TRAINING]), 10, 10,
+                       content_keys=["h", "h", "k"], grouping=g)
+    assert [r.split for r in ds.records] == [TRAINING, VALIDATION, TRAINING]
+    assert g.straddling == 1 and g.moved == 0
+
+
+def test_near_duplicates_join_a_group_and_different_images_do_not():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 128)).astype(np.float32)
+    copies = base[:10] + rng.normal(scale=0.05, size=(10, 128)).astype(np.float32)
+    vectors = np.concatenate([base, copies])
+    pairs = {(i, j) for i, j, _ in near_duplicate_pairs(vectors)}
+    assert pairs == {(i, 50 + i) for i in range(10)}
+    groups = duplicate_groups([f"k{i}" for i in range(60)], vectors)
+    assert all(groups[i] == groups[50 + i] for i in range(10))
+    assert len(set(groups)) == 50
+    # an unknown row (NaN) is its own group
+    vectors[55] = np.nan
+    groups = duplicate_groups([f"k{i}" for i in range(60)], vectors)
+    assert groups[55] == 55 and len(set(groups)) == 51
+
+
+def test_near_duplicates_share_the_split_in_assign_splits():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(200, 96)).astype(np.float32)
+    vectors = np.concatenate([base, base + rng.normal(scale=0.02, size=base.shape)])
+    keys = [f"a/{i:03d}.jpg" for i in range(200)] + [f"a/copy_{i:03d}.jpg" for i in range(200)]
+    g = Grouping()
+    ds = assign_splits(_records(keys), 25, 25, content_keys=[f"h{i}" for i in range(400)],
+                       vectors=vectors, grouping=g)
+    split = {r.key: r.split for r in ds.records}
+    assert all(split[f"a/{i:03d}.jpg"] == split[f"a/copy_{i:03d}.jpg"] for i in range(200))
+    assert g.near_groups == 200 and g.moved > 0
+
+
+def test_symlink_loop_tree_trains_each_image_once(tmp_path, fast_config):
+    """The reported case: a loop link multiplied the images over every split."""
+    import os
+
+    from conftest import make_colour_tree
+    from retrainer.training import train
+
+    images = make_colour_tree(tmp_path / "images", per_class=10)
+    os.symlink("..", images / "red" / "loop")
+    os.symlink("..", images / "green" / "loop")
+    shutil.copy(images / "red" / "img000.png", images / "blue sky" / "same_as_red.png")
+    shutil.copy(images / "red" / "img001.png", images / "red" / "img001_copy.png")
+    result = train(fast_config(images))
+    assert sum(sum(c.values()) for c in result.counts.values()) == 29  # 32 files - 2 - 1
+    assert result.duplicates["conflicting"] == 2 and result.duplicates["excluded"] == 2
+    assert result.duplicates["merged_copies"] == 1
