@@ -113,3 +113,34 @@ def test_an_unreadable_shard_is_not_set_aside(tmp_path, monkeypatch, code):
     monkeypatch.setattr(cache_mod.np, "load", real_load)
     assert shard.exists() and not shard.with_suffix(".bad").exists()
     assert BottleneckCache(tmp_path, "bb", DIM).missing([k]) == []
+
+
+def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_path, monkeypatch):
+    """The key must be the hash of the bytes that were decoded: new pixels under the old key
+    would be reused for the old content for good."""
+    import retrainer.bottlenecks as bn
+    from conftest import COLOURS, TINY, make_colour_tree, make_image
+    from retrainer.bottlenecks.fill import fill
+    from retrainer.config import TrainConfig
+
+    images = make_colour_tree(tmp_path / "images", per_class=3)
+    victim = images / "red" / "img000.png"
+    old_key = bn.content_key(victim.read_bytes())
+    real_hash = bn.hash_records
+
+    def hash_then_replace(records, workers=None):
+        out = real_hash(records, workers)
+        make_image(victim, COLOURS["blue sky"], seed=99)  # replaced before it is decoded
+        return out
+
+    monkeypatch.setattr(bn, "hash_records", hash_then_replace)
+    config = TrainConfig(image_dir=str(images), architecture=TINY,
+                         bottleneck_dir=str(tmp_path / "bn"), workers=2)
+    done = fill(config)
+    assert old_key not in done.cache
+    assert any("changed" in s.reason and s.name.endswith("img000.png") for s in done.skipped)
+    assert done.computed == 8
+
+    monkeypatch.setattr(bn, "hash_records", real_hash)
+    again = fill(config)  # the next run takes the new content, under its own key
+    assert bn.content_key(victim.read_bytes()) in again.cache and not again.skipped
