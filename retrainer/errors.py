@@ -41,6 +41,20 @@ class ImageError(RetrainerError):
         self.reason = reason
 
 
+class CacheError(RetrainerError):
+    """The bottleneck cache lost entries this run needs, or cannot be read."""
+
+
+class FolderNotWritable(RetrainerError):
+    """A folder that must be written (output, cache) cannot be created or written to."""
+
+    def __init__(self, path: object, what: str, reason: str, hint: str | None = None) -> None:
+        super().__init__(f"cannot write to the {what} '{path}' ({reason}).",
+                         hint or "Choose a folder you can write to, or give it to your user "
+                                 "(chown/chmod).")
+        self.path = str(path)
+
+
 class ModelDirError(RetrainerError):
     """An export folder is missing files or is inconsistent."""
 

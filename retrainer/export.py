@@ -6,15 +6,20 @@ so nothing about preprocessing is passed by hand at label time.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import shutil
+import unicodedata
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bottlenecks.cache import atomic_write
+from .bottlenecks.cache import atomic_write, writable_dir
+from .errors import DatasetError, FolderNotWritable
 from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
 from ._tf_internals import import_tensorflow
 
@@ -37,13 +42,36 @@ def build_classifier(backbone_model: Any, head_model: Any) -> Any:
     return keras.Model(inputs, outputs, name="retrained")
 
 
+def check_labels(labels: list[str]) -> None:
+    """Refuse labels a labels file (one label per line, UTF-8) cannot hold as they are."""
+    for label in labels:
+        shown = os.fsencode(label).decode("utf-8", "backslashreplace")
+        try:
+            label.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DatasetError(f"the class folder name '{shown}' is not valid UTF-8, and labels "
+                               "are written as UTF-8.",
+                               "Rename the folder to UTF-8 (e.g. convmv -f latin1 -t utf8 -r "
+                               "--notest DIR).") from None
+        bad = next((c for c in label if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+        if bad is not None:
+            raise DatasetError(f"the class folder name {label!r} contains a control character "
+                               f"({bad!r}); a labels file holds one label per line.",
+                               "Rename the folder without line breaks or control characters.")
+
+
 def write_labels(path: Path, labels: list[str]) -> None:
+    check_labels(labels)
     atomic_write(path, lambda fh: fh.write("".join(f"{label}\n" for label in labels).encode()))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    try:
+        blob = text.encode("utf-8")
+    except UnicodeEncodeError:  # a path that is not UTF-8: escaped, so the file stays UTF-8
+        blob = (json.dumps(data, indent=2) + "\n").encode("ascii")
+    atomic_write(path, lambda fh: fh.write(blob))
 
 
 def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
@@ -63,31 +91,176 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
     Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
     model or function is traced) and TFLite is converted from it directly, unless the caller
     has the ``tflite`` model already (:func:`tflite_with_head`).
+
+    The files of ``output_dir`` are written as one set: into a new folder beside it that then
+    takes its place (in one atomic exchange on Linux), so a reader sees the old model or the
+    new one, never a mix, and a failure half-way leaves the old model as it was. Other files
+    in the folder are kept. Where no folder can be made beside it (it is a mount point, the
+    working directory, or its parent is not writable) the files are staged inside it and
+    renamed into place one by one, ``metadata.json`` last. ``output_graph`` and
+    ``output_labels`` outside the folder are each written atomically.
     """
+    check_labels(labels)
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, str] = {}
     labels_path = Path(output_labels) if output_labels else out / LABELS_FILE
-    write_labels(labels_path, labels)
-    written["labels"] = str(labels_path)
-    if "graph" in formats:
-        graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
-        atomic_write(graph_path, lambda fh: fh.write(graph_def.SerializeToString()))
-        written["graph"] = str(graph_path)
-    if "saved_model" in formats:
-        saved = out / SAVED_MODEL_DIR
-        write_saved_model(graph_def, metadata, saved)
-        written["saved_model"] = str(saved)
-    if "tflite" in formats:
-        tflite_path = out / TFLITE_FILE
-        blob = tflite or with_signature(tflite_model(graph_def))
-        atomic_write(tflite_path, lambda fh: fh.write(blob))
-        written["tflite"] = str(tflite_path)
-    meta = dict(metadata, labels=labels, files={k: _rel(v, out) for k, v in written.items()})
-    write_json(out / METADATA_FILE, meta)
-    written["metadata"] = str(out / METADATA_FILE)
+    graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
+    stage, in_place = _staging(out)
+    try:
+        written: dict[str, str] = {}
+        outside: dict[str, tuple[Path, bytes]] = {}
+
+        def put(kind: str, path: Path, data: bytes) -> None:
+            written[kind] = str(path)
+            if _inside(path, out):
+                atomic_write(stage / path.name, lambda fh: fh.write(data))
+            else:
+                outside[kind] = (path, data)
+
+        put("labels", labels_path, "".join(f"{label}\n" for label in labels).encode("utf-8"))
+        if "graph" in formats:
+            put("graph", graph_path, graph_def.SerializeToString())
+        if "saved_model" in formats:
+            write_saved_model(graph_def, metadata, stage / SAVED_MODEL_DIR)
+            written["saved_model"] = str(out / SAVED_MODEL_DIR)
+        if "tflite" in formats:
+            put("tflite", out / TFLITE_FILE, tflite or with_signature(tflite_model(graph_def)))
+        meta = dict(metadata, labels=labels,
+                    files={k: _rel(v, out) for k, v in written.items()})
+        write_json(stage / METADATA_FILE, meta)
+        written["metadata"] = str(out / METADATA_FILE)
+        for path, data in outside.values():
+            atomic_write(path, lambda fh, data=data: fh.write(data))
+        if in_place:
+            _commit_in_place(stage, out)
+        else:
+            _carry_others(out, stage)
+            replace_dir(stage, out)
+    except OSError as exc:
+        where, name = out, getattr(exc, "filename", None)
+        if name and stage.name not in str(name) and not _inside(Path(name), out):
+            where = Path(name) if Path(name).is_dir() else Path(name).parent  # --output-graph
+        raise FolderNotWritable(
+            where, "output folder", exc.strerror or str(exc),
+            "Choose an output folder you can write to (with free space), or give this one to "
+            "your user (chown/chmod); the previous model there is unchanged.") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     log.info("exported %s to %s", ", ".join(sorted(written)), out)
     return written
+
+
+#: What an export writes, and the evaluation of that model: never carried over from the model
+#: a new export replaces.
+MODEL_FILES = frozenset({GRAPH_FILE, LABELS_FILE, METADATA_FILE, SAVED_MODEL_DIR, TFLITE_FILE,
+                         "report.json", "confusion_matrix.png"})
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().parent == folder.resolve()
+
+
+def _staging(out: Path) -> tuple[Path, bool]:
+    """A new, empty folder for the export's files, and whether it is inside ``out``."""
+    tag = uuid.uuid4().hex[:12]
+    if out.exists() and not out.is_dir():
+        raise FolderNotWritable(out, "output folder", "a file of that name is in the way",
+                                "Choose another output folder, or move the file.")
+    resolved = out.resolve()
+    movable = not (resolved == Path.cwd().resolve() or resolved == resolved.parent
+                   or (out.is_dir() and os.path.ismount(out)))
+    if movable:
+        stage = out.parent / f".{out.name}.export-{tag}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            stage.mkdir()
+            return stage, False
+        except OSError:
+            pass
+    writable_dir(out, "output folder")
+    stage = out / f".export-{tag}"
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        raise FolderNotWritable(out, "output folder", exc.strerror or str(exc)) from None
+    return stage, True
+
+
+def _carry_others(out: Path, stage: Path) -> None:
+    """Hard-link (or copy) what ``out`` holds besides a model into ``stage``."""
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.name in MODEL_FILES or (stage / entry.name).exists() \
+                or entry.name.startswith(".export-"):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), stage / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, stage / entry.name, symlinks=True, copy_function=_link)
+        else:
+            _link(entry, stage / entry.name)
+
+
+def _link(src: Any, dst: Any) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _commit_in_place(stage: Path, out: Path) -> None:
+    """Rename the staged files into ``out`` one by one, metadata last; drop a stale format."""
+    entries = sorted(stage.iterdir(), key=lambda e: e.name == METADATA_FILE)
+    stale_names = MODEL_FILES - {e.name for e in entries}
+    for entry in entries:
+        if entry.name == METADATA_FILE:
+            for name in stale_names:
+                stale = out / name
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink(missing_ok=True)
+        if entry.is_dir():
+            replace_dir(entry, out / entry.name)
+        else:
+            os.replace(entry, out / entry.name)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the folder ``new`` at ``target``: one atomic exchange where the system has it
+    (Linux ``renameat2``), else two renames; the old folder is deleted."""
+    if not target.exists() and not target.is_symlink():
+        os.rename(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # now the old folder
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _rel(path: str, base: Path) -> str:
@@ -139,17 +312,18 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
         (probs,) = v1.import_graph_def(graph_def, input_map={f"{INPUT_NAME}:0": images},
                                        return_elements=[f"{OUTPUT_NAME}:0"], name="classifier")
         scores = tf.identity(probs, name="scores")
-        tmp = path.with_name(f".tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
         builder = v1.saved_model.Builder(str(tmp))
         with v1.Session(graph=graph) as sess:
             builder.add_meta_graph_and_variables(
                 sess, [tf.saved_model.SERVING], strip_default_attrs=True, signature_def_map={
                     "serving_default": signature({"images": images}, {"scores": scores}),
                     "classify_images": signature({"image_bytes": data}, {"scores": scores})})
-        builder.save()
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+        try:
+            builder.save()
+            replace_dir(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tflite_model(graph_def: Any) -> bytes:
@@ -267,5 +441,5 @@ def _packed(model: Any) -> bytes:
     return bytes(builder.Output())
 
 
-__all__ = ["build_classifier", "export_graph", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
+__all__ = ["build_classifier", "check_labels", "export_graph", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
            "OUTPUT_NAME"]

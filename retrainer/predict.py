@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import ModelDirError
 from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE
-from .images import load_pixels
+from .images import RESAMPLE, load_pixels
 from .sources.base import ImageRecord
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
@@ -70,7 +70,24 @@ def read_labels(path: str | Path) -> list[str]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise ModelDirError(f"the labels file '{path}' is not UTF-8 ({exc.reason} at byte "
+                            f"{exc.start}).", "Save it as UTF-8, one label per line.") from None
     return [line for line in text.split("\n") if line != ""]
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
+    hint = "Export the model again, or delete the file to load the graph without it."
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
+    return data
 
 
 class Classifier:
@@ -96,7 +113,13 @@ class Classifier:
             raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
                                 f"file lists {len(labels)} labels.")
         self.input_size = self.runner.input_size
-        self.resize = metadata.get("backbone", {}).get("resize", "bilinear")
+        backbone = metadata.get("backbone")
+        self.resize = (backbone.get("resize") if isinstance(backbone, dict) else None) or "bilinear"
+        if self.resize not in RESAMPLE:
+            raise ModelDirError(f"the model's metadata names an unknown resize method "
+                                f"{self.resize!r} (known: {', '.join(sorted(RESAMPLE))}).",
+                                "Fix 'backbone.resize' in metadata.json, or export the model "
+                                "again with this version.")
 
     @property
     def runtime(self) -> str:
@@ -138,10 +161,8 @@ class Classifier:
         if not model_path.is_file():
             raise ModelDirError(f"no frozen graph at '{graph_path}'.",
                                 "Train a model first: retrainer train --image-dir DIR.")
-        metadata: dict[str, Any] = {}
         meta_path = (base / METADATA_FILE) if base else graph_path.with_name(METADATA_FILE)
-        if meta_path.is_file():
-            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        metadata = read_metadata(meta_path) if meta_path.is_file() else {}
         if use_litert:
             from .runner import LiteRTRunner
 

@@ -9,6 +9,7 @@ import pytest
 
 from retrainer.bottlenecks import cache as cache_mod
 from retrainer.bottlenecks.cache import BottleneckCache
+from retrainer.errors import CacheError
 
 
 def key(i: int) -> str:
@@ -64,7 +65,7 @@ def test_a_damaged_shard_is_set_aside_and_recomputed(tmp_path, caplog):
 def test_a_shard_of_the_wrong_width_is_rejected(tmp_path):
     with BottleneckCache(tmp_path, "bb", 5) as cache:
         cache.add([key(1)], rows(1))
-    with pytest.raises(KeyError):
+    with pytest.raises(CacheError):
         BottleneckCache(tmp_path, "bb", 7).load([key(1)])
 
 

@@ -127,3 +127,51 @@ def test_a_reader_that_quits_early_ends_label_quietly(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 141, err
     assert "Error" not in err and "Traceback" not in err
+
+
+def test_global_flags_also_work_after_the_subcommand(tmp_path):
+    import logging
+
+    result = run("backbones", "--json", "-v")
+    assert result.exit_code == 0, result.output
+    assert logging.getLogger("retrainer").level == logging.DEBUG
+    result = run("backbones", "-q", "--json")
+    assert result.exit_code == 0 and logging.getLogger("retrainer").level == logging.WARNING
+    assert run("db", "stats", "--debug", "-q", "--help").exit_code == 0
+    img = make_image(tmp_path / "x.png", (1, 2, 3))
+    result = run("label", "--model-dir", str(tmp_path / "none"), str(img), "-q")
+    assert result.exit_code == 1 and "No such option" not in result.output
+    assert "retrainer train" in result.output
+
+
+def test_unwritable_cache_folder_is_one_line_naming_it(colour_tree, tmp_path):
+    (tmp_path / "file").write_text("x")
+    bn = tmp_path / "file" / "bn"
+    result = run("train", "--image-dir", str(colour_tree), "--architecture", TINY,
+                 "--output-dir", str(tmp_path / "model"), "--bottleneck-dir", str(bn))
+    assert result.exit_code == 1
+    assert "Error: cannot write to the bottleneck cache folder" in result.output
+    assert str(bn) in result.output and "--bottleneck-dir" in result.output
+    assert "unexpected" not in result.output and "Traceback" not in result.output
+
+
+def test_label_json_and_damaged_metadata(tmp_path):
+    """Every input gets a JSON row; a damaged metadata.json is a one-line error with a hint."""
+    model = train_tiny_model(tmp_path)
+    good = str(next((tmp_path / "images").rglob("*.png")))
+    result = run("label", "--json", "--model-dir", str(model), good, str(tmp_path / "nope.jpg"))
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.exit_code == 1
+    assert rows[0] == {"path": str(tmp_path / "nope.jpg"), "error": "no such file"}
+    assert rows[1]["path"] == good and rows[1]["predictions"]
+
+    meta = model / "metadata.json"
+    data = json.loads(meta.read_text())
+    data["backbone"]["resize"] = "lanczos9"
+    meta.write_text(json.dumps(data))
+    result = run("label", "--model-dir", str(model), good)
+    assert result.exit_code == 1 and "unknown resize method 'lanczos9'" in result.output
+    meta.write_text('{"backbone": ')
+    result = run("label", "--model-dir", str(model), good)
+    assert result.exit_code == 1 and "is not valid JSON" in result.output
+    assert "unexpected" not in result.output and len(result.output.strip().splitlines()) == 2

@@ -152,3 +152,117 @@ def test_mismatched_labels_file_is_a_clear_error(export, tmp_path):
     labels.write_text("just\ntwo\n", encoding="utf-8")
     with pytest.raises(ModelDirError, match="3 outputs but the labels file lists 2"):
         Classifier.load(None, graph=str(model_dir / "retrained_graph.pb"), labels=str(labels))
+
+
+# -- the export as one set ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def classifier_graph(tiny_backbone):
+    from retrainer.backbones.factory import create_backbone
+    from retrainer.graph import compose, dense_softmax_graph, freeze
+
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.normal(size=(3, 3)).astype(np.float32), np.zeros(3, np.float32)
+    return compose(freeze(create_backbone(TINY).model), dense_softmax_graph(kernel, bias))
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_an_export_replaces_the_previous_model_as_a_whole(classifier_graph, tmp_path):
+    import json
+
+    from retrainer.export import export_graph
+
+    out = tmp_path / "model"
+    export_graph(classifier_graph, ["a", "b", "c"], {"run": 1}, out)
+    assert {"retrained_graph.pb", "model.tflite", "saved_model", "metadata.json"} <= \
+        {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text("{}")  # the old model's evaluation
+    export_graph(classifier_graph, ["x", "y", "z"], {"run": 2}, out, formats=("graph",))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "metadata.json", "notes.txt", "retrained_graph.pb", "retrained_labels.txt"]
+    assert json.loads((out / "metadata.json").read_text())["run"] == 2
+    assert (out / "retrained_labels.txt").read_text() == "x\ny\nz\n"
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging left behind
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("converter crashed"),
+                                     OSError(28, "No space left on device")])
+def test_an_export_that_fails_half_way_leaves_the_old_model_intact(classifier_graph, tmp_path,
+                                                                   monkeypatch, failure):
+    from retrainer import export
+    from retrainer.errors import FolderNotWritable
+
+    out = tmp_path / "model"
+    export.export_graph(classifier_graph, ["a", "b", "c"], {"run": 1}, out)
+    before = _files(out)
+
+    def broken(*args, **kwargs):  # after the graph, labels and SavedModel were written
+        raise failure
+
+    monkeypatch.setattr(export, "with_signature", broken)
+    expected = FolderNotWritable if isinstance(failure, OSError) else RuntimeError
+    with pytest.raises(expected) as info:
+        export.export_graph(classifier_graph, ["x", "y", "z"], {"run": 2}, out)
+    if expected is FolderNotWritable:
+        assert "No space left" in info.value.message and str(out) in info.value.message
+    assert _files(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_explicit_graph_and_labels_paths_still_work(classifier_graph, tmp_path):
+    import json
+
+    from retrainer.export import export_graph
+
+    written = export_graph(classifier_graph, ["a", "b", "c"], {}, tmp_path / "model",
+                           formats=("graph",), output_graph=str(tmp_path / "g" / "x.pb"),
+                           output_labels=str(tmp_path / "model" / "names.txt"))
+    assert (tmp_path / "g" / "x.pb").is_file()
+    assert (tmp_path / "model" / "names.txt").read_text() == "a\nb\nc\n"
+    files = json.loads((tmp_path / "model" / "metadata.json").read_text())["files"]
+    assert files["labels"] == "names.txt" and files["graph"] == str((tmp_path / "g" / "x.pb"))
+    assert set(written) == {"labels", "graph", "metadata"}
+    assert Classifier.load(None, graph=written["graph"], labels=written["labels"]).labels == \
+        ["a", "b", "c"]
+
+
+def test_an_export_into_the_working_directory_is_renamed_in_file_by_file(classifier_graph,
+                                                                        tmp_path, monkeypatch):
+    from retrainer.export import export_graph
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    export_graph(classifier_graph, ["a", "b", "c"], {}, ".", formats=("graph", "tflite"))
+    export_graph(classifier_graph, ["a", "b", "c"], {}, ".", formats=("graph",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "metadata.json", "photos", "retrained_graph.pb", "retrained_labels.txt"]
+
+
+@pytest.mark.parametrize("name, shown", [("cat\ndog", "control character"),
+                                         ("tab\there", "control character"),
+                                         ("caf\udce9", "caf\\xe9' is not valid UTF-8")])
+def test_labels_that_a_labels_file_cannot_hold_are_refused_by_name(classifier_graph, tmp_path,
+                                                                   name, shown):
+    from retrainer.errors import DatasetError
+    from retrainer.export import export_graph
+
+    with pytest.raises(DatasetError, match="class folder name") as info:
+        export_graph(classifier_graph, ["a", name, "c"], {}, tmp_path / "model")
+    assert shown in info.value.message and info.value.hint
+    assert "\n" not in info.value.message
+    assert not (tmp_path / "model").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_named(classifier_graph, tmp_path):
+    from retrainer.errors import FolderNotWritable
+    from retrainer.export import export_graph
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FolderNotWritable, match="output folder") as info:
+        export_graph(classifier_graph, ["a", "b", "c"], {}, tmp_path / "file" / "model")
+    assert str(tmp_path / "file" / "model") in info.value.message and info.value.hint

@@ -1,6 +1,7 @@
 """Bottlenecks: backbone outputs, computed once per image content and cached on disk."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -9,7 +10,8 @@ from ..sources.base import ImageRecord, Skipped
 from .cache import BottleneckCache, default_cache_dir
 from .local import LocalEngine, default_workers
 
-__all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records"]
+__all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records",
+           "verified"]
 
 
 def get_engine(name: str = "local", **options: object):
@@ -34,6 +36,26 @@ def get_engine(name: str = "local", **options: object):
 
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def verified(rec: ImageRecord, key: str) -> ImageRecord:
+    """``rec``, whose bytes are given to a decoder only while they still hash to ``key``.
+
+    Records are hashed (to find what the cache lacks) and later read again to be decoded. A
+    file replaced in between would put the new pixels under the old content's key, for good:
+    the read of the decoder checks the bytes it returns, and an image that changed is skipped
+    (with a reason) rather than cached under a key that is not its own.
+    """
+    from ..errors import ImageError
+
+    def read() -> bytes:
+        data = rec.read()
+        if content_key(data) != key:
+            raise ImageError(rec.display, "changed while this run was reading it; run again "
+                                          "to use its new content")
+        return data
+
+    return dataclasses.replace(rec, read=read)
 
 
 def hash_records(records: Sequence[ImageRecord], workers: int | None = None

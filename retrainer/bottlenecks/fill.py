@@ -63,7 +63,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     """
     from ..backbones.factory import create_backbone, resolve_spec
     from ..training import load_dataset
-    from . import BottleneckCache, default_cache_dir, get_engine, hash_records
+    from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
     from .extractor import graphs_dir, make_forward
 
     timings: dict[str, float] = {}
@@ -94,7 +94,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
         engine = engine or get_engine(config.engine, workers=config.workers,
                                       master=config.spark_master)
         forward = make_forward(backbone, graphs_dir())
-        items = [(k, r) for k, r in todo.items() if k in missing]
+        items = [(k, verified(r, k)) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)
     timings["extract"] = time.perf_counter() - t

@@ -58,6 +58,8 @@ def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: st
     paths, missing = expand_inputs(images)
     for item in missing:
         err(f"error: {item}: no such file")
+        if as_json:  # every input gets a row
+            echo_json({"path": item, "error": "no such file"})
     if not paths and missing:
         raise click.exceptions.Exit(1)
     classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels)

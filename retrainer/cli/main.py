@@ -42,7 +42,7 @@ class LazyGroup(click.Group):
         if target is None:
             return None
         module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(module), attr)
+        return with_global_options(getattr(importlib.import_module(module), attr))
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         name = args[0] if args else ""
@@ -83,6 +83,39 @@ class LazyGroup(click.Group):
             ctx.exit(1)
 
 
+def _late_flag(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A global flag given after the subcommand (``retrainer train ... -q``), as pip takes them."""
+    if not value:
+        return value
+    root = ctx.find_root()
+    if not isinstance(root.obj, dict):
+        root.obj = {}
+    obj = root.obj
+    if param.name == "verbose":
+        obj["verbose"] = obj.get("verbose", 0) + value
+    else:
+        obj[param.name] = True
+    configure_output(obj.get("verbose", 0), obj.get("quiet", False))
+    return value
+
+
+def with_global_options(cmd: click.Command) -> click.Command:
+    """Let ``cmd`` (and a group's subcommands) take -v, -q and --debug after its name too."""
+    if getattr(cmd, "_global_options", False):
+        return cmd
+    taken = {opt for param in cmd.params for opt in getattr(param, "opts", [])}
+    for opts, kw in ((["-v", "--verbose"], {"count": True}), (["-q", "--quiet"], {"is_flag": True}),
+                     (["--debug"], {"is_flag": True})):
+        if not taken & set(opts):
+            cmd.params.append(click.Option(opts, hidden=True, expose_value=False,
+                                           callback=_late_flag, **kw))
+    cmd._global_options = True  # type: ignore[attr-defined]
+    if isinstance(cmd, click.Group):
+        for sub in cmd.commands.values():
+            with_global_options(sub)
+    return cmd
+
+
 def _debug(ctx: click.Context) -> bool:
     return bool(ctx.obj and ctx.obj.get("debug"))
 
@@ -112,10 +145,21 @@ def configure_output(verbose: int, quiet: bool) -> None:
     logger.handlers[:] = [_TqdmHandler()]
     logger.setLevel(level)
     logger.propagate = False
+    global _tf_level_set
     if verbose < 2:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+            _tf_level_set = True
         for name in ("tensorflow", "absl", "keras"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    elif _tf_level_set:  # -vv after the subcommand: undo what the first call set
+        os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        _tf_level_set = False
+        for name in ("tensorflow", "absl", "keras"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+_tf_level_set = False
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],

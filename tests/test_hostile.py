@@ -1,0 +1,146 @@
+"""Hostile conditions: concurrent runs on one cache, files that change under a run, exports
+that fail half-way, names that break line-based files, folders that cannot be written."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrainer.bottlenecks import cache as cache_mod
+from retrainer.bottlenecks.cache import BottleneckCache
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 8
+
+# One process of the concurrency test: several rounds of (write a few entries as many small
+# shards, read what it and the others wrote from an index built earlier, close = compaction).
+WORKER = textwrap.dedent("""
+    import hashlib, json, random, sys, time
+    import numpy as np
+    from retrainer.bottlenecks import cache as cache_mod
+    from retrainer.bottlenecks.cache import BottleneckCache
+
+    root, me, rounds, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    cache_mod.FLUSH_EVERY = 1      # a shard per entry
+    cache_mod.COMPACT_ABOVE = 0    # compaction forced at every close
+    cache_mod.COMPACT_WAIT = 30.0
+
+    def key(name):
+        return hashlib.sha256(name.encode()).hexdigest()
+
+    def value(k):
+        return np.frombuffer(bytes.fromhex(k)[:dim], np.uint8).astype(np.float32)
+
+    shared = [key(f"shared{i}") for i in range(20)]
+    mine = []
+    rng = random.Random(me)
+    for r in range(rounds):
+        cache = BottleneckCache(root, "bb", dim)
+        cache.missing(shared)  # the index is built now; others compact before the reads
+        new = [key(f"w{me}-r{r}-{i}") for i in range(6)] + rng.sample(shared, 3)
+        for k in new:
+            cache.add([k], value(k)[None])
+        mine += new
+        time.sleep(rng.random() * 0.05)
+        got = cache.load(mine)
+        want = np.stack([value(k) for k in mine])
+        if not np.array_equal(got, want):
+            sys.exit(f"worker {me}: wrong rows in round {r}")
+        cache.close()
+    print(json.dumps(mine))
+""")
+
+
+def _value(k: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(k)[:DIM], np.uint8).astype(np.float32)
+
+
+def test_processes_sharing_a_cache_with_compaction_forced_lose_nothing(tmp_path):
+    """Each process compacts when it closes while the others read shards they indexed before."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "bn"), str(w), "8",
+                               str(DIM)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for w in range(4)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, errs) in zip(procs, outs):
+        assert p.returncode == 0, errs[-2000:]
+        assert "damaged shard" not in errs, errs[-2000:]
+    assert not list((tmp_path / "bn" / "bb").glob("*.bad"))
+    written = sorted({k for out, _ in outs for k in json.loads(out.strip().splitlines()[-1])})
+    again = BottleneckCache(tmp_path / "bn", "bb", DIM)
+    assert again.missing(written) == []
+    assert np.array_equal(again.load(written), np.stack([_value(k) for k in written]))
+
+
+def test_a_shard_merged_away_by_another_process_is_found_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "FLUSH_EVERY", 1)
+    keys = [hashlib.sha256(bytes([i])).hexdigest() for i in range(4)]
+    with BottleneckCache(tmp_path, "bb", DIM) as writer:
+        for k in keys:
+            writer.add([k], _value(k)[None])
+    reader = BottleneckCache(tmp_path, "bb", DIM)
+    assert reader.missing(keys) == []  # indexed: four shards
+    BottleneckCache(tmp_path, "bb", DIM).compact()  # as another run closing would
+    assert len(reader.shards()) == 1
+    assert np.array_equal(reader.load(keys), np.stack([_value(k) for k in keys]))
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EMFILE"])
+def test_an_unreadable_shard_is_not_set_aside(tmp_path, monkeypatch, code):
+    """Permissions or too many open files say nothing about a shard: it stays, and is used
+    again once it can be read."""
+    import errno
+
+    k = hashlib.sha256(b"x").hexdigest()
+    with BottleneckCache(tmp_path, "bb", DIM) as writer:
+        writer.add([k], _value(k)[None])
+    shard = writer.shards()[0]
+    real_load = np.load
+
+    def failing(path, *a, **kw):
+        raise OSError(getattr(errno, code), "simulated", str(path))
+
+    monkeypatch.setattr(cache_mod.np, "load", failing)
+    assert BottleneckCache(tmp_path, "bb", DIM).missing([k]) == [k]
+    monkeypatch.setattr(cache_mod.np, "load", real_load)
+    assert shard.exists() and not shard.with_suffix(".bad").exists()
+    assert BottleneckCache(tmp_path, "bb", DIM).missing([k]) == []
+
+
+def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_path, monkeypatch):
+    """The key must be the hash of the bytes that were decoded: new pixels under the old key
+    would be reused for the old content for good."""
+    import retrainer.bottlenecks as bn
+    from conftest import COLOURS, TINY, make_colour_tree, make_image
+    from retrainer.bottlenecks.fill import fill
+    from retrainer.config import TrainConfig
+
+    images = make_colour_tree(tmp_path / "images", per_class=3)
+    victim = images / "red" / "img000.png"
+    old_key = bn.content_key(victim.read_bytes())
+    real_hash = bn.hash_records
+
+    def hash_then_replace(records, workers=None):
+        out = real_hash(records, workers)
+        make_image(victim, COLOURS["blue sky"], seed=99)  # replaced before it is decoded
+        return out
+
+    monkeypatch.setattr(bn, "hash_records", hash_then_replace)
+    config = TrainConfig(image_dir=str(images), architecture=TINY,
+                         bottleneck_dir=str(tmp_path / "bn"), workers=2)
+    done = fill(config)
+    assert old_key not in done.cache
+    assert any("changed" in s.reason and s.name.endswith("img000.png") for s in done.skipped)
+    assert done.computed == 8
+
+    monkeypatch.setattr(bn, "hash_records", real_hash)
+    again = fill(config)  # the next run takes the new content, under its own key
+    assert bn.content_key(victim.read_bytes()) in again.cache and not again.skipped
