@@ -38,6 +38,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               8: Image.Transpose.ROTATE_90}
 
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+# Pillow warns between its limit and twice it; every decode here checks the pixel count
+# itself (check_pixels), so the warning says nothing new. One process-wide filter, set once:
+# swapping filters per decode (catch_warnings) is not thread-safe.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 Image.init()  # register every decoder plugin (MPO, WebP, TIFF) before ``formats=`` filters them
 
 
@@ -45,22 +49,35 @@ Image.init()  # register every decoder plugin (MPO, WebP, TIFF) before ``formats
 def _decoding(name: str) -> Iterator[None]:
     """Turn whatever a decoder raises into an :class:`ImageError` that says why."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+        yield
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (or an unsupported format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(name, f"too many pixels (over {MAX_PIXELS:,})") from None
+    except MemoryError:
+        raise ImageError(name, "too large to decode in the memory available") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(name, f"cannot decode ({exc})") from None
+
+
+def check_pixels(img: Image.Image, name: str, max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse an opened (header-only) image whose width x height is over ``max_pixels``.
+
+    Checked explicitly from the header before anything is decoded: Pillow's own guard is a
+    warning below twice its limit, and ``warnings.catch_warnings`` is not thread-safe.
+    """
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(name, f"too many pixels ({width}x{height}, over {max_pixels:,})")
 
 
 def _open(data: bytes, name: str) -> Image.Image:
     """Pillow's lazy open: the header only, so format, size and mode are known (and checked)."""
     if not data:
         raise ImageError(name, "empty file")
-    return Image.open(io.BytesIO(data), formats=FORMATS)
+    img = Image.open(io.BytesIO(data), formats=FORMATS)
+    check_pixels(img, name)
+    return img
 
 
 def open_image(
@@ -175,10 +192,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img.load()
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if arr.max() > 255 else 255.0
-        arr = np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        return Image.fromarray(_wide_to_uint8(np.asarray(img)), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -186,6 +200,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def _wide_to_uint8(arr: np.ndarray, rows: int = 256) -> np.ndarray:
+    """16-bit, 32-bit or float gray levels -> uint8, scaled by 255/65535 when over 255.
+
+    Converted ``rows`` at a time, so the float64 temporaries are a few rows, not three copies
+    of the whole image (a 10-megapixel 16-bit PNG of a few KB cost ~270 MB that way).
+    """
+    hi = 65535.0 if arr.max() > 255 else 255.0
+    out = np.empty(arr.shape, np.uint8)
+    for top in range(0, arr.shape[0], rows):
+        block = arr[top:top + rows].astype(np.float64)
+        block *= 255.0 / hi
+        np.clip(block, 0, 255, out=block)
+        out[top:top + rows] = block  # truncates, as astype(np.uint8) does
+    return out
 
 
 def load_pixels(

@@ -81,10 +81,14 @@ def stats(db: str, as_json: bool) -> None:
 @click.option("--model-dir", type=click.Path(file_okay=False), default=None,
               help="An export folder: makes classify(blob) and classify_score(blob) usable "
                    "in the query (SQLite).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many rows.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="At most this many rows (a longer result is cut, and says so).")
 @json_option
-def query(db: str, sql: str, model_dir: str | None, limit: int | None, as_json: bool) -> None:
-    """Run one read-only SQL query and print its rows.
+def query(db: str, sql: str, model_dir: str | None, limit: int, as_json: bool) -> None:
+    """Run one read-only SQL statement and print its rows.
+
+    The database itself refuses any change (a read-only connection or transaction), and
+    only one statement is run.
 
     \b
       retrainer db query --db images.db --model-dir retrained \\
@@ -99,14 +103,18 @@ def query(db: str, sql: str, model_dir: str | None, limit: int | None, as_json: 
         classifier = Classifier.load(model_dir)
     result = run_query(db, sql, classifier=classifier, limit=limit)
     rows = [[_cell(v) for v in row] for row in result.rows]
+    cut = (f"only the first {result.limit} row(s) are shown; the query has more. "
+           "Raise --limit, or narrow the query.") if result.truncated else None
     if as_json:
-        echo_json({"columns": result.columns, "rows": rows})
+        echo_json({"columns": result.columns, "rows": rows, "truncated": result.truncated})
+        if cut:
+            err(f"Warning: {cut}")
         return
     if result.columns:
         click.echo("\t".join(result.columns))
     for row in rows:
         click.echo("\t".join("NULL" if v is None else str(v) for v in row))
-    err(f"{len(rows)} row(s)")
+    err(f"Warning: {cut}" if cut else f"{len(rows)} row(s)")
 
 
 def _cell(value: Any) -> Any:
@@ -136,7 +144,8 @@ def label_database_command(db: str, where: str | None, images: tuple[str, ...],
     else:
         acc = "" if result.accuracy is None else \
             f"; accuracy {result.accuracy:.4f} on {result.scored} labelled image(s)"
+        gone = f", {result.deleted} deleted meanwhile" if result.deleted else ""
         click.echo(f"Model {result.model_id}: labelled {result.labelled} image(s), "
-                   f"{result.failed} failed, {result.already} already labelled{acc}")
+                   f"{result.failed} failed, {result.already} already labelled{gone}{acc}")
     if result.failed:
         raise click.exceptions.Exit(1)

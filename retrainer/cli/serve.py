@@ -37,6 +37,16 @@ _S = ServeConfig()
               help="Most files in one /v1/classify/batch request.")
 @click.option("--top-k", default=_S.default_top_k, show_default=True,
               type=click.IntRange(min=1), help="Labels returned when a request gives no top_k.")
+@click.option("--max-connections", default=_S.max_connections, show_default=True,
+              type=click.IntRange(min=1),
+              help="Open connections beyond this are answered 503 at once.")
+@click.option("--header-timeout", default=_S.header_timeout, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client gets to send a request's headers; a slower one, or a "
+                   "new connection that sends nothing, is disconnected.")
+@click.option("--body-timeout", default=_S.body_timeout, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Seconds a client gets to send a request's body after its headers.")
 @click.option("--graceful-timeout", default=_S.graceful_timeout, show_default=True,
               type=click.FloatRange(min=0),
               help="Seconds in-flight requests get to finish after SIGTERM.")
@@ -45,7 +55,9 @@ _S = ServeConfig()
 def serve(ctx: click.Context, model_dir: str, graph: str | None, labels: str | None, host: str, port: int,
           api_key: str | None, max_batch_size: int, max_wait_ms: float, max_queue: int,
           max_body_mb: float, max_pixels: int, max_files: int, top_k: int,
-          graceful_timeout: float, as_json: bool) -> None:
+          max_connections: int, header_timeout: float, body_timeout: float,
+          graceful_timeout: float,
+          as_json: bool) -> None:
     """Serve a trained model as a REST API (FastAPI + uvicorn).
 
     \b
@@ -64,6 +76,8 @@ def serve(ctx: click.Context, model_dir: str, graph: str | None, labels: str | N
         api_key=api_key or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels,
         max_files=max_files, default_top_k=top_k, graceful_timeout=graceful_timeout,
+        max_connections=max_connections, header_timeout=header_timeout,
+        body_timeout=body_timeout,
         access_log=bool((ctx.obj or {}).get("verbose")))
 
     def ready(url: str) -> None:

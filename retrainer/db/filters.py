@@ -21,6 +21,8 @@ _TOKEN = re.compile(r"""
     | (?P<word>[A-Za-z_][A-Za-z_0-9]*)
     )""", re.VERBOSE)
 KEYWORDS = {"and", "or", "not", "in", "like", "is", "null"}
+#: Deepest nesting of parentheses and NOTs a filter may have (the parser recurses on them).
+MAX_DEPTH = 64
 
 
 class FilterError(RetrainerError):
@@ -94,6 +96,7 @@ _NAMES = {"word": "a column name", "value": "a quoted value or a number"}
 class _Parser:
     def __init__(self, text: str, tokens: list[tuple[str, Any, int]], cols: dict[str, Any]):
         self.text, self.tokens, self.cols, self.pos = text, tokens, cols, 0
+        self.depth = 0
 
     def fail(self, what: str, token: tuple[str, Any, int] | None = None) -> None:
         where = f" at {self.text[token[2]:][:20]!r}" if token else " at the end"
@@ -131,14 +134,21 @@ class _Parser:
         from sqlalchemy import not_
 
         tok = self.peek()
-        if tok and tok[0] == "not":
+        if tok and (tok[0] == "not" or (tok[0] == "punct" and tok[1] == "(")):
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise FilterError(f"the filter nests parentheses and NOTs over {MAX_DEPTH} deep.",
+                                  "Write it flatter: a IN (...), or AND/OR without extra "
+                                  "parentheses.")
             self.pos += 1
-            return not_(self.factor())
-        if tok and tok[0] == "punct" and tok[1] == "(":
-            self.pos += 1
-            inner = self.expr()
-            self.take("punct", ")")
-            return inner
+            try:
+                if tok[0] == "not":
+                    return not_(self.factor())
+                inner = self.expr()
+                self.take("punct", ")")
+                return inner
+            finally:
+                self.depth -= 1
         return self.comparison()
 
     def comparison(self) -> Any:

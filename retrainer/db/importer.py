@@ -72,6 +72,24 @@ def _loaded(records: list[ImageRecord], workers: int) -> Iterator[tuple[ImageRec
             yield r, fut.result()
 
 
+def _add_categories(conn: Any, new: list[dict[str, str]], engine: Any) -> None:
+    """Insert class names; a table that folds case (an old MariaDB one) gets a clear error."""
+    from sqlalchemy.exc import IntegrityError
+
+    from .schema import categories
+    from .url import DatabaseError, masked
+
+    try:
+        conn.execute(categories.insert(), new)
+    except IntegrityError:
+        names = sorted(n["name"] for n in new)
+        raise DatabaseError(
+            f"the categories table of {masked(engine.url)} treats class names that differ only "
+            f"in case as one (adding {', '.join(map(repr, names[:5]))}).",
+            "Make class names compare exactly: ALTER TABLE categories MODIFY name VARCHAR(255) "
+            "CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL; or rename one folder.") from None
+
+
 def import_folder(db: Any, image_dir: str | Path, validation_percentage: float = 10.0,
                   testing_percentage: float = 10.0, batch_size: int = 200,
                   workers: int | None = None) -> ImportResult:
@@ -102,7 +120,7 @@ def import_dataset(db: Any, dataset: Dataset, batch_size: int = 200, workers: in
             known = {n: i for n, i in conn.execute(select(categories.c.name, categories.c.id))}
             new = [{"name": c} for c in dataset.classes if c not in known]
             if new:
-                conn.execute(categories.insert(), new)
+                _add_categories(conn, new, engine)
                 known = {n: i for n, i in conn.execute(select(categories.c.name, categories.c.id))}
             result.categories_added = len(new)
             seen = set(conn.execute(select(images.c.sha256)).scalars())

@@ -2,8 +2,10 @@
 
 Only images without a prediction from this model are selected, and each batch is inserted in
 its own transaction, so a run that is killed at any point loses at most the batch in flight
-and the next run continues from there; the (image, model) unique key makes a duplicate row
-impossible even if two runs overlap. The model id is a digest of the exported graph, so
+and the next run continues from there. The (image, model) unique key makes a duplicate row
+impossible, and rows are inserted "on conflict do nothing", so runs that overlap each keep
+going and skip what the other wrote; an image deleted while a run is under way is a counted
+skip (``deleted``), not a failed batch. The model id is a digest of the exported graph, so
 predictions of different models sit side by side.
 """
 from __future__ import annotations
@@ -52,6 +54,8 @@ class DatabaseLabelResult:
     scored: int
     accuracy: float | None
     seconds: float
+    #: Selected images that were deleted from the database before their prediction was written.
+    deleted: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -59,7 +63,8 @@ class DatabaseLabelResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "selected": self.selected, "labelled": self.labelled,
-                "failed": self.failed, "already_labelled": self.already, "scored": self.scored,
+                "failed": self.failed, "already_labelled": self.already,
+                "deleted": self.deleted, "scored": self.scored,
                 "accuracy": self.accuracy, "seconds": round(self.seconds, 3),
                 "images_per_second": round(self.images_per_second, 1)}
 
@@ -84,11 +89,20 @@ def label_database(db: Any, classifier: Any, model_id: str, where: str | None = 
     rows = list_images(engine, where, labels, roles, extra=~done)
     records = records_for(engine, rows, batch=2 * batch_size)
     pending: list[dict[str, Any]] = []
-    labelled = failed = 0
+    labelled = failed = deleted = 0
 
     def flush() -> None:
-        with errors(engine, "writing predictions"), engine.begin() as conn:
-            conn.execute(predictions.insert(), pending)
+        nonlocal labelled, failed, deleted
+        with errors(engine, "writing predictions"):
+            gone = write_predictions(engine, pending)
+        for row in gone:
+            log.warning("skipped image #%s: deleted from the database during the run",
+                        row["image_id"])
+            deleted += 1
+            if row["error"] is None:
+                labelled -= 1
+            else:
+                failed -= 1
         pending.clear()
         if on_batch:
             on_batch(labelled + failed)
@@ -118,7 +132,65 @@ def label_database(db: Any, classifier: Any, model_id: str, where: str | None = 
     scored, accuracy = prediction_accuracy(engine, model_id, where, labels, roles)
     return DatabaseLabelResult(model_id=model_id, selected=selected, labelled=labelled,
                                failed=failed, already=selected - len(rows), scored=scored,
-                               accuracy=accuracy, seconds=time.perf_counter() - t0)
+                               accuracy=accuracy, seconds=time.perf_counter() - t0,
+                               deleted=deleted)
+
+
+def _insert_ignoring_duplicates(engine: Any) -> Any:
+    """INSERT into predictions that leaves an existing (image, model) row as it is."""
+    from .schema import predictions
+
+    kind = engine.dialect.name
+    if kind == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+
+        return insert(predictions).on_conflict_do_nothing()
+    if kind == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+
+        return insert(predictions).on_conflict_do_nothing()
+    if kind in ("mysql", "mariadb"):
+        from sqlalchemy.dialects.mysql import insert
+
+        stmt = insert(predictions)  # not INSERT IGNORE: that would hide a deleted image too
+        return stmt.on_duplicate_key_update(image_id=stmt.inserted.image_id)
+    return predictions.insert()
+
+
+def write_predictions(engine: Any, rows: list[dict[str, Any]], attempts: int = 5
+                      ) -> list[dict[str, Any]]:
+    """Insert prediction rows, skipping those another run already wrote; the rows whose image
+    no longer exists are returned (not written). One transaction for the batch; row by row
+    only when the batch names a deleted image."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if not rows:
+        return []
+    stmt = _insert_ignoring_duplicates(engine)
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                conn.execute(stmt, rows)
+            return []
+        except IntegrityError:
+            break  # a foreign key: some image was deleted meanwhile
+        except OperationalError as exc:  # a deadlock between overlapping runs: try again
+            if attempt == attempts - 1 or not _is_deadlock(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    gone = []
+    for row in rows:
+        try:
+            with engine.begin() as conn:
+                conn.execute(stmt, [row])
+        except IntegrityError:
+            gone.append(row)
+    return gone
+
+
+def _is_deadlock(exc: BaseException) -> bool:
+    text = str(getattr(exc, "orig", exc)).lower()
+    return "deadlock" in text or "1213" in text or "database is locked" in text
 
 
 def prediction_accuracy(db: Any, model_id: str, where: str | None = None,

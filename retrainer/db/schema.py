@@ -19,6 +19,10 @@ metadata = MetaData()
 _MYSQL = {"mysql_charset": "utf8mb4", "mysql_engine": "InnoDB"}
 
 Blob = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+#: Class names compare byte for byte everywhere: MariaDB/MySQL's default collation would make
+#: the classes 'Cat' and 'cat' one unique name.
+ClassName = String(255).with_variant(
+    mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb")
 
 roles = Table(
     "roles", metadata,
@@ -30,7 +34,7 @@ roles = Table(
 categories = Table(
     "categories", metadata,
     Column("id", Integer, primary_key=True),
-    Column("name", String(255), nullable=False, unique=True),
+    Column("name", ClassName, nullable=False, unique=True),
     **_MYSQL,
 )
 

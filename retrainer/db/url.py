@@ -48,15 +48,38 @@ def database_url(value: str) -> Any:
     return url
 
 
+#: Query-string keys whose values are secrets (``?password=...`` reaches the driver too).
+_SECRET_KEYS = ("password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key",
+                "apikey", "access_token", "auth")
+_SECRET_QUERY = re.compile(r"([?&;](?:%s)=)[^&;#\s]*" % "|".join(_SECRET_KEYS), re.IGNORECASE)
+
+
+def _is_secret(key: str) -> bool:
+    return key.lower() in _SECRET_KEYS
+
+
 def masked(url: Any) -> str:
-    """The URL as text with its password replaced by ``***``."""
+    """The URL as text with its password, in the user part or the query, replaced by ``***``."""
     if isinstance(url, str):
         return _mask_text(url)
-    return url.render_as_string(hide_password=True)
+    query = getattr(url, "query", None) or {}
+    if any(_is_secret(k) for k in query):
+        url = url.set(query={k: ("***" if _is_secret(k) else v) for k, v in query.items()})
+    return url.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
 
 
 def _mask_text(text: str) -> str:
-    return re.sub(r"(://[^:/@\s]+:).*@", r"\1***@", text)
+    text = re.sub(r"(://[^:/@\s]+:).*@", r"\1***@", text)
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+def _secrets(url: Any) -> list[str]:
+    """Every secret a URL holds: its password and any secret query value."""
+    found = [str(url.password)] if getattr(url, "password", None) else []
+    for key, value in (getattr(url, "query", None) or {}).items():
+        if _is_secret(key):
+            found += [value] if isinstance(value, str) else [str(v) for v in value]
+    return [s for s in found if s]
 
 
 def connect(value: Any, create: bool = True) -> Any:
@@ -107,9 +130,8 @@ def _reason(exc: BaseException, url: Any = None) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
     text = _mask_text(text)
-    password = getattr(url, "password", None)
-    if password:
-        text = text.replace(str(password), "***")
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
     return text
 
 

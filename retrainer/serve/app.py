@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -21,11 +22,13 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ImageError
-from .auth import key_matches
+from .auth import is_loopback, key_matches
 from .batcher import MicroBatcher, QueueFull, Ticket
-from .limits import ApiError, BodyLimitMiddleware, check_pixels, image_error
+from .limits import (ApiError, BodyLimitMiddleware, HostCheckMiddleware, PixelBudget,
+                     check_pixels, image_error, loopback_hosts)
 from .settings import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -98,11 +101,14 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
     counters = {"requests": 0, "images": 0, "refused": 0, "started": time.time()}
     # Decoding gets its own threads, handed work through asyncio directly: cheaper per request
     # than Starlette's general thread pool, which matters when the loop serves hundreds a second.
+    # Bounded: at most decode_threads images decode at once, within a pixel budget.
     decoders: list[ThreadPoolExecutor] = []
+    budget = PixelBudget(max(config.max_decode_pixels, config.max_pixels))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        decoders.append(ThreadPoolExecutor(thread_name_prefix="decode"))
+        decoders.append(ThreadPoolExecutor(config.decode_threads or os.cpu_count() or 1,
+                                           thread_name_prefix="decode"))
         batcher.start()
         yield
         # Uvicorn has answered every in-flight request by now; end the model threads.
@@ -117,6 +123,8 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    if config.api_key is None and is_loopback(config.host):  # added last: runs first
+        app.add_middleware(HostCheckMiddleware, allowed=loopback_hosts(config.host))
     app.state.batcher = batcher
     app.state.classifier = classifier
 
@@ -140,6 +148,13 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(ApiError(exc.status_code, code, str(exc.detail)).body(),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left (or was cut off for sending too slowly): nobody reads this.
+        counters["refused"] += 1
+        return JSONResponse(ApiError(400, "client_disconnected", "the client went away").body(),
+                            status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -165,7 +180,7 @@ def create_app(classifier: Any, config: ServeConfig | None = None,
         """Decode on a worker thread, then queue for the model; ``ticket`` comes from
         ``batcher.incoming()``, which told the model threads this image is on its way."""
         pixels = await asyncio.get_running_loop().run_in_executor(
-            decoders[0], _decode, classifier, data, name, config.max_pixels)
+            decoders[0], _decode, classifier, data, name, config.max_pixels, budget)
         try:
             return batcher.enqueue(pixels, ticket)
         except QueueFull as exc:
@@ -284,12 +299,18 @@ async def _form_files(request: Request, config: ServeConfig) -> list[tuple[str, 
     return files
 
 
-def _decode(classifier: Any, data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Header check, then the same decode as ``retrainer label``; every failure is a 4xx."""
-    check_pixels(data, max_pixels, name)
+def _decode(classifier: Any, data: bytes, name: str, max_pixels: int,
+            budget: PixelBudget | None = None) -> np.ndarray:
+    """Header check, then the same decode as ``retrainer label`` within the pixel budget;
+    every failure is a 4xx."""
+    pixels = check_pixels(data, max_pixels, name)
+    held = budget.acquire(pixels) if budget is not None else 0
     try:
         return classifier.prepare(data, name=name)
     except ImageError as exc:
         raise image_error(exc, name) from None
     except (MemoryError, Exception) as exc:  # noqa: BLE001 - never a 500 for a bad upload
         raise ApiError(422, "cannot_decode", f"{name}: cannot decode ({exc})") from None
+    finally:
+        if budget is not None:
+            budget.release(held)

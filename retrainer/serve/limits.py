@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
+import threading
+import time
 from typing import Any, Awaitable, Callable
 
 from PIL import Image, UnidentifiedImageError
@@ -45,15 +46,15 @@ class BodyTooLarge(ApiError):
         super().__init__(err.status, err.code, err.message, headers={"Connection": "close"})
 
 
-def check_pixels(data: bytes, max_pixels: int, name: str) -> None:
-    """Read only the image header and refuse it when width x height is over ``max_pixels``."""
+def check_pixels(data: bytes, max_pixels: int, name: str) -> int:
+    """Read only the image header and refuse it when width x height is over ``max_pixels``;
+    the pixel count otherwise. (Pillow's warning is filtered once, process-wide, by
+    :mod:`retrainer.images`; the count is compared here, thread-safely.)"""
     if not data:
         raise ApiError(400, "empty_body", f"{name}: the upload is empty")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-                width, height = img.size
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            width, height = img.size
     except UnidentifiedImageError:
         raise ApiError(415, "not_an_image",
                        f"{name}: not an image (or an unsupported format; send JPEG, PNG, GIF, "
@@ -67,6 +68,7 @@ def check_pixels(data: bytes, max_pixels: int, name: str) -> None:
         raise ApiError(413, "too_many_pixels",
                        f"{name}: {width}x{height} is {width * height:,} pixels, over the limit "
                        f"of {max_pixels:,}")
+    return width * height
 
 
 def image_error(exc: ImageError, name: str) -> ApiError:
@@ -79,6 +81,74 @@ def image_error(exc: ImageError, name: str) -> ApiError:
     if reason == "empty file":
         return ApiError(400, "empty_body", f"{name}: the upload is empty")
     return ApiError(422, "cannot_decode", f"{name}: {reason}")
+
+
+class PixelBudget:
+    """Bounds the pixels being decoded at once, over all requests (decoding memory grows with
+    pixels, not with upload bytes). A decode waits for room; an image as large as the whole
+    budget still runs, alone. A wait past ``timeout`` seconds is a 503."""
+
+    def __init__(self, pixels: int, timeout: float = 30.0) -> None:
+        self.pixels = pixels
+        self.timeout = timeout
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int) -> int:
+        n = min(n, self.pixels)
+        deadline = time.monotonic() + self.timeout
+        with self.cond:
+            while self.used and self.used + n > self.pixels:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(503, "overloaded", "the server is busy decoding other "
+                                   "images; retry shortly", headers={"Retry-After": "1"})
+                self.cond.wait(left)
+            self.used += n
+        return n
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class HostCheckMiddleware:
+    """ASGI middleware against DNS rebinding: a keyless service on loopback answers only
+    requests whose Host header names this machine (localhost, 127.0.0.1, [::1], or the bound
+    address, any port); a web page on another name that resolves here gets 421."""
+
+    def __init__(self, app: Any, allowed: set[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host")
+            if host is not None and _host_name(host.decode("latin-1")) not in self.allowed:
+                await _send_json(send, 421, ApiError(
+                    421, "misdirected_request",
+                    "this service answers only requests addressed to localhost or its "
+                    "loopback address").body())
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """'example.com:8000' -> 'example.com', '[::1]:80' -> '[::1]'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def loopback_hosts(bound: str) -> set[str]:
+    """The Host names a loopback service accepts."""
+    names = {"localhost", "127.0.0.1", "[::1]"}
+    bound = bound.strip().lower()
+    if bound:
+        names.add(f"[{bound.strip('[]')}]" if ":" in bound else bound)
+    return names
 
 
 Receive = Callable[[], Awaitable[dict]]

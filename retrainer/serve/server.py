@@ -104,6 +104,62 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def guarded_protocol(header_timeout: float, body_timeout: float) -> Any:
+    """uvicorn's HTTP protocol with read deadlines, against slow clients (slowloris).
+
+    uvicorn has a keep-alive timeout but no deadline for reading a request: a client that
+    trickles a header byte every few seconds holds its connection (and a slot) forever, as
+    does a connection that never sends anything. Here a new connection, and every request
+    from its first byte, must deliver its headers within ``header_timeout`` seconds and then
+    its body within ``body_timeout``; otherwise the connection is closed.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as exc:  # httptools is part of retrainer[serve]
+        raise ServeError(f"the server packages are not installed ({exc.name}).",
+                         "pip install 'retrainer[serve]'") from None
+
+    class GuardedProtocol(HttpToolsProtocol):
+        read_deadline: Any = None
+
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self.read_deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.read_deadline is not None:
+                self.read_deadline.cancel()
+                self.read_deadline = None
+
+        def _too_slow(self) -> None:
+            self.read_deadline = None
+            if not self.transport.is_closing():
+                log.info("closed a connection that sent its request too slowly")
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm(header_timeout)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm(header_timeout)
+
+        def on_headers_complete(self) -> None:
+            self._arm(body_timeout)
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+    return GuardedProtocol
+
+
 def _log_config() -> dict[str, Any]:
     """uvicorn's logging, with the access log on stderr too: stdout is for ``--json``."""
     import copy
@@ -147,7 +203,10 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
                                    access_log=config.access_log, log_config=_log_config(),
                                    lifespan="on",
                                    timeout_graceful_shutdown=config.graceful_timeout,
-                                   server_header=False, timeout_keep_alive=30)
+                                   server_header=False, timeout_keep_alive=config.keep_alive,
+                                   limit_concurrency=config.max_connections,
+                                   http=guarded_protocol(config.header_timeout,
+                                                         config.body_timeout))
 
         class Server(uvicorn.Server):
             async def startup(self, sockets: Any = None) -> None:

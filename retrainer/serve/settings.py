@@ -24,6 +24,20 @@ class ServeConfig:
     max_body_bytes: int = 20 * 1024 * 1024
     #: Decompression-bomb guard: width x height above this is refused before decoding.
     max_pixels: int = 40_000_000
+    #: Pixels (width x height) being decoded at once over all requests: bounds decoding memory
+    #: (about 3-4 bytes a pixel at the peak). An image up to ``max_pixels`` always fits.
+    max_decode_pixels: int = 80_000_000
+    #: Threads decoding uploads (None: one per core).
+    decode_threads: int | None = None
+    #: Open connections beyond this get 503 at once (idle keep-alive ones count).
+    max_connections: int = 256
+    #: Seconds a client gets to send a request's headers; a slower one is disconnected
+    #: (slowloris), as is an idle new connection.
+    header_timeout: float = 10.0
+    #: Seconds a client gets to send a request's body once its headers are in.
+    body_timeout: float = 60.0
+    #: Seconds an idle keep-alive connection stays open.
+    keep_alive: float = 30.0
     #: Files in one ``/v1/classify/batch`` request.
     max_files: int = 64
     default_top_k: int = 5
