@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,23 @@ def config_digest(path: str | Path, model: Any = None) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def _load_error(path: Path, exc: Exception) -> WeightsUnavailable:
+    full = str(exc)
+    if "Lambda" in full or "safe_mode" in full or "unsafe" in full.lower():
+        return WeightsUnavailable(
+            f"'{path}' holds Python code (a Lambda layer or an unsafe object); it is not loaded, "
+            "as that code could do anything.",
+            "Rebuild the model from plain Keras layers.")
+    located = re.search(r"Could not locate (?:class|function) '?([\w.]+)'?", full)
+    if located:
+        return WeightsUnavailable(
+            f"'{path}' needs {located.group(1)!r}, which is not part of Keras.",
+            "Save the model with plain Keras layers only.")
+    reason = full.splitlines()[0][:300] if full else type(exc).__name__
+    return WeightsUnavailable(f"cannot load '{path}' as a Keras model: {reason}",
+                              "Is this a Keras 3 '.keras' model file?")
+
+
 def _load(path: str | Path, feature_layer: str | None = None) -> tuple[Any, str]:
     import keras
 
@@ -75,9 +93,7 @@ def _load(path: str | Path, feature_layer: str | None = None) -> tuple[Any, str]
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - many failure kinds for a bad file
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise WeightsUnavailable(f"cannot load '{path}' as a Keras model: {reason}",
-                                 "Only plain Keras layers load (safe mode: no Lambda code).") from None
+        raise _load_error(path, exc) from None
     digest = config_digest(path, model)
     if feature_layer:
         try:
