@@ -45,8 +45,7 @@ class Backbone:
 
     def id_for(self, precision: str) -> str:
         """The cache id of this backbone run at ``precision``."""
-        fields = {k: v for k, v in self.spec.to_dict().items()
-                  if k not in ("description", "license", "builder")}
+        fields = self.spec.identity()
         blob = json.dumps([fields, self.weights_digest, precision, PIXELS_VERSION], sort_keys=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.spec.name)
         return f"{safe}-{precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -86,7 +85,7 @@ def create_backbone(architecture: str | BackboneSpec, weights: str | None = None
         log.info("backbone %s: weights known, model built only if needed", spec.name)
         return Backbone(spec, None, digest, precision, build=lambda: _build(spec, weights))
     model = _build(spec, weights)
-    digest = weights_digest(model)
+    digest = model_digest(spec, model)
     if memo_key:
         digests.put(memo_key, digest)
     return Backbone(spec, model, digest, precision)
@@ -102,21 +101,20 @@ def _build(spec: BackboneSpec, weights: str | None) -> Any:
 
 
 def _weights_file(spec: BackboneSpec, weights: str | None) -> Path | None:
-    """The one file the weights are read from, when that is known without building."""
+    """The one file the weights are read from, when that is known without building.
+
+    For a spec's default weights, its builder's module says (``pretrained_weights_file``);
+    a family without that hook is simply never built lazily.
+    """
     if weights is not None and str(weights).lower() == "random":
         return None  # new random weights every build
     if weights is not None:
         return Path(weights) if Path(weights).is_file() else None
     if spec.name.startswith("file:"):
         return Path(spec.weights) if Path(spec.weights).is_file() else None
-    if spec.name == "efficientnet_lite0" and spec.builder == _LITE0_BUILDER:
-        from .efficientnet_lite import pretrained_weights_path
-
-        return pretrained_weights_path()
-    return None
-
-
-_LITE0_BUILDER = "retrainer.backbones.efficientnet_lite:build"
+    module = spec.builder_module()
+    hook = getattr(module, "pretrained_weights_file", None) if module is not None else None
+    return hook(spec) if hook is not None else None
 
 
 def _weights_file_key(spec: BackboneSpec, weights: str | None) -> str | None:
@@ -164,6 +162,16 @@ class _DigestMemo:
             atomic_write(self.path, lambda fh: fh.write(text.encode()))
         except OSError as exc:
             log.debug("cannot keep the weights digest (%s)", exc)
+
+
+def model_digest(spec: BackboneSpec, model: Any) -> str:
+    """The weights digest, with the model's configuration folded in when the spec carries
+    one (``config_sha256``: a user's model file, whose layers the registry does not fix)."""
+    digest = weights_digest(model)
+    config = spec.option("config_sha256")
+    if config:
+        digest = hashlib.sha256(f"{digest}:{config}".encode()).hexdigest()
+    return digest
 
 
 def weights_digest(model: Any) -> str:

@@ -7,8 +7,10 @@ Layout of such a file::
     pickle([storage keys]) # the order in which the raw storages follow
     for each key: <int64 LE element count> <count * element_size raw bytes>
 
-Only a small, fixed set of globals is allowed while unpickling (``collections.OrderedDict``,
-torch's tensor rebuild helpers and storage classes), so a hostile file cannot run code.
+Every one of the five pickles goes through a whitelisting unpickler: the header pickles and the
+key list may name no global at all, the object pickle only a small fixed set
+(``collections.OrderedDict``, torch's tensor rebuild helpers and storage classes, all replaced
+by inert local stand-ins), so a hostile file cannot run code.
 """
 from __future__ import annotations
 
@@ -78,6 +80,20 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *_ignored):
     return data
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Plain data only (numbers, strings, lists, dicts): any global or persistent id is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a weights file")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("a persistent id is not allowed here in a weights file")
+
+
+def _load_data(f: Any) -> Any:
+    return _DataUnpickler(f).load()
 
 
 class _Unpickler(pickle.Unpickler):
@@ -160,25 +176,30 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         head = f.read(4)
         if head.startswith(b"PK\x03\x04"):
             raise _not_legacy(path, "it is a zip archive, the newer torch format")
+        size = f.seek(0, 2)
         f.seek(0)
         storages: dict[str, _Storage] = {}
         try:
-            if pickle.load(f) != MAGIC_NUMBER:
+            if _load_data(f) != MAGIC_NUMBER:
                 raise _not_legacy(path, "wrong magic number")
-            version = pickle.load(f)
+            version = _load_data(f)
             if version != PROTOCOL_VERSION:
                 raise _not_legacy(path, f"unsupported protocol version {version!r}")
-            sys_info = pickle.load(f)
+            sys_info = _load_data(f)
             if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
                 raise _not_legacy(path, "big-endian files are not supported")
             obj = _Unpickler(f, storages).load()
-            keys = pickle.load(f)
+            keys = _load_data(f)
+            if not isinstance(keys, (list, tuple)):
+                raise ValueError("the storage key list is not a list")
             for key in keys:
                 storage = storages.get(key)
                 if storage is None:
                     raise ValueError(f"storage {key!r} is not referenced by any tensor")
                 (count,) = struct.unpack("<q", f.read(8))
                 dtype = storage.kind.dtype
+                if count < 0 or count * dtype.itemsize > size - f.tell():
+                    raise ValueError("the file is truncated")
                 raw = f.read(count * dtype.itemsize)
                 if len(raw) != count * dtype.itemsize:
                     raise ValueError("the file is truncated")
@@ -186,7 +207,8 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         except WeightsUnavailable:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-                AttributeError, IndexError, struct.error, MemoryError, ImportError) as exc:
+                AttributeError, IndexError, struct.error, MemoryError, ImportError,
+                OverflowError, RecursionError) as exc:
             raise _not_legacy(path, f"{type(exc).__name__}: {exc}") from None
 
     if not isinstance(obj, dict):

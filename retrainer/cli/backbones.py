@@ -10,14 +10,25 @@ from .common import echo_json, json_option
 @click.argument("pattern", default="*")
 @json_option
 def backbones(pattern: str, as_json: bool) -> None:
-    """List the backbones --architecture accepts (PATTERN filters, e.g. 'eff*')."""
-    from ..backbones import get_spec, list_backbones
+    """List the backbones --architecture accepts (PATTERN filters, e.g. 'eff*').
 
+    The default (what train uses without --architecture) is marked with '*'.
+    """
+    from ..backbones import get_spec, list_backbones
+    from ..config import TrainConfig
+
+    default = TrainConfig().architecture
     specs = [get_spec(name) for name in list_backbones(pattern)]
     if as_json:
-        echo_json([s.to_dict() for s in specs])
+        echo_json([{**s.to_dict(), "default": s.name == default} for s in specs])
         return
+    click.echo(f"  {'name':<20} {'input':>7} {'dim':>5} {'GFLOPs':>6}  weights")
     for s in specs:
         h, w = s.input_size
-        click.echo(f"{s.name:<20} {h}x{w}  {s.feature_dim:>5}-d  {s.description}")
-        click.echo(f"{'':<20} weights: {s.weights}")
+        mark = "*" if s.name == default else " "
+        size = f"{h}x{w}" if h != w else str(h)
+        click.echo(f"{mark} {s.name:<20} {size:>7} {s.feature_dim:>5} {s.gflops:>6.2f}  "
+                   f"{s.source.describe() if s.source.kind != 'none' else s.weights}")
+    if any(s.name == default for s in specs):
+        click.echo(f"* default (train --architecture {default}); GFLOPs per image at the input "
+                   "size; 'retrainer backbones --json' gives each one's preprocessing and licence.")
