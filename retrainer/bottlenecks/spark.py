@@ -1,7 +1,11 @@
 """The Spark engine: bottlenecks computed by Spark workers, cached by the driver as usual.
 
 Spark reads the image files with its ``binaryFile`` source and hashes each one (SHA-256, the
-cache key); ``predict_batch_udf`` decodes the bytes with the same code as the local engine and
+cache key) from the very bytes it decodes, so a file changed since the scan is stored under its
+new content, never under the old key; a file deleted since the scan is a counted skip. Records
+that are not files (database rows, augmented variants) are read on the driver and their bytes
+shipped to Spark under the caller's keys. ``predict_batch_udf`` decodes the bytes with the same
+code as the local engine and
 runs the backbone's frozen graph, which is broadcast once and loaded once per Python worker.
 Images go in chunks, one Spark job each with every executor busy; each chunk's features come
 back to the driver as one Arrow table (a chunk bounds the driver's memory) and go into the same
@@ -17,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ..errors import ImageError
 from ..progress import bar
 from ..sources.base import ImageRecord, Skipped
 from ..spark_session import SparkError, local_cores, spark_session
@@ -143,7 +148,13 @@ def worker_threads(spark: Any) -> int | None:
 
 def read_images(spark: Any, paths: Sequence[str]) -> Any:
     """Spark's binaryFile source over these files (path, content)."""
-    return spark.read.format("binaryFile").load(list(paths)).select("path", "content")
+    # A file deleted after the listing is left out (and counted by the caller), not an abort.
+    return (spark.read.format("binaryFile").option("ignoreMissingFiles", "true")
+            .load(list(paths)).select("path", "content"))
+
+
+#: Bytes read on the driver per Spark job when records are shipped rather than read by Spark.
+SHIP_BYTES = 64 << 20
 
 
 class SparkEngine:
@@ -169,19 +180,23 @@ class SparkEngine:
         if graph_def is None:
             raise SparkError("the spark engine needs the backbone as a frozen graph.")
         by_path: dict[str, ImageRecord] = {}
-        for _, rec in items:
-            if not rec.path:
-                raise SparkError(f"the spark engine reads image files, and '{rec.display}' is "
-                                 "not a file.", "Use --engine local for this source.")
-            by_path[os.path.abspath(rec.path)] = rec
-        if not by_path:
+        shipped: list[tuple[str, ImageRecord]] = []  # not files: bytes go to Spark
+        for key, rec in items:
+            if is_file_record(rec):
+                by_path[os.path.abspath(rec.path)] = rec  # type: ignore[arg-type]
+            else:
+                shipped.append((key, rec))
+        if not by_path and not shipped:
             return []
         if self.spark is not None:
-            return self._extract(self.spark, by_path, graph_def, size, resize, cache, batch_size)
+            return self._extract(self.spark, by_path, shipped, graph_def, size, resize, cache,
+                                 batch_size)
         with spark_session(self.master, "retrainer bottlenecks") as spark:
-            return self._extract(spark, by_path, graph_def, size, resize, cache, batch_size)
+            return self._extract(spark, by_path, shipped, graph_def, size, resize, cache,
+                                 batch_size)
 
-    def _extract(self, spark: Any, by_path: dict[str, ImageRecord], graph_def: Any,
+    def _extract(self, spark: Any, by_path: dict[str, ImageRecord],
+                 shipped: list[tuple[str, ImageRecord]], graph_def: Any,
                  size: tuple[int, int], resize: str, cache: BottleneckCache,
                  batch_size: int) -> list[Skipped]:
         from pyspark.sql import functions as F
@@ -191,32 +206,86 @@ class SparkEngine:
         udf = bottleneck_udf(graph_bytes, graph_digest(raw), cache.dim, size, resize,
                              batch_size, worker_threads(spark))
         failures: list[Skipped] = []
-        seen = 0
-        paths = list(by_path)
         chunk = chunk_size(spark)
-        with bar(len(paths), "extracting bottlenecks (spark)") as progress:
+
+        def skip(name: str, reason: str) -> None:
+            log.warning("skipped %s: %s", name, reason)
+            failures.append(Skipped(name, reason))
+
+        with bar(len(by_path) + len(shipped), "extracting bottlenecks (spark)") as progress:
             try:
+                paths = list(by_path)
                 for start in range(0, len(paths), chunk):
-                    frame = read_images(spark, [spark_path(p) for p in paths[start:start + chunk]])
+                    part = paths[start:start + chunk]
+                    present = [p for p in part if os.path.isfile(p)]
+                    for gone in sorted(set(part) - set(present)):
+                        skip(by_path[gone].display, "cannot read (the file was deleted)")
+                        progress.update(1)
+                    if not present:
+                        continue
+                    frame = read_images(spark, [spark_path(p) for p in present])
+                    # The key is the hash of the bytes this same row decodes.
                     result = (frame.select("path", F.sha2("content", 256).alias("key"),
                                            udf("content").alias("out"))
                               .select("path", "key", "out.features", "out.error"))
+                    seen: set[str] = set()
                     for path, key, features, error in _computed(result, cache.dim):
-                        seen += 1
                         progress.update(1)
+                        seen.add(local_path(path))
+                        rec = by_path.get(local_path(path))
+                        name = rec.display if rec else local_path(path)
                         if error is not None:
-                            rec = by_path.get(local_path(path))
-                            name = rec.display if rec else local_path(path)
-                            log.warning("skipped %s: %s", name, error)
-                            failures.append(Skipped(name, error))
+                            skip(name, error)
                             continue
                         cache.add([key], features[None])
+                    for gone in sorted(set(present) - seen):  # deleted while the job ran
+                        skip(by_path[gone].display, "cannot read (the file was deleted)")
+                        progress.update(1)
+                rows: list[tuple[str, bytes]] = []
+                names: dict[str, str] = {}
+
+                def run_shipped() -> None:
+                    frame = spark.createDataFrame(rows, "key string, content binary")
+                    result = (frame.select("key", udf("content").alias("out"))
+                              .select("key", "out.features", "out.error"))
+                    for key, _, features, error in _computed(result, cache.dim, name="key"):
+                        progress.update(1)
+                        if error is not None:
+                            skip(names.get(key, key), error)
+                            continue
+                        cache.add([key], features[None])
+                    rows.clear()
+                    names.clear()
+
+                held = 0
+                for key, rec in shipped:  # read lazily: the driver holds one job's bytes
+                    try:
+                        data = rec.read()
+                    except OSError as exc:
+                        skip(rec.display, f"cannot read ({exc.strerror or exc})")
+                        progress.update(1)
+                        continue
+                    except ImageError as exc:  # an augmented variant of a broken image
+                        skip(rec.display, exc.reason)
+                        progress.update(1)
+                        continue
+                    rows.append((key, data))
+                    names[key] = rec.display
+                    held += len(data)
+                    if len(rows) >= chunk or held >= SHIP_BYTES:
+                        run_shipped()
+                        held = 0
+                if rows:
+                    run_shipped()
             finally:
                 cache.close()  # keep what was computed, even when interrupted
                 graph_bytes.unpersist()
-        if seen < len(by_path):
-            log.warning("Spark returned %d of %d images", seen, len(by_path))
         return failures
+
+
+def is_file_record(rec: ImageRecord) -> bool:
+    """True for a record that is the file at ``rec.path`` (Spark can read it itself)."""
+    return bool(rec.path) and os.path.isfile(rec.path)  # type: ignore[arg-type]
 
 
 def chunk_size(spark: Any) -> int:
@@ -224,7 +293,8 @@ def chunk_size(spark: Any) -> int:
     return min(CHUNK_MAX, max(CHUNK_MIN, CHUNK_PER_CORE * spark.sparkContext.defaultParallelism))
 
 
-def _computed(frame: Any, dim: int) -> Iterator[tuple[str, str, np.ndarray, str | None]]:
+def _computed(frame: Any, dim: int, name: str = "path"
+              ) -> Iterator[tuple[str, str, np.ndarray, str | None]]:
     """(path, key, features, error) of one chunk, computed by all executors at once.
 
     ``toLocalIterator`` would run one partition at a time (two with prefetching) and leave a
@@ -237,7 +307,7 @@ def _computed(frame: Any, dim: int) -> Iterator[tuple[str, str, np.ndarray, str 
         raise _job_failed(exc) from exc
     values = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     features = values.astype(np.float32, copy=False).reshape(table.num_rows, dim)
-    yield from zip(table.column("path").to_pylist(), table.column("key").to_pylist(),
+    yield from zip(table.column(name).to_pylist(), table.column("key").to_pylist(),
                    features, table.column("error").to_pylist())
 
 

@@ -1,0 +1,96 @@
+"""The Spark engine off the happy path: augmented variants and database rows (records that
+are not files), and files deleted between the scan and the Spark job. Real local[2] Spark."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from conftest import make_colour_tree
+
+pytest.importorskip("pyspark")
+
+from test_spark import _all_rows  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spark():
+    """The running local[2] session of test_spark when there is one; else one of our own."""
+    import shutil
+
+    from retrainer.spark_session import active_session, start_session
+
+    running = active_session()
+    if running is not None:
+        yield running
+        return
+    session, log_path = start_session("local[2]", "retrainer tests")
+    yield session
+    session.stop()
+    shutil.rmtree(log_path.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def clean_tree(tmp_path) -> Path:
+    return make_colour_tree(tmp_path / "images", per_class=6)
+
+
+def test_spark_trains_with_augmentation(spark, clean_tree, fast_config, tmp_path):
+    """The variants are not files: their bytes go to Spark under the variant keys, so a
+    local run afterwards finds every variant in the cache."""
+    from retrainer.training import train
+
+    def config(engine: str):
+        return dataclasses.replace(
+            fast_config(clean_tree, engine=engine, flip_left_right=True, augment_variants=2),
+            bottleneck_dir=str(tmp_path / "bn"))
+
+    on_spark = train(config("spark"))
+    assert on_spark.bottlenecks_computed == 18 and not on_spark.skipped
+    rows = _all_rows(Path(on_spark.cache_dir))
+    training = sum(on_spark.counts["training"].values())
+    assert len(rows) == 18 + 2 * training
+    local = train(config("local"))
+    assert local.bottlenecks_computed == 0
+    assert len(_all_rows(Path(local.cache_dir))) == len(rows)  # no variant computed again
+
+
+def test_spark_trains_from_a_database(spark, clean_tree, fast_config, tmp_path):
+    from retrainer.db.importer import import_folder
+    from retrainer.training import train
+
+    db = str(tmp_path / "images.db")
+    import_folder(db, clean_tree)
+    on_spark = train(fast_config(None, db=db, engine="spark"))
+    assert on_spark.bottlenecks_computed == 18 and not on_spark.skipped
+    local = train(fast_config(clean_tree))  # same contents, same cache entries
+    assert (local.bottlenecks_computed, local.bottlenecks_cached) == (0, 18)
+
+
+def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
+                                                         tmp_path):
+    from retrainer.backbones.factory import create_backbone, resolve_spec
+    from retrainer.bottlenecks import BottleneckCache, hash_records
+    from retrainer.bottlenecks.extractor import graphs_dir, make_forward
+    from retrainer.bottlenecks.spark import SparkEngine
+    from retrainer.sources.folder import scan_folder
+
+    from conftest import TINY
+
+    dataset = scan_folder(clean_tree)
+    keys, _ = hash_records(dataset.records)
+    items = list(zip(keys, dataset.records))
+    spec = resolve_spec(TINY, None)
+    backbone = create_backbone(spec, None, lazy=True)
+    cache = BottleneckCache(tmp_path / "bn", backbone.cache_id, spec.feature_dim)
+    gone = [rec for _, rec in items[:2]]
+    for rec in gone:
+        Path(rec.path).unlink()
+    engine = SparkEngine(spark=spark)
+    # Past the engine's own look at the files: as if deleted while the job is planned.
+    by_path = {str(Path(rec.path).resolve()): rec for _, rec in items}
+    failures = engine._extract(spark, by_path, [], make_forward(backbone, graphs_dir()).graph_def,
+                               spec.input_size, spec.resize, cache, 8)
+    assert sorted(f.name for f in failures) == sorted(rec.display for rec in gone)
+    assert all("deleted" in f.reason for f in failures)
+    assert len(cache.missing([k for k, _ in items[2:]])) == 0
