@@ -104,7 +104,7 @@ _app("xception", "Xception", 299, "tf", 2048, f"xception{_TF}", 16.71,
      "Xception (79.0 % ImageNet top-1)")
 _app("vgg16", "VGG16", 224, "caffe", 512, f"vgg16{_TF}", 30.69,
      "VGG16 (71.3 % ImageNet top-1): large and slow, 512-d")
-_app("vgg19", "VGG19", 224, "caffe", 512, f"vgg19{_TF}", 39.0,
+_app("vgg19", "VGG19", 224, "caffe", 512, f"vgg19{_TF}", 39.02,
      "VGG19 (71.3 % ImageNet top-1): large and slow, 512-d")
 for _v, _size, _dim, _gf, _top1 in (("b0", 224, 1280, 1.43, 78.7), ("b1", 240, 1280, 2.39, 79.8),
                                       ("b2", 260, 1408, 3.39, 80.5), ("b3", 300, 1536, 6.02, 82.0),
