@@ -33,6 +33,9 @@ class TrainConfig:
     weights: str | None = None
     feature_layer: str | None = None
     precision: str = "fp32"
+    # What runs the backbone: auto (the fastest installed here, measured once and kept),
+    # tensorflow, onnxruntime, openvino or litert (retrainer.runtimes).
+    runtime: str = "auto"
     bottleneck_dir: str | None = None  # None: the user cache dir
     validation_percentage: float = 10.0
     testing_percentage: float = 10.0
@@ -72,3 +75,4 @@ class LabelConfig:
     top_k: int = 5
     batch_size: int = 16  # as extraction: the best CPU batch for lite0, equal for inception_v3
     min_confidence: float | None = None  # below it the answer is "unknown"
+    runtime: str = "auto"  # auto: the export's model.tflite on LiteRT when installed

@@ -214,7 +214,8 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
 
 
 def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: str | None = None,
-                    labels: str | None = None, batch_size: int = 32) -> EvaluationReport:
+                    labels: str | None = None, batch_size: int = 32,
+                    runtime: str = "auto") -> EvaluationReport:
     """Score an export on a labelled folder.
 
     A plain class tree is used whole; a train/ val/ test/ tree is scored on test/ (or val/).
@@ -228,12 +229,12 @@ def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: 
     if any(r.split for r in records):
         wanted = TESTING if any(r.split == TESTING for r in records) else VALIDATION
         records = [r for r in records if r.split == wanted]
-    return evaluate_records(records, model_dir, graph, labels, batch_size)
+    return evaluate_records(records, model_dir, graph, labels, batch_size, runtime)
 
 
 def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained",
                      graph: str | None = None, labels: str | None = None,
-                     batch_size: int = 32) -> EvaluationReport:
+                     batch_size: int = 32, runtime: str = "auto") -> EvaluationReport:
     """Score an export on labelled records from any source (a folder, a database)."""
     import logging
 
@@ -242,7 +243,7 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained"
     from .progress import bar
 
     log = logging.getLogger(__name__)
-    classifier = Classifier.load(model_dir, graph=graph, labels=labels)
+    classifier = Classifier.load(model_dir, graph=graph, labels=labels, runtime=runtime)
     index = {label: i for i, label in enumerate(classifier.labels)}
     unknown = sorted({r.label for r in records} - set(index))
     if unknown:

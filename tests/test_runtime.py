@@ -68,12 +68,16 @@ def test_auto_runs_litert_without_importing_tensorflow(model_dir: Path, tmp_path
     assert out.stdout.split() == ["litert", "red", "False"]
 
 
-def test_auto_falls_back_to_tensorflow_without_a_tflite_file(model_dir: Path, tmp_path: Path) -> None:
+def test_auto_without_a_tflite_file_runs_the_graph(model_dir: Path, tmp_path: Path) -> None:
+    from retrainer.runtimes import installed
+
     graph_only = tmp_path / "m"
     graph_only.mkdir()
     for name in ("retrained_graph.pb", "retrained_labels.txt", "metadata.json"):
         (graph_only / name).write_bytes((model_dir / name).read_bytes())
-    assert Classifier.load(graph_only).runtime == "tensorflow"
+    # OpenVINO reads the frozen graph itself (no TensorFlow import); else TensorFlow runs it.
+    expected = "openvino" if installed("openvino") else "tensorflow"
+    assert Classifier.load(graph_only).runtime == expected
     with pytest.raises(ModelDirError, match="no model.tflite"):
         Classifier.load(graph_only, runtime="litert")
     with pytest.raises(ModelDirError, match="unknown runtime 'onnx'"):
@@ -88,3 +92,21 @@ def test_a_damaged_tflite_file_is_a_clear_error(model_dir: Path, tmp_path: Path)
     (broken / "model.tflite").write_bytes(b"not a flatbuffer at all" * 10)
     with pytest.raises(ModelDirError, match="not a TFLite model"):
         Classifier.load(broken, runtime="litert")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_every_runtime_scores_an_export_as_tensorflow_does(model_dir: Path, tmp_path: Path,
+                                                          runtime: str) -> None:
+    from retrainer.runtimes import installed
+
+    if not installed(runtime):
+        pytest.skip(f"{runtime} is not installed")
+    paths = [str(make_image(tmp_path / f"{i}.png", rgb, seed=700 + i))
+             for i, rgb in enumerate(COLOURS.values())]
+    reference = Classifier.load(model_dir, runtime="tensorflow")
+    other = Classifier.load(model_dir, runtime=runtime)
+    assert other.runtime == runtime
+    a = np.array([r.probabilities for r in reference.label_paths(paths)])
+    b = np.array([r.probabilities for r in other.label_paths(paths)])
+    assert np.abs(a - b).max() < 1e-5
+    assert [r.predictions[0].label for r in other.label_paths(paths)] == list(COLOURS)

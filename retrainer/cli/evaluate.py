@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import echo_json, err, json_option, model_options
+from .common import echo_json, err, export_runtime_option, json_option, model_options
 
 
 @click.command()
@@ -21,10 +21,12 @@ from .common import echo_json, err, json_option, model_options
               help="Where report.json and confusion_matrix.png go (default: the model folder, "
                    "or the graph's folder with --graph).")
 @click.option("--print-misclassified", is_flag=True, help="List the images the model gets wrong.")
+@export_runtime_option
 @json_option
 def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | None,
              batch_size: int, output_dir: str | None, print_misclassified: bool,
-             as_json: bool, db: str | None = None, where: str | None = None) -> None:
+             as_json: bool, db: str | None = None, where: str | None = None,
+             runtime: str = "auto") -> None:
     """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on labelled images.
 
     \b
@@ -40,10 +42,10 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
 
         records = scan_database(db, where=where, min_classes=1).records
         report = evaluate_records(records, model_dir if not graph else None, graph=graph,
-                                  labels=labels, batch_size=batch_size)
+                                  labels=labels, batch_size=batch_size, runtime=runtime)
     else:
         report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
-                                 labels=labels, batch_size=batch_size)
+                                 labels=labels, batch_size=batch_size, runtime=runtime)
     out = output_dir or (str(Path(graph).parent) if graph else model_dir)
     try:
         written = report.write(out, {"db": masked(db), "where": where} if db
