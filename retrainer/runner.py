@@ -240,8 +240,9 @@ class OpenVINORunner(LaneRunner):
         core = ov.Core()
         model = core.read_model(str(path))
         shape = model.input(0).get_partial_shape()
-        shape[0] = -1  # a free batch dimension
-        model.reshape({model.input(0): shape})
+        if not shape[0].is_dynamic:  # a free batch dimension (conversions have one already)
+            shape[0] = -1
+            model.reshape({model.input(0): shape})
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                   "NUM_STREAMS": str(n), "INFERENCE_NUM_THREADS": str(n * per),
                   "ENABLE_CPU_PINNING": "NO"}  # a shared machine: let the OS place threads
