@@ -164,3 +164,29 @@ def test_fp32_runtimes_fill_one_cache(tmp_path: Path) -> None:
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert (a["computed"], a["cached"]) == (9, 0)
     assert (b["computed"], b["cached"]) == (0, 9)
+
+
+def test_onnxruntime_needs_its_converter_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retrainer.runtimes import RuntimeNotInstalled, check_runtime
+
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # as when it is not installed
+    installed.cache_clear()
+    try:
+        assert "onnxruntime" not in available("fp32")
+        with pytest.raises(RuntimeNotInstalled, match="needs the onnxruntime and tf2onnx "
+                                                      "packages") as caught:
+            check_runtime("onnxruntime")
+        assert "pip install onnxruntime tf2onnx" in caught.value.hint
+    finally:
+        monkeypatch.undo()
+        installed.cache_clear()
+
+
+def test_bf16_on_a_runtime_without_it_is_a_clear_error() -> None:
+    from retrainer.errors import RetrainerError
+    from retrainer.runtimes import check_runtime
+
+    if not installed("litert"):
+        pytest.skip("litert is not installed")
+    with pytest.raises(RetrainerError, match="runtime 'litert' does not run bf16"):
+        check_runtime("litert", "bf16")

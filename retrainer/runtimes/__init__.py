@@ -20,10 +20,11 @@ from ..errors import RetrainerError
 RUNTIMES = ("tensorflow", "onnxruntime", "openvino", "litert")
 #: What ``--runtime`` accepts.
 CHOICES = ("auto", *RUNTIMES)
-#: The pip package each runtime needs (and the modules it must be able to import).
-PACKAGES = {"tensorflow": "tensorflow", "onnxruntime": "onnxruntime", "openvino": "openvino",
-            "litert": "ai-edge-litert"}
-_MODULES = {"tensorflow": ("tensorflow",), "onnxruntime": ("onnxruntime",),
+#: The pip packages each runtime needs (ONNX Runtime runs tf2onnx conversions), and the
+#: modules they must make importable.
+PACKAGES = {"tensorflow": ("tensorflow",), "onnxruntime": ("onnxruntime", "tf2onnx"),
+            "openvino": ("openvino",), "litert": ("ai-edge-litert",)}
+_MODULES = {"tensorflow": ("tensorflow",), "onnxruntime": ("onnxruntime", "tf2onnx"),
             "openvino": ("openvino",), "litert": ("ai_edge_litert",)}
 #: The precisions each runtime runs a backbone at.
 PRECISIONS = {"tensorflow": ("fp32", "bf16"), "onnxruntime": ("fp32",),
@@ -55,9 +56,12 @@ def check_runtime(runtime: str, precision: str = "fp32") -> str:
     if runtime == "auto":
         return runtime
     if not installed(runtime):
-        raise RuntimeNotInstalled(
-            f"runtime {runtime!r} needs the {PACKAGES[runtime]} package, which is not installed.",
-            f"Install it (pip install {PACKAGES[runtime]}) or use --runtime auto.")
+        names = PACKAGES[runtime]
+        what = (f"the {names[0]} package, which is not installed" if len(names) == 1 else
+                f"the {' and '.join(names)} packages, which are not all installed")
+        raise RuntimeNotInstalled(f"runtime {runtime!r} needs {what}.",
+                                  f"Install {'it' if len(names) == 1 else 'them'} "
+                                  f"(pip install {' '.join(names)}) or use --runtime auto.")
     if precision not in PRECISIONS[runtime]:
         raise RetrainerError(
             f"runtime {runtime!r} does not run {precision}.",
@@ -85,8 +89,11 @@ def versions() -> dict[str, str]:
     out = {}
     for runtime in RUNTIMES:
         if installed(runtime):
-            try:
-                out[runtime] = metadata.version(PACKAGES[runtime])
-            except metadata.PackageNotFoundError:
-                out[runtime] = "?"
+            found = []
+            for package in PACKAGES[runtime]:
+                try:
+                    found.append(metadata.version(package))
+                except metadata.PackageNotFoundError:
+                    found.append("?")
+            out[runtime] = "+".join(found)
     return out

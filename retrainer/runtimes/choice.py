@@ -22,8 +22,9 @@ from . import RUNTIMES, available, versions
 
 log = logging.getLogger(__name__)
 
-#: Within this share of the best rate, the earlier runtime of RUNTIMES wins (noise).
-TIE = 0.03
+#: Within this share of the best rate, the earlier runtime of RUNTIMES wins: another runtime
+#: replaces TensorFlow only when clearly faster (a loaded machine moves short timings ~10%).
+TIE = 0.10
 
 
 def choice_path(cache_root: str | Path, backbone: Any, precision: str) -> Path:
@@ -57,7 +58,7 @@ def kept_choice(cache_root: str | Path, backbone: Any, precision: str) -> dict[s
 
 
 def choose(backbone: Any, cache_root: str | Path | None, batch: int = 16,
-           seconds: float = 0.5, rounds: int = 2) -> str:
+           seconds: float = 0.6, rounds: int = 3) -> str:
     """The fastest installed runtime for ``backbone`` at its precision (kept under
     ``cache_root``; without one, measured every time)."""
     precision = backbone.precision
