@@ -133,9 +133,9 @@ class Classifier:
 
         ``runtime``: ``auto`` runs the folder's ``model.tflite`` on LiteRT when it is installed
         (no TensorFlow import: a one-image ``label`` starts in a fraction of a second), else the
-        frozen graph on OpenVINO when installed (no TensorFlow import either), else on
-        TensorFlow. ``tensorflow``, ``litert``, ``openvino`` (reads the frozen graph itself) or
-        ``onnxruntime`` (the graph converted by tf2onnx once, kept in the cache dir) force one.
+        frozen graph on TensorFlow. ``tensorflow``, ``litert``, ``openvino`` (reads the frozen
+        graph itself, no TensorFlow import) or ``onnxruntime`` (the graph converted by tf2onnx
+        once, kept in the cache dir) force one.
         """
         from .runner import RUNTIMES
         from .runtimes import RuntimeNotInstalled, check_runtime, installed
@@ -152,9 +152,7 @@ class Classifier:
         tflite_path = base / TFLITE_FILE if base and not graph else None
         has_tflite = tflite_path is not None and tflite_path.is_file()
         if runtime == "auto":
-            runtime = ("litert" if has_tflite and installed("litert")
-                       else "openvino" if installed("openvino") and graph_path.is_file()
-                       else "tensorflow")
+            runtime = "litert" if has_tflite and installed("litert") else "tensorflow"
         if runtime == "litert" and not has_tflite:
             raise ModelDirError(f"no {TFLITE_FILE} in the model folder for runtime 'litert'.",
                                 "Export it (train with the tflite export format), or use "

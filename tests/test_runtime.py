@@ -68,16 +68,12 @@ def test_auto_runs_litert_without_importing_tensorflow(model_dir: Path, tmp_path
     assert out.stdout.split() == ["litert", "red", "False"]
 
 
-def test_auto_without_a_tflite_file_runs_the_graph(model_dir: Path, tmp_path: Path) -> None:
-    from retrainer.runtimes import installed
-
+def test_auto_falls_back_to_tensorflow_without_a_tflite_file(model_dir: Path, tmp_path: Path) -> None:
     graph_only = tmp_path / "m"
     graph_only.mkdir()
     for name in ("retrained_graph.pb", "retrained_labels.txt", "metadata.json"):
         (graph_only / name).write_bytes((model_dir / name).read_bytes())
-    # OpenVINO reads the frozen graph itself (no TensorFlow import); else TensorFlow runs it.
-    expected = "openvino" if installed("openvino") else "tensorflow"
-    assert Classifier.load(graph_only).runtime == expected
+    assert Classifier.load(graph_only).runtime == "tensorflow"
     with pytest.raises(ModelDirError, match="no model.tflite"):
         Classifier.load(graph_only, runtime="litert")
     with pytest.raises(ModelDirError, match="unknown runtime 'onnx'"):

@@ -46,7 +46,7 @@ def runtime_option(help: str) -> Callable[[Callable], Callable]:
 #: --runtime for commands that run an export (label, evaluate, serve).
 export_runtime_option = runtime_option(
     "What runs the model: auto is the export's model.tflite on LiteRT when installed, else "
-    "OpenVINO, else TensorFlow; onnxruntime converts the graph once (kept in the cache dir).")
+    "TensorFlow; onnxruntime converts the graph once (kept in the cache dir).")
 
 
 def backbone_options(fn: Callable) -> Callable:
