@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Sequence
 
@@ -36,6 +36,12 @@ NEAR_DUPLICATE_SIMILARITY = 0.80
 #: Bottlenecks narrower than this say too little for a similarity threshold measured on a real
 #: backbone (a 3-d mean colour makes every image of one colour a "near-duplicate").
 NEAR_DUPLICATE_MIN_DIM = 64
+#: Copies of one photo are few. Near-duplicate links join groups most similar first, and never
+#: into a group larger than this: a chain of look-alikes (frames of one production line) must
+#: not swallow a class and leave nothing to validate or test on.
+MAX_NEAR_GROUP = 16
+#: For the same reason an image "near" MAX_NEAR_GROUP or more others is a look-alike, not a
+#: copy: its links are not used. When the links average that many per image, none are.
 
 
 def split_of(key: str, validation_percentage: float, testing_percentage: float) -> str:
@@ -64,6 +70,8 @@ class Grouping:
     conflicting: int = 0  # files whose bytes are also under another label
     excluded: int = 0  # of those, left out of training and evaluation
     conflicting_paths: list[str] = field(default_factory=list)
+    lookalikes: int = 0  # images near too many others to be copies: not grouped by similarity
+    near_skipped: bool = False  # the whole set looks alike: only identical files grouped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,12 +81,17 @@ class Grouping:
                 f"({self.merged_copies} extra copies counted once), {self.near_groups} "
                 f"near-duplicate group(s), {self.moved} image(s) moved to their group's split, "
                 f"{self.straddling} group(s) straddle the given splits, {self.conflicting} "
-                f"identical file(s) under different labels ({self.excluded} left out)")
+                f"identical file(s) under different labels ({self.excluded} left out)"
+                + ("; near-duplicates not grouped (most images look alike to the backbone)"
+                   if self.near_skipped else "")
+                + (f"; {self.lookalikes} look-alike image(s) not grouped by similarity"
+                   if self.lookalikes else ""))
 
 
 class _Union:
     def __init__(self, n: int) -> None:
         self.parent = list(range(n))
+        self.size = [1] * n
 
     def find(self, i: int) -> int:
         while self.parent[i] != i:
@@ -86,29 +99,39 @@ class _Union:
             i = self.parent[i]
         return i
 
-    def join(self, a: int, b: int) -> None:
+    def join(self, a: int, b: int, max_size: int | None = None) -> bool:
+        """Join the groups of ``a`` and ``b`` unless the result would exceed ``max_size``."""
         a, b = self.find(a), self.find(b)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)
+        if a == b:
+            return True
+        if max_size is not None and self.size[a] + self.size[b] > max_size:
+            return False
+        keep, gone = min(a, b), max(a, b)
+        self.parent[gone] = keep
+        self.size[keep] += self.size[gone]
+        return True
 
 
 def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY,
-                         block: int = 1024) -> list[tuple[int, int, float]]:
+                         block: int = 1024, max_pairs: int | None = None
+                         ) -> list[tuple[int, int, float]]:
     """(i, j, cosine) for i < j whose centred, L2-normalised bottlenecks are above ``threshold``.
 
     Centring on the set's mean removes what every image of a backbone shares (post-ReLU features
     are all positive), so the cosine measures what sets two images apart. Blockwise: memory
-    stays ``block x n`` floats.
+    stays ``block x n`` floats. With ``max_pairs``, stops once more than that many are found
+    (the caller then knows the set is full of look-alikes, without listing them all).
     """
     x = normalised(vectors)
     pairs: list[tuple[int, int, float]] = []
     for start in range(0, len(x), block):
         sims = x[start:start + block] @ x.T
         rows, cols = np.nonzero(sims > threshold)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
-            if i < c:
-                pairs.append((i, c, float(sims[r, c])))
+        upper = start + rows < cols
+        rows, cols = rows[upper], cols[upper]
+        pairs += zip((start + rows).tolist(), cols.tolist(), sims[rows, cols].tolist())
+        if max_pairs is not None and len(pairs) > max_pairs:
+            break
     return pairs
 
 
@@ -121,11 +144,14 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
 
 
 def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | None = None,
-                     threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[int]:
+                     threshold: float = NEAR_DUPLICATE_SIMILARITY,
+                     grouping: Grouping | None = None) -> list[int]:
     """A group id per item: items with equal content keys or near-duplicate vectors share one.
 
-    ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates; items
-    whose key is None are their own group.
+    ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates, most
+    similar first, in groups of at most :data:`MAX_NEAR_GROUP`, leaving out look-alikes (counted
+    in ``grouping``).
+    Items whose key is None are their own group.
     """
     n = len(content_keys)
     union = _Union(n)
@@ -139,8 +165,23 @@ def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | N
             first[key] = i
     if vectors is not None and len(vectors) > 1:
         have = np.flatnonzero(np.isfinite(vectors).all(axis=1))
-        for i, j, _ in near_duplicate_pairs(vectors[have], threshold):
-            union.join(int(have[i]), int(have[j]))
+        # Copies link an image to a few others; look-alikes to many. Past MAX_NEAR_GROUP links
+        # per image on average the pairs need not all be listed to know it.
+        limit = MAX_NEAR_GROUP * len(have) // 2
+        pairs = near_duplicate_pairs(vectors[have], threshold, max_pairs=limit)
+        if len(pairs) > limit:
+            log.warning("most of the %d images look alike to the backbone: only identical files "
+                        "are grouped as copies", len(have))
+            if grouping is not None:
+                grouping.near_skipped = True
+            pairs = []
+        degree = Counter(i for p in pairs for i in p[:2])
+        lookalike = {i for i, d in degree.items() if d >= MAX_NEAR_GROUP}
+        if lookalike and grouping is not None:
+            grouping.lookalikes += len(lookalike)
+        for i, j, _ in sorted(pairs, key=lambda p: -p[2]):
+            if i not in lookalike and j not in lookalike:
+                union.join(int(have[i]), int(have[j]), MAX_NEAR_GROUP)
     return [union.find(i) for i in range(n)]
 
 
@@ -197,7 +238,7 @@ def _group(records: list, keys: list[str | None], vectors: np.ndarray | None, th
            found: Grouping) -> None:
     """Regroup ``splits`` in place so that copies share one; mark dropped records in ``keep``."""
     exact = duplicate_groups(keys)
-    groups = duplicate_groups(keys, vectors, threshold) if vectors is not None else exact
+    groups = duplicate_groups(keys, vectors, threshold, found) if vectors is not None else exact
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if keys[i] is not None:
