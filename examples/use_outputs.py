@@ -20,15 +20,26 @@ def with_retrainer(model_dir: str, paths: list[str]) -> None:
 
 
 def with_tflite(model_dir: str, paths: list[str]) -> None:
-    """TFLite needs only the .tflite file, the labels and the input size in metadata.json."""
+    """TFLite needs only the .tflite file, the labels and the input size in metadata.json.
+
+    It runs on LiteRT (``pip install ai-edge-litert``), TensorFlow Lite's runtime without
+    TensorFlow. Where only TensorFlow is installed, ``tf.lite.Interpreter`` takes the same
+    arguments (deprecated since TF 2.20).
+    """
     import json
 
-    import tensorflow as tf
     from PIL import Image
+
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # older setups: TensorFlow's own interpreter
+        import tensorflow as tf
+
+        Interpreter = tf.lite.Interpreter
 
     meta = json.load(open(f"{model_dir}/metadata.json", encoding="utf-8"))
     height, width = meta["backbone"]["input_size"]
-    runner = tf.lite.Interpreter(model_path=f"{model_dir}/model.tflite").get_signature_runner()
+    runner = Interpreter(model_path=f"{model_dir}/model.tflite").get_signature_runner()
     for path in paths:
         image = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
         scores = runner(images=np.asarray(image, np.float32)[None])["scores"][0]
