@@ -117,7 +117,8 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> Any:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as exc:  # httptools is part of retrainer[serve]
         raise ServeError(f"the server packages are not installed ({exc.name}).",
-                         "pip install 'retrainer[serve]'") from None
+                         "Install them: pip install 'retrainer[serve]' (from a checkout: "
+                         ".venv/bin/pip install -e '.[serve]').") from None
 
     class GuardedProtocol(HttpToolsProtocol):
         read_deadline: Any = None
@@ -180,7 +181,8 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         from .app import create_app
     except ImportError as exc:
         raise ServeError(f"the server packages are not installed ({exc.name}).",
-                         "pip install 'retrainer[serve]'") from None
+                         "Install them: pip install 'retrainer[serve]' (from a checkout: "
+                         ".venv/bin/pip install -e '.[serve]').") from None
     # A stop requested while loading ends the process cleanly (status 0), like one later on.
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, _stop_before_serving) for sig in signals}
