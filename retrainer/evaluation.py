@@ -103,7 +103,7 @@ def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bottlenecks.cache import atomic_write
+    from .files import atomic_write
 
     cm = np.asarray(report.confusion, dtype=float)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)

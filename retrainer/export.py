@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .bottlenecks.cache import atomic_write, writable_dir
+from .files import atomic_write, writable_dir
 from .errors import DatasetError, FolderNotWritable
 from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
 from ._tf_internals import import_tensorflow

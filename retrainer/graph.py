@@ -78,7 +78,7 @@ def kept_file(path: str | Path, make: Callable[[], T], dump: Callable[[T], bytes
     """``load`` of the file at ``path``; when it is missing or ``load`` fails, ``make()``,
     written there atomically as ``dump`` gives it. A cache dir that cannot be written costs
     only the time."""
-    from .bottlenecks.cache import atomic_write
+    from .files import atomic_write
 
     path = Path(path)
     if path.is_file():

@@ -6,8 +6,9 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from ..files import default_cache_dir
 from ..sources.base import ImageRecord, Skipped
-from .cache import BottleneckCache, default_cache_dir
+from .cache import BottleneckCache
 from .local import LocalEngine, default_workers
 
 __all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records",
