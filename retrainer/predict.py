@@ -199,7 +199,7 @@ class Classifier:
     def label_records(self, records: Sequence[ImageRecord], top_k: int = 5,
                       batch_size: int = 32, workers: int | None = None) -> Iterator[LabelResult]:
         """Score records in batches, decoding in parallel; failures come back as results."""
-        from .bottlenecks.local import decoded_batches, default_workers
+        from .decoding import decoded_batches, default_workers
 
         failed: dict[tuple[int, int], list[LabelResult]] = {}  # (batch, row) -> results
 

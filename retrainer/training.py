@@ -49,29 +49,6 @@ class TrainResult:
         return data
 
 
-def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
-    """The configured source, with every record given a split (``split=False``: only the
-    source's own splits; ``fill`` then groups copies of one image into one split)."""
-    from .sources.folder import scan_folder
-    from .split import assign_splits
-
-    if config.db:
-        from .sources.sql import scan_database
-
-        dataset = scan_database(config.db, where=config.db_where)
-        if not split:
-            return dataset
-        return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
-    if not config.image_dir:
-        raise DatasetError("no images to train on.",
-                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
-    exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
-    dataset = scan_folder(config.image_dir, exclude=exclude)
-    if not split:
-        return dataset
-    return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
-
-
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
     from .bottlenecks.fill import fill

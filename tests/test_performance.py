@@ -147,7 +147,7 @@ def test_decoding_keeps_a_bounded_window_in_flight():
 
     from PIL import Image
 
-    from retrainer.bottlenecks.local import decode_stream
+    from retrainer.decoding import decode_stream
     from retrainer.sources.base import ImageRecord
 
     buf = io.BytesIO()

@@ -6,10 +6,11 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from ..decoding import default_workers
 from ..files import default_cache_dir
 from ..sources.base import ImageRecord, Skipped
 from .cache import BottleneckCache
-from .local import LocalEngine, default_workers
+from .local import LocalEngine
 
 __all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records",
            "verified"]

@@ -62,7 +62,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     copies of one image land in one split (see :func:`retrainer.split.assign_splits`).
     """
     from ..backbones.factory import create_backbone, resolve_spec
-    from ..training import load_dataset
+    from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
     from .extractor import graphs_dir, make_forward
 

@@ -36,7 +36,7 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         raise click.UsageError("give either --image-dir DIR or --db URL.")
     if db:
         from ..db.url import masked
-        from ..sources.sql import scan_database
+        from ..db.source import scan_database
 
         records = scan_database(db, where=where, min_classes=1).records
         report = evaluate_records(records, model_dir if not graph else None, graph=graph,

@@ -198,14 +198,14 @@ def _exit_now(code: Any) -> None:
     """Leave without the interpreter's teardown, which takes ~1 s once TensorFlow is loaded
     and does nothing a finished command needs. Exit handlers still run (log flushing, the
     native-log filter); every file the command wrote is already closed."""
-    import atexit
+    from .._tf_internals import run_exit_handlers
 
     if code is None:
         code = 0
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
