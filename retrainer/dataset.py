@@ -19,7 +19,7 @@ def open_source(config: TrainConfig) -> Dataset:
         return scan_database(config.db, where=config.db_where)
     if not config.image_dir:
         raise DatasetError("no images to train on.",
-                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
+                           "Give an image folder (image_dir=DIR) or a database (db=URL).")
     from .sources.folder import scan_folder
 
     exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])

@@ -105,7 +105,7 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
     if not paths and not empty:
         raise SparkError("no images to label.")
     if not is_remote(output) and os.path.exists(output) and not overwrite:
-        raise SparkError(f"'{output}' already exists.", "Remove it or pass --overwrite.")
+        raise SparkError(f"'{output}' already exists.", "Remove it or pass overwrite=True.")
     classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
                                 runtime="tensorflow")  # the workers rebuild the graph
     graph_bytes_raw = classifier.runner.graph_def.SerializeToString()

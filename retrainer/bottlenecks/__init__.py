@@ -27,7 +27,7 @@ def get_engine(name: str = "local", **options: object):
     if name == "local":
         if "master" in options:
             raise RetrainerError("a Spark master applies to the spark engine only.",
-                                 "Add --engine spark.")
+                                 "Add engine=spark.")
         return LocalEngine(**options)  # type: ignore[arg-type]
     if name == "spark":
         from .spark import SparkEngine

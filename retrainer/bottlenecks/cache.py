@@ -68,7 +68,7 @@ class BottleneckCache:
         self.dir = Path(root) / backbone_id
         self.dim = dim
         writable_dir(self.dir, "bottleneck cache folder",
-                     "Give --bottleneck-dir (or RETRAINER_CACHE_DIR) a folder you can write to, "
+                     "Give bottleneck_dir=DIR (or RETRAINER_CACHE_DIR) a folder you can write to, "
                      "or give this one to your user (chown/chmod).")
         info_path = self.dir / "backbone.json"
         if info and not info_path.exists():
@@ -229,8 +229,8 @@ class BottleneckCache:
             except OSError as exc:
                 raise CacheError(f"cannot read the bottleneck shard '{shard}' "
                                  f"({exc.strerror or exc}).",
-                                 "Fix the cache folder's permissions, or give --bottleneck-dir "
-                                 "another folder.") from None
+                                 "Fix the cache folder's permissions, or give another "
+                                 "bottleneck_dir=DIR.") from None
             if data is None:
                 raise _Vanished(shard.name)
             dst, src = zip(*pairs)
@@ -268,7 +268,7 @@ class BottleneckCache:
         except OSError as exc:
             raise FolderNotWritable(self.dir, "bottleneck cache folder", exc.strerror or str(exc),
                                     "Free some space or fix its permissions, or give "
-                                    "--bottleneck-dir another folder.") from None
+                                    "another bottleneck_dir=DIR.") from None
         return path
 
     def close(self) -> None:

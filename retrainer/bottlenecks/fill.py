@@ -136,7 +136,7 @@ def _split(config: TrainConfig, dataset: Dataset, keys: list[str | None], cache:
     found = grouping.exact_groups or grouping.near_groups or grouping.straddling
     (log.warning if grouping.conflicting or grouping.straddling else log.info)(
         "%s%s", grouping.summary() if found else "duplicates: none found",
-        "; keep them with --keep-conflicting-duplicates" if grouping.excluded else "")
+        "; keep them with keep_conflicting_duplicates=True" if grouping.excluded else "")
     return dataset, keys, grouping
 
 

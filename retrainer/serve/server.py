@@ -45,7 +45,7 @@ def check_binding(config: ServeConfig) -> None:
     if not is_loopback(config.host) and not config.api_key:
         raise ServeError(f"binding to '{config.host}' makes the model reachable from other "
                          "machines, so an API key is required.",
-                         "Give --api-key KEY (or set RETRAINER_API_KEY), or bind to 127.0.0.1.")
+                         "Give api_key=KEY (or set RETRAINER_API_KEY), or bind to 127.0.0.1.")
 
 
 def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
@@ -98,7 +98,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}).",
-                         "Pick another --port, or stop what is using it.") from None
+                         "Pick another port=PORT, or stop what is using it.") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
