@@ -102,25 +102,25 @@ def test_summaries_dir_gets_tensorboard_events(tmp_path: Path):
 
 
 def test_hand_written_gradients_match_finite_differences():
-    from retrainer.head import _SoftmaxSGD
+    from retrainer.head import _SoftmaxAdam
 
     rng = np.random.default_rng(5)
-    sgd = _SoftmaxSGD(6, 3, HeadConfig(dropout=0.5, l2=0.05), rng)
-    sgd.kernel = rng.normal(0, 0.5, (6, 3)).astype(np.float64)
-    sgd.bias = rng.normal(0, 0.5, 3).astype(np.float64)
+    adam = _SoftmaxAdam(6, 3, HeadConfig(dropout=0.5, l2=0.05), rng)
+    adam.kernel = rng.normal(0, 0.5, (6, 3)).astype(np.float64)
+    adam.bias = rng.normal(0, 0.5, 3).astype(np.float64)
     x = rng.normal(0, 1, (8, 6))
     targets = np.eye(3)[rng.integers(0, 3, 8)] * 0.9 + 0.1 / 3  # label smoothing 0.1
     w = rng.uniform(0.5, 2.0, 8)
-    _, grad_kernel, grad_bias = sgd.gradients(x, targets, w)
+    _, grad_kernel, grad_bias = adam.gradients(x, targets, w)
     eps = 1e-6
-    for params, grad in ((sgd.kernel, grad_kernel), (sgd.bias, grad_bias)):
+    for params, grad in ((adam.kernel, grad_kernel), (adam.bias, grad_bias)):
         numeric = np.zeros_like(params)
         for i in np.ndindex(params.shape):
             old = params[i]
             params[i] = old + eps
-            up = sgd.gradients(x, targets, w)[0]
+            up = adam.gradients(x, targets, w)[0]
             params[i] = old - eps
-            down = sgd.gradients(x, targets, w)[0]
+            down = adam.gradients(x, targets, w)[0]
             params[i] = old
             numeric[i] = (up - down) / (2 * eps)
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
@@ -128,10 +128,10 @@ def test_hand_written_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("dropout", [0.5, 0.3, 0.8])
 def test_dropout_masks_keep_the_configured_share(dropout):
-    from retrainer.head import _SoftmaxSGD
+    from retrainer.head import _SoftmaxAdam
 
-    sgd = _SoftmaxSGD(4, 2, HeadConfig(dropout=dropout), np.random.default_rng(0))
-    mask = sgd._dropout_mask((500, 400)).astype(np.float64)
+    adam = _SoftmaxAdam(4, 2, HeadConfig(dropout=dropout), np.random.default_rng(0))
+    mask = adam._dropout_mask((500, 400)).astype(np.float64)
     assert mask.shape == (500, 400) and set(np.unique(mask)) == {0.0, 1.0}
     assert abs(mask.mean() - (1 - dropout)) < 0.005
-    assert abs(mask.mean() * sgd.scale - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert abs(mask.mean() * adam.scale - 1.0) < 0.01  # inverted dropout keeps the expectation
