@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,6 +288,7 @@ def fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
                 groups: np.ndarray | None = None, scored: np.ndarray | None = None
                 ) -> HeadResult:
     """See :func:`_fit_head_cv`; BLAS runs on one thread (see :data:`BLAS_THREADS`)."""
+    import scipy.optimize  # noqa: F401 - loads SciPy's own BLAS first, so that it is limited too
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
@@ -295,8 +298,20 @@ def fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
 #: The fits' products are small (a few thousand rows by ~1000 features by ~10 classes):
 #: OpenBLAS threads cost more than they give, and on a busy machine they spin-wait for cores.
 #: Measured on 2 shared cores (hymenoptera, 244 x 1280): 100 loss evaluations took 0.017 s on
-#: one thread against 0.56-1.3 s on two.
+#: one thread against 0.56-1.3 s on two. SciPy's L-BFGS-B has its own OpenBLAS: left
+#: unlimited, its tiny vector operations took 10 s of a 20 s selection on 10k bottlenecks.
 BLAS_THREADS = 1
+
+
+def write_cv_summaries(summaries_dir: str, head: HeadResult) -> None:
+    """TensorBoard scalars of each C's held-out log-loss and accuracy (step = the C's place on
+    the grid, from the strongest regularisation) and histograms of the refitted layer."""
+    writer = _summary_writer(summaries_dir)
+    for step, row in enumerate((head.cv or {}).get("scores", []), start=1):
+        _write_summaries(writer, {"cv_log_loss": row["log_loss"], "cv_accuracy": row["accuracy"],
+                                  "cv_log10_C": math.log10(row["C"])},
+                         head.kernel, head.bias, step)
+    writer.close()
 
 
 def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
@@ -374,16 +389,20 @@ def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
     best_i = -1
     kept: list[tuple[np.ndarray, list[np.ndarray]]] = []
     rows = np.arange(len(y))
-    with bar(k * len(grid), "choosing the head's regularisation", unit="fit") as progress:
+    def fit_fold(f: int, c: float) -> int:
+        thetas[f], nit = problems[f].fit(c, thetas[f], CV_MAX_ITER)
+        lo, hi = bounds[f], bounds[f + 1]
+        kernel, bias = problems[f].split(thetas[f])
+        oof[lo:hi] = softmax(xs[lo:hi] @ kernel + bias)
+        progress.update(1)
+        return nit
+
+    # The folds are independent: they run side by side, each on one BLAS thread (the products
+    # release the GIL). Each fold's result depends on its own data only: deterministic.
+    with bar(k * len(grid), "choosing the head's regularisation", unit="fit") as progress, \
+            ThreadPoolExecutor(max(1, min(k, os.cpu_count() or 1))) as pool:
         for i, c in enumerate(grid):
-            iters = 0
-            for f, problem in enumerate(problems):
-                thetas[f], nit = problem.fit(c, thetas[f], CV_MAX_ITER)
-                iters += nit
-                lo, hi = bounds[f], bounds[f + 1]
-                kernel, bias = problem.split(thetas[f])
-                oof[lo:hi] = softmax(xs[lo:hi] @ kernel + bias)
-                progress.update(1)
+            iters = sum(pool.map(fit_fold, range(k), [c] * k))
             sw = w_all[y][scored_o]
             losses = -np.log(np.clip(oof[rows, y], 1e-15, None))[scored_o] * (sw / sw.mean())
             row = {"C": c, "log_loss": float(losses.mean()),

@@ -263,6 +263,10 @@ def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, 
     log.info("choosing the head by cross-validation on %d images (%d augmented variants)",
              n, len(x_aug))
     head = fit_head_cv(x, y, len(classes), config.head, groups, scored)
+    if config.summaries_dir:
+        from .head import write_cv_summaries
+
+        write_cv_summaries(config.summaries_dir, head)
     if head.oof_probs is None:
         return head, None
     paths = list(tr_paths) + list(val_paths)

@@ -37,7 +37,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
                    "the training and validation images, then refit on all of them. off: one "
                    "Adam fit with early stopping on the validation split (implied by the Adam "
                    "options --learning-rate, --epochs, --steps, --batch-size, --dropout, --l2, "
-                   "--label-smoothing, --patience, --summaries-dir).")
+                   "--label-smoothing, --patience).")
 @click.option("--learning-rate", default=_H.learning_rate, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--epochs", default=_H.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=None, type=click.IntRange(min=1),
@@ -117,7 +117,7 @@ def train(ctx: click.Context, as_json: bool, seed: int, head_search: str | None,
 
 #: Options of the single Adam fit: giving any of them means --head-search off.
 ADAM_OPTIONS = ("learning_rate", "epochs", "steps", "batch_size", "dropout", "l2",
-                "label_smoothing", "patience", "summaries_dir")
+                "label_smoothing", "patience")
 
 
 def _head_search(ctx: click.Context, head_search: str | None) -> str:
