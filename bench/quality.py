@@ -179,7 +179,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def time_head(path: Path, backbone: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of head selection + refit on ``n`` bottlenecks made from a real set's."""
     from retrainer.backbones.factory import resolve_spec
-    from retrainer.head import fit_head_cv
+    from retrainer.head import fit_head_cv, train_head
     from retrainer.training import train
 
     with tempfile.TemporaryDirectory() as out:  # fills the cache if needed
@@ -197,7 +197,15 @@ def time_head(path: Path, backbone: str, n: int, args: argparse.Namespace) -> di
     t = time.perf_counter()
     head = fit_head_cv(x, y, len(result.labels), HeadConfig(seed=args.seed))
     seconds = time.perf_counter() - t
+    # The same rows through --head-search off (Adam, early-stopped on a 10 % validation slice).
+    val = rng.permutation(n)[: n // 10]
+    fit = np.setdiff1d(np.arange(n), val)
+    t = time.perf_counter()
+    train_head(x[fit], y[fit], len(result.labels), HeadConfig(seed=args.seed, search="off"),
+               x[val], y[val])
+    adam_seconds = time.perf_counter() - t
     return {"rows": n, "dim": x.shape[1], "classes": len(result.labels), "seconds": seconds,
+            "adam_seconds": adam_seconds,
             "cv": {k: v for k, v in head.cv.items() if k != "scores"},
             "iterations": sum(s["iterations"] for s in head.cv["scores"]),
             "load_average_1m": os.getloadavg()[0]}

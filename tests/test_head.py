@@ -203,7 +203,7 @@ def test_large_sets_choose_c_on_a_sample_and_refit_on_everything(monkeypatch):
     monkeypatch.setattr(head_module, "CV_MAX_IMAGES", 60)
     x, y = blobs(50, n_classes=3, dim=16, spread=1.5)
     result = head_module.fit_head_cv(x, y, 3, HeadConfig())
-    assert result.cv["sampled_images"] == 60
+    assert result.cv["sampled_images"] == 60 and result.cv["folds"] == 3
     assert np.isnan(result.oof_probs[:, 0]).sum() == 150 - 60
     assert (result.predict(x).argmax(1) == y).mean() > 0.9
 
