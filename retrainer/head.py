@@ -327,7 +327,10 @@ def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
     split across folds. Only rows in ``scored`` (the original images, not their variants) are
     scored on the held-out folds. C is chosen by the mean held-out log-loss (class-weighted
     like the fit) by default: a proper scoring rule, it ranks C's smoothly where accuracy moves
-    in steps of one image and ties across many C's on small or easy sets. The result carries
+    in steps of one image and ties across many C's on small or easy sets; of the C's within
+    one standard error of the best, the smallest is taken (:func:`_one_standard_error`). With
+    ``cfg.cv_score == "accuracy"``, the best held-out accuracy (ties: the smallest C). Sets of
+    more than :data:`CV_MAX_IMAGES` images choose on a stratified sample. The result carries
     ``cv``: folds, grid, chosen C, per-C scores, and the out-of-fold predictions of the chosen
     C (for an honest validation figure).
     """
@@ -350,7 +353,7 @@ def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
     per_class = np.bincount(group_labels, minlength=n_classes)
     smallest = int(per_class[per_class > 0].min())
     k = min(int(cfg.cv_folds), smallest)
-    grid = [float(c) for c in cfg.cv_grid]
+    grid = sorted(float(c) for c in cfg.cv_grid)  # from the strongest regularisation
     size = dim * n_classes + n_classes
     cv: dict[str, Any] = {"folds": k if k >= 2 else 0, "grid": grid, "score": cfg.cv_score,
                           "images": int(scored.sum()), "rows": int(n)}
@@ -364,16 +367,15 @@ def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
         theta, nit = _refit(xs, y, n_classes, cfg, chosen, np.zeros(size))
         return _cv_result(theta, nit, mean, std, dim, n_classes, cv, None)
 
-    if len(group_ids) > CV_MAX_IMAGES:
-        k = min(k, LARGE_SET_FOLDS)
-        cv["folds"] = k
-    folds_of_groups = stratified_folds(group_labels, k, cfg.seed)
+    folds_of_groups = np.full(len(group_ids), -1, np.int64)
+    sample = np.ones(len(group_ids), bool)
     if len(group_ids) > CV_MAX_IMAGES:
         # A large set: C is chosen on a stratified sample of its images (with their variants);
         # the refit still uses every row.
+        k = cv["folds"] = min(k, LARGE_SET_FOLDS)
         sample = _stratified_sample(group_labels, CV_MAX_IMAGES, k, cfg.seed)
-        folds_of_groups[~sample] = -1
         cv["sampled_images"] = int(sample.sum())
+    folds_of_groups[sample] = stratified_folds(group_labels[sample], k, cfg.seed)
     fold_of_group = dict(zip(group_ids.tolist(), folds_of_groups.tolist()))
     fold_all = np.array([fold_of_group[g] for g in groups.tolist()], np.int64)
     in_cv = np.flatnonzero(fold_all >= 0)
@@ -395,6 +397,7 @@ def _fit_head_cv(x: np.ndarray, y: np.ndarray, n_classes: int, cfg: HeadConfig,
     best_i = -1
     kept: list[tuple[np.ndarray, list[np.ndarray]]] = []
     rows = np.arange(len(y))
+
     def fit_fold(f: int, c: float) -> int:
         thetas[f], nit = problems[f].fit(c, thetas[f], CV_MAX_ITER)
         lo, hi = bounds[f], bounds[f + 1]
