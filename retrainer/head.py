@@ -1,10 +1,13 @@
 """The new softmax head, trained on cached bottlenecks in seconds.
 
-The features of a whole data set fit in memory and the layer is small, so the head is trained
-by mini-batch Adam in NumPy (see :class:`_SoftmaxAdam`); TensorFlow is only needed to export it.
-The features are standardised with the training set's mean and deviation, which lets one
-learning rate suit every backbone; the standardisation is folded into the exported layer, so
-the export is still a single softmax layer on the raw bottleneck.
+The features of a whole data set fit in memory and the layer is small, so the head is fitted in
+NumPy; TensorFlow is only needed to export it. By default (:func:`fit_head_cv`) it is an
+L2-regularised softmax regression fitted by L-BFGS, its strength chosen by stratified k-fold
+cross-validation and then refitted on every image; ``search="off"`` is one mini-batch Adam fit
+early-stopped on the validation split (:func:`train_head`, :class:`_SoftmaxAdam`).
+The features are standardised with the fitted images' mean and deviation; the standardisation
+is folded into the exported layer, so the export is still a single softmax layer on the raw
+bottleneck.
 """
 from __future__ import annotations
 
