@@ -89,7 +89,7 @@ def test_train_json_then_label_and_evaluate(trained, colour_tree, tmp_path):
     assert text.exit_code == 0 and "green (score=" in text.stdout
 
     report = json.loads(run("evaluate", "--image-dir", str(colour_tree), "--model-dir", str(out),
-                            "--json").stdout)
+                            "--include-training-images", "--json").stdout)
     assert report["n"] == 36 and report["accuracy"] == 1.0
     assert report["per_class"]["blue sky"]["f1"] == 1.0
 
