@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from retrainer.audit import confident_joint, find_label_issues, joint_estimate, normalized_margin
+from retrainer.audit import (calibrated_counts, confident_joint, find_label_issues, joint_estimate,
+                             normalized_margin)
 from retrainer.cli import cli
 
 from conftest import TINY, make_colour_tree
@@ -29,6 +30,21 @@ def test_confident_joint_and_pruning_by_noise_rate_by_hand():
     assert q.sum() == pytest.approx(1) and q[0, 1] == pytest.approx(1 / 12)
     assert np.flatnonzero(find_label_issues(labels, probs)).tolist() == [3]
     assert normalized_margin(labels, probs)[3] == pytest.approx(0.05 - 0.9)
+
+
+def test_calibrated_confident_joint_keeps_every_row_at_its_label_count():
+    # row 1: 56 counted of 74 images labelled 1; scaled 2.64 59.46 6.61 2.64 2.64 (= 74).
+    # Rounding each cell alone gives 3 59 7 3 3 = 75 images: one image too many to prune.
+    c = np.array([[52, 6, 1, 4, 2], [2, 45, 5, 2, 2], [2, 3, 42, 0, 1],
+                  [1, 2, 5, 40, 2], [3, 2, 3, 3, 42]])
+    labels = np.repeat(np.arange(5), [75, 74, 71, 70, 70])
+    counts = calibrated_counts(c, labels)
+    assert counts.sum(axis=1).tolist() == [75, 74, 71, 70, 70]
+    assert counts[1].tolist() == [3, 59, 6, 3, 3]
+    assert counts[3].tolist() == [1, 3, 7, 56, 3]  # exact values stay as they are
+    # a tie (16.5 / 1.5) goes to the larger cell: the image is not flagged on a coin toss
+    assert calibrated_counts(np.array([[11, 1], [0, 4]]), np.repeat([0, 1], [18, 4]))[0].tolist() \
+        == [17, 1]
 
 
 def _dirty_tree(root: Path) -> Path:
