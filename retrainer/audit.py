@@ -260,20 +260,23 @@ def audit(config: TrainConfig, folds: int = 5,
             duplicates.append(group_doc("exact", idx, 1.0))
             dup_rows.update(idx)
     union = _Union(len(unique))
-    link: dict[int, float] = {}
-    for a, b, s in (near_duplicate_pairs(vectors, near_threshold) if near_ok else []):
+    reader = {row_of[k]: r for k, r in zip(keys, records)}
+    near_pairs = near_duplicate_pairs(vectors, near_threshold, lambda u: reader[u].read()) \
+        if near_ok else []
+    for a, b, _ in near_pairs:
         union.join(a, b)
+    weakest: dict[int, float] = {}  # per group: the lowest cosine of the pairs that join it
+    for a, b, s in near_pairs:
         root = union.find(a)
-        link[root] = min(link.get(root, 1.0), s)
+        weakest[root] = min(weakest.get(root, 1.0), s)
     near: dict[int, list[int]] = defaultdict(list)
     for u in range(len(unique)):
         near[union.find(u)].append(u)
     for root, members in near.items():
         if len(members) < 2:
             continue
-        sims = [s for a, b, s in near_duplicate_pairs(vectors[members], near_threshold)]
         idx = [i for u in members for i in by_content[unique[u]]]
-        duplicates.append(group_doc("near", idx, min(sims) if sims else near_threshold))
+        duplicates.append(group_doc("near", idx, weakest[root]))
         dup_rows.update(idx)
     duplicates.sort(key=lambda d: (d["kind"] != "exact", not d["straddles_labels"],
                                    not d["straddles_splits"], d["paths"]))

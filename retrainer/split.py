@@ -17,11 +17,11 @@ import logging
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import DatasetError
+from .errors import DatasetError, RetrainerError
 from .sources.base import TESTING, TRAINING, VALIDATION, Dataset
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,22 @@ log = logging.getLogger(__name__)
 _BUCKETS = 2**27 - 1
 _NOHASH = re.compile(r"_nohash_.*$")
 
-#: Cosine similarity of two (centred) bottlenecks above which they are one image: resized,
-#: re-encoded, slightly cropped or brightened copies. Measured with bench/audit.py on
-#: efficientnet_lite0 (docs/audit.md).
-NEAR_DUPLICATE_SIMILARITY = 0.80
+#: Cosine similarity of two (centred) bottlenecks above which they are one image on that signal
+#: alone: slightly cropped, brightened or re-encoded copies. Measured with bench/audit.py on
+#: efficientnet_lite0 (docs/audit.md): 5 % crops >= 0.907, different photos <= 0.83.
+NEAR_DUPLICATE_SIMILARITY = 0.87
+#: The second signal, for copies the backbone sees differently (a small photo downscaled to half
+#: falls to a cosine of 0.68): two images whose grey THUMBNAIL_SIZE thumbnails correlate at
+#: NEAR_DUPLICATE_PIXEL_CORRELATION or more (normalised cross-correlation: blind to brightness
+#: and contrast, robust to resizing and re-encoding) are one image when their bottleneck cosine
+#: is at least NEAR_DUPLICATE_PIXEL_FLOOR too.
+NEAR_DUPLICATE_PIXEL_CORRELATION = 0.992
+NEAR_DUPLICATE_PIXEL_FLOOR = 0.50
+THUMBNAIL_SIZE = 32
+#: Images smaller than this on their short side (28-px digits, icons) reach the backbone blown
+#: up many times, and its cosine measured on photos says little: different handwritten 1s of
+#: MNIST reach 0.9. For them both signals must agree.
+NEAR_DUPLICATE_MIN_SIDE = 64
 #: Bottlenecks narrower than this say too little for a similarity threshold measured on a real
 #: backbone (a 3-d mean colour makes every image of one colour a "near-duplicate").
 NEAR_DUPLICATE_MIN_DIM = 64
@@ -92,23 +104,80 @@ class _Union:
             self.parent[max(a, b)] = min(a, b)
 
 
-def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY,
-                         block: int = 1024) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) for i < j whose centred, L2-normalised bottlenecks are above ``threshold``.
+def thumbnail(data: bytes) -> tuple[np.ndarray | None, int]:
+    """(thumbnail, short side in pixels) of encoded image bytes.
 
-    Centring on the set's mean removes what every image of a backbone shares (post-ReLU features
-    are all positive), so the cosine measures what sets two images apart. Blockwise: memory
+    The thumbnail is THUMBNAIL_SIZE x THUMBNAIL_SIZE grey (Lanczos, upright), centred and
+    scaled to unit length, so a dot product is a normalised cross-correlation; None (and side
+    0) for bytes that do not decode, None for an image of one flat tone (no pattern to compare).
+    A large JPEG is decoded at a reduced DCT scale no smaller than 8x the thumbnail: the 1/4 and
+    1/8 scales are too coarse (a photo and its half-size copy then correlate at 0.96, not 0.999).
+    """
+    from PIL import Image
+
+    from .images import decode_rgb
+
+    side = THUMBNAIL_SIZE
+    try:
+        pixels = decode_rgb(data, min_size=(8 * side, 8 * side))
+    except RetrainerError:
+        return None, 0
+    short = min(pixels.shape[:2])
+    grey = Image.fromarray(pixels).convert("L").resize((side, side), Image.LANCZOS)
+    t = np.asarray(grey, np.float32).ravel()
+    t -= t.mean()
+    norm = float(np.linalg.norm(t))
+    return (t / norm if norm > 1e-3 * side else None), short
+
+
+def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_SIMILARITY,
+                         read: Callable[[int], bytes] | None = None,
+                         block: int = 1024) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j that are one image (resized, re-encoded, cropped, brightened).
+
+    Centring on the set's mean removes what every image of a backbone shares (post-ReLU
+    features are all positive), so the cosine of centred, L2-normalised bottlenecks measures
+    what sets two images apart. A pair is one image when:
+
+    - the cosine is above ``threshold`` (and, with ``read``, both images are at least
+      NEAR_DUPLICATE_MIN_SIDE pixels on their short side), or
+    - with ``read`` (item index -> encoded bytes): the cosine is at least
+      NEAR_DUPLICATE_PIXEL_FLOOR and the thumbnails correlate at
+      NEAR_DUPLICATE_PIXEL_CORRELATION or more.
+
+    Only the images of pairs with a cosine of at least the floor are decoded. Blockwise: memory
     stays ``block x n`` floats.
     """
     x = normalised(vectors)
+    floor = min(threshold, NEAR_DUPLICATE_PIXEL_FLOOR) if read is not None else threshold
+    thumbs: dict[int, tuple[np.ndarray | None, int]] = {}
+
+    def thumb(i: int) -> tuple[np.ndarray | None, int]:
+        if i not in thumbs:
+            try:
+                thumbs[i] = thumbnail(read(i))  # type: ignore[misc]
+            except (OSError, RetrainerError):  # gone since it was read: the cosine decides
+                thumbs[i] = (None, 0)
+        return thumbs[i]
+
     pairs: list[tuple[int, int, float]] = []
     for start in range(0, len(x), block):
         sims = x[start:start + block] @ x.T
-        rows, cols = np.nonzero(sims > threshold)
+        rows, cols = np.nonzero(sims >= floor)
         for r, c in zip(rows.tolist(), cols.tolist()):
             i = start + r
-            if i < c:
-                pairs.append((i, c, float(sims[r, c])))
+            if i >= c:
+                continue
+            s = float(sims[r, c])
+            if s > threshold and read is None:
+                pairs.append((i, c, s))
+                continue
+            (a, side_a), (b, side_b) = thumb(i), thumb(c)
+            pixels_agree = a is not None and b is not None and \
+                float(a @ b) >= NEAR_DUPLICATE_PIXEL_CORRELATION
+            small = 0 < min(side_a, side_b) < NEAR_DUPLICATE_MIN_SIDE
+            if pixels_agree or (s > threshold and not small):
+                pairs.append((i, c, s))
     return pairs
 
 
@@ -121,11 +190,13 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
 
 
 def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | None = None,
-                     threshold: float = NEAR_DUPLICATE_SIMILARITY) -> list[int]:
-    """A group id per item: items with equal content keys or near-duplicate vectors share one.
+                     threshold: float = NEAR_DUPLICATE_SIMILARITY,
+                     read: Callable[[int], bytes] | None = None) -> list[int]:
+    """A group id per item: items with equal content keys or near-duplicates share one.
 
-    ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates; items
-    whose key is None are their own group.
+    ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates, and
+    ``read`` (item index -> encoded bytes) the thumbnail signal of :func:`near_duplicate_pairs`;
+    items whose key is None are their own group.
     """
     n = len(content_keys)
     union = _Union(n)
@@ -139,7 +210,8 @@ def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | N
             first[key] = i
     if vectors is not None and len(vectors) > 1:
         have = np.flatnonzero(np.isfinite(vectors).all(axis=1))
-        for i, j, _ in near_duplicate_pairs(vectors[have], threshold):
+        sub_read = None if read is None else (lambda k: read(int(have[k])))
+        for i, j, _ in near_duplicate_pairs(vectors[have], threshold, sub_read):
             union.join(int(have[i]), int(have[j]))
     return [union.find(i) for i in range(n)]
 
@@ -197,7 +269,8 @@ def _group(records: list, keys: list[str | None], vectors: np.ndarray | None, th
            found: Grouping) -> None:
     """Regroup ``splits`` in place so that copies share one; mark dropped records in ``keep``."""
     exact = duplicate_groups(keys)
-    groups = duplicate_groups(keys, vectors, threshold) if vectors is not None else exact
+    groups = (duplicate_groups(keys, vectors, threshold, lambda i: records[i].read())
+              if vectors is not None else exact)
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if keys[i] is not None:
