@@ -130,3 +130,39 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     keep = Path(__file__).parent.parent / ".pytest_cache" / "audit_report.png"
     keep.parent.mkdir(exist_ok=True)
     shutil.copy(shot, keep)
+
+
+def test_audit_of_a_sqlite_database_writes_its_findings_table_idempotently(tmp_path):
+    from sqlalchemy import text
+
+    from retrainer.db.importer import import_folder
+    from retrainer.db.url import connect
+
+    db = str(tmp_path / "images.db")
+    import_folder(db, _dirty_tree(tmp_path))  # identical files are one row in a database
+    base = ["audit", "--db", db, "--backbone", TINY, "--bottleneck-dir", str(tmp_path / "bn"),
+            "--folds", "3"]
+
+    def rows(name: str) -> list[tuple]:
+        with connect(db).connect() as conn:
+            return [tuple(r) for r in conn.execute(text(
+                "SELECT i.path, f.kind, f.label, f.suggested_label FROM audit_findings f "
+                "JOIN images i ON i.id = f.image_id WHERE f.audit = :a ORDER BY f.id"), {"a": name})]
+
+    run = CliRunner().invoke(cli, base + ["--json", "--write-findings", "first"])
+    assert run.exit_code == 0, run.output
+    doc = json.loads(run.stdout)
+    assert doc["summary"]["images"] == 36
+    issue = [d for d in doc["label_issues"] if d["path"].endswith("green/img_wrong.png")]
+    assert issue and issue[0]["path"].startswith("#")  # the database names images by id
+    first = rows("first")
+    assert ("green/img_wrong.png", "label_issue", "green", "red") in first
+    assert len(first) == len(doc["label_issues"]) + len(doc["outliers"]) + sum(
+        len(d["paths"]) for d in doc["duplicates"])
+    # a re-run replaces that audit's rows; another name sits beside them
+    assert CliRunner().invoke(cli, base + ["--write-findings", "first"]).exit_code == 0
+    assert CliRunner().invoke(cli, base + ["--write-findings", "second"]).exit_code == 0
+    assert rows("first") == first and rows("second") == first
+    run = CliRunner().invoke(cli, ["audit", "--image-dir", str(tmp_path / "images"),
+                                   "--write-findings", "x"])
+    assert run.exit_code == 2 and "--db" in run.output

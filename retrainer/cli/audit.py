@@ -34,24 +34,33 @@ _T = TrainConfig()
               help="Write an offline HTML page with thumbnails of every finding here.")
 @click.option("--write-relabel", "relabel_csv", type=click.Path(dir_okay=False), default=None,
               help="Write path,label,suggested_label of the likely mislabels to this CSV.")
+@click.option("--write-findings", "findings_name", default=None, metavar="NAME",
+              help="With --db: write the findings to the audit_findings table under this name "
+                   "(running it again replaces that name's rows; see docs/audit.md).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0),
               help="Text mode: rows shown per table.")
 @engine_options
 @json_option
 def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float | None,
-          report_dir: str | None, relabel_csv: str | None, limit: int,
-          **options: object) -> None:
+          report_dir: str | None, relabel_csv: str | None, findings_name: str | None,
+          limit: int, **options: object) -> None:
     """Find duplicates, split leakage and likely mislabelled images (changes no file).
 
     \b
       retrainer audit --image-dir photos/ --architecture efficientnet_lite0
       retrainer audit --image-dir photos/ --json --report audit/ --write-relabel fix.csv
+      retrainer audit --db images.sqlite --backbone efficientnet_lite0 --write-findings weekly
     """
     from ..audit import audit as run_audit
     from ..split import NEAR_DUPLICATE_SIMILARITY
 
     if bool(options.get("image_dir")) == bool(options.get("db")):
         raise click.UsageError("give either --image-dir DIR or --db URL.")
+    if findings_name is not None and not options.get("db"):
+        raise click.UsageError("--write-findings writes to a database: use it with --db URL.")
+    if findings_name is not None and not 0 < len(findings_name) <= 64:
+        raise click.BadParameter("give a name of 1 to 64 characters.",
+                                 param_hint="'--write-findings'")
     if backbone:
         options["architecture"] = backbone
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
@@ -64,6 +73,11 @@ def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float
         err(f"Wrote {n} suggested relabel(s) to {relabel_csv}")
     if report_dir:
         err(f"Wrote the report to {result.write_report(report_dir)}")
+    if findings_name is not None:
+        from ..db.audit_table import write_findings
+
+        n = write_findings(options["db"], result, findings_name)
+        err(f"Wrote {n} finding(s) to the audit_findings table as '{findings_name}'")
     if as_json:
         echo_json(result.to_dict())
         return
