@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import shutil
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -91,21 +91,36 @@ def test_near_duplicates_share_the_split_in_assign_splits():
 
 
 def test_symlink_loop_tree_trains_each_image_once(tmp_path, fast_config):
-    """The reported case: a loop link multiplied the images over every split."""
+    """The reported case: a loop link multiplied the images over every split (a second hung)."""
     import os
+    import time
 
     from conftest import make_colour_tree
+    from retrainer.bottlenecks.fill import fill
     from retrainer.training import train
 
     images = make_colour_tree(tmp_path / "images", per_class=10)
     os.symlink("..", images / "red" / "loop")
     os.symlink("..", images / "green" / "loop")
     shutil.copy(images / "red" / "img000.png", images / "blue sky" / "same_as_red.png")
-    shutil.copy(images / "red" / "img001.png", images / "red" / "img001_copy.png")
+    for i in range(1, 9):  # copies under other names: the path hash alone would scatter them
+        shutil.copy(images / "red" / f"img{i:03d}.png", images / "red" / f"z_copy_{i}.png")
+    t = time.perf_counter()
     result = train(fast_config(images))
-    assert sum(sum(c.values()) for c in result.counts.values()) == 29  # 32 files - 2 - 1
+    assert time.perf_counter() - t < 60
+    assert sum(sum(c.values()) for c in result.counts.values()) == 29  # 39 files - 2 - 8
     assert result.duplicates["conflicting"] == 2 and result.duplicates["excluded"] == 2
-    assert result.duplicates["merged_copies"] == 1
+    assert result.duplicates["merged_copies"] == 8
+    filled = fill(fast_config(images))  # the split train used
+    filled.cache.close()
+    assert not any("loop" in r.key for r in filled.dataset.records)
+    content: dict[str, set] = defaultdict(set)
+    for rec, key in zip(filled.dataset.records, filled.keys):
+        content[rec.split].add(key)
+    assert len(filled.keys) == len(set(filled.keys)) == 29  # every image once
+    # no image in the test (or validation) split has its bytes in the training split
+    assert not content[TESTING] & content[TRAINING] and not content[VALIDATION] & content[TRAINING]
+    assert (result.test.n if result.test else 0) == len(content[TESTING])
 
 
 def _photo(seed: int, size: tuple[int, int] = (160, 120)):
