@@ -96,6 +96,11 @@ def test_audit_text_mode_and_usage_errors(tmp_path):
     assert run.exit_code == 0, run.output
     assert "Likely mislabelled" in run.stdout and "LABELS DIFFER" in run.stdout
     assert run.stdout.strip().splitlines()[-1].startswith("38 images:")
+    # paths relative to the image folder, named once at the top
+    lines = run.stdout.splitlines()
+    assert lines[0].endswith(f"paths relative to {images}/")
+    assert sum(str(images) in line for line in lines) == 1
+    assert any(line.endswith("  green/img_wrong.png") for line in lines)
     run = CliRunner().invoke(cli, ["audit"])
     assert run.exit_code == 2 and "--image-dir" in run.output
 
