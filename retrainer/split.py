@@ -191,12 +191,14 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
 
 def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | None = None,
                      threshold: float = NEAR_DUPLICATE_SIMILARITY,
-                     read: Callable[[int], bytes] | None = None) -> list[int]:
+                     read: Callable[[int], bytes] | None = None,
+                     pairs: Sequence[tuple[int, int]] | None = None) -> list[int]:
     """A group id per item: items with equal content keys or near-duplicates share one.
 
     ``vectors`` (one row per item; a row of NaN where unknown) adds near-duplicates, and
     ``read`` (item index -> encoded bytes) the thumbnail signal of :func:`near_duplicate_pairs`;
-    items whose key is None are their own group.
+    ``pairs`` (item indices) gives near-duplicates found already instead. Items whose key is
+    None are their own group.
     """
     n = len(content_keys)
     union = _Union(n)
@@ -208,7 +210,9 @@ def duplicate_groups(content_keys: Sequence[str | None], vectors: np.ndarray | N
             union.join(first[key], i)
         else:
             first[key] = i
-    if vectors is not None and len(vectors) > 1:
+    for i, j in pairs or ():
+        union.join(int(i), int(j))
+    if pairs is None and vectors is not None and len(vectors) > 1:
         have = np.flatnonzero(np.isfinite(vectors).all(axis=1))
         sub_read = None if read is None else (lambda k: read(int(have[k])))
         for i, j, _ in near_duplicate_pairs(vectors[have], threshold, sub_read):
@@ -220,12 +224,13 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
                   testing_percentage: float = 10, content_keys: Sequence[str | None] | None = None,
                   vectors: np.ndarray | None = None, keep_conflicting: bool = False,
                   threshold: float = NEAR_DUPLICATE_SIMILARITY,
-                  grouping: Grouping | None = None) -> Dataset:
+                  grouping: Grouping | None = None,
+                  near_pairs: Sequence[tuple[int, int]] | None = None) -> Dataset:
     """Give every record without a split one, keeping each hash-split class trainable.
 
     With ``content_keys`` (one per record, e.g. SHA-256 of its bytes; None if unreadable) copies
     of one image form a group that lands in one split; ``vectors`` (bottlenecks, one row per
-    record) add near-duplicates. Identical files under one label count once (the extra copies
+    record) add near-duplicates (or ``near_pairs``, record indices found already). Identical files under one label count once (the extra copies
     are dropped); under different labels they are left out unless ``keep_conflicting``. What was
     found is added to ``grouping`` when given. A class whose images all hash into
     validation/testing (a class of one or two images) keeps them for training instead, with a
@@ -246,7 +251,7 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
         if len(content_keys) != len(records):
             raise ValueError("one content key per record is needed")
         _group(records, list(content_keys), vectors, threshold, hashed, splits, keep,
-               keep_conflicting, found)
+               keep_conflicting, found, near_pairs)
     records = [replace(rec, split=s) for rec, s in zip(records, splits)]
     by_class: dict[str, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
@@ -266,11 +271,15 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
 
 def _group(records: list, keys: list[str | None], vectors: np.ndarray | None, threshold: float,
            hashed: list[bool], splits: list[str], keep: list[bool], keep_conflicting: bool,
-           found: Grouping) -> None:
+           found: Grouping, near_pairs: Sequence[tuple[int, int]] | None = None) -> None:
     """Regroup ``splits`` in place so that copies share one; mark dropped records in ``keep``."""
     exact = duplicate_groups(keys)
-    groups = (duplicate_groups(keys, vectors, threshold, lambda i: records[i].read())
-              if vectors is not None else exact)
+    if near_pairs is not None:
+        groups = duplicate_groups(keys, pairs=near_pairs)
+    elif vectors is not None:
+        groups = duplicate_groups(keys, vectors, threshold, lambda i: records[i].read())
+    else:
+        groups = exact
     members: dict[int, list[int]] = defaultdict(list)
     for i, g in enumerate(groups):
         if keys[i] is not None:
