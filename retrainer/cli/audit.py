@@ -113,8 +113,8 @@ def _print_text(result, limit: int, root: str | None = None) -> None:  # noqa: A
                  f"{rel(d['path'])}")
     more(result.label_issues)
     groups = result.duplicates[:limit]
-    echo(f"\nDuplicate groups ({len(result.duplicates)}; exact: identical bytes, near: "
-         "similarity of the closest link):")
+    echo(f"\nDuplicate groups ({len(result.duplicates)}; exact: identical bytes, near: the "
+         "lowest bottleneck cosine of the links joining the group):")
     wl = width([label for d in groups for label in d["labels"]], "label")
     for d in groups:
         flags = [w for w, on in (("LABELS DIFFER", d["straddles_labels"]),
