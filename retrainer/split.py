@@ -146,38 +146,46 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_
       NEAR_DUPLICATE_PIXEL_CORRELATION or more.
 
     Only the images of pairs with a cosine of at least the floor are decoded. Blockwise: memory
-    stays ``block x n`` floats.
+    stays ``block x n`` floats, plus a 32 x 32 thumbnail per image with ``read``.
     """
     x = normalised(vectors)
-    floor = min(threshold, NEAR_DUPLICATE_PIXEL_FLOOR) if read is not None else threshold
-    thumbs: dict[int, tuple[np.ndarray | None, int]] = {}
-
-    def thumb(i: int) -> tuple[np.ndarray | None, int]:
-        if i not in thumbs:
-            try:
-                thumbs[i] = thumbnail(read(i))  # type: ignore[misc]
-            except (OSError, RetrainerError):  # gone since it was read: the cosine decides
-                thumbs[i] = (None, 0)
-        return thumbs[i]
-
+    n = len(x)
+    if read is None:
+        floor = threshold
+    else:
+        floor = min(threshold, NEAR_DUPLICATE_PIXEL_FLOOR)
+        thumbs = np.zeros((n, THUMBNAIL_SIZE * THUMBNAIL_SIZE), np.float32)  # zero: no pattern
+        sides = np.zeros(n, np.int64)  # 0: not decoded (yet), or undecodable
+        done = np.zeros(n, bool)
     pairs: list[tuple[int, int, float]] = []
-    for start in range(0, len(x), block):
+    for start in range(0, n, block):
         sims = x[start:start + block] @ x.T
         rows, cols = np.nonzero(sims >= floor)
-        for r, c in zip(rows.tolist(), cols.tolist()):
-            i = start + r
-            if i >= c:
-                continue
-            s = float(sims[r, c])
-            if s > threshold and read is None:
-                pairs.append((i, c, s))
-                continue
-            (a, side_a), (b, side_b) = thumb(i), thumb(c)
-            pixels_agree = a is not None and b is not None and \
-                float(a @ b) >= NEAR_DUPLICATE_PIXEL_CORRELATION
-            small = 0 < min(side_a, side_b) < NEAR_DUPLICATE_MIN_SIDE
-            if pixels_agree or (s > threshold and not small):
-                pairs.append((i, c, s))
+        upper = start + rows < cols
+        rows, cols = rows[upper], cols[upper]
+        s = sims[rows, cols]
+        if read is None:
+            keep = s > threshold
+        else:
+            for i in np.unique(np.concatenate([start + rows, cols])).tolist():
+                if not done[i]:
+                    done[i] = True
+                    try:
+                        t, sides[i] = thumbnail(read(i))
+                    except (OSError, RetrainerError):  # gone since it was read: cosine decides
+                        continue
+                    if t is not None:
+                        thumbs[i] = t
+            agree = np.zeros(len(rows), bool)
+            for a in range(0, len(rows), 8192):  # gathered thumbnails: 64 MB at most
+                i, j = start + rows[a:a + 8192], cols[a:a + 8192]
+                agree[a:a + 8192] = np.einsum("ij,ij->i", thumbs[i], thumbs[j]) \
+                    >= NEAR_DUPLICATE_PIXEL_CORRELATION
+            short = np.minimum(sides[start + rows], sides[cols])
+            small = (short > 0) & (short < NEAR_DUPLICATE_MIN_SIDE)
+            keep = agree | ((s > threshold) & ~small)
+        pairs += [(start + r, c, float(v)) for r, c, v in
+                  zip(rows[keep].tolist(), cols[keep].tolist(), s[keep].tolist())]
     return pairs
 
 
