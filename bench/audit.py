@@ -111,7 +111,6 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     result = audit(config, folds=args.folds)
     warm = time.perf_counter() - t
     rel = [str(Path(r.display).relative_to(dirty)) for r in result.records]
-    index = {p: i for i, p in enumerate(rel)}
     cross_copies = {c for _, c in truth["exact"]} | {o for o, _ in truth["exact"]}
     scored = [p for p in rel if p not in cross_copies]  # identical bytes under two labels: no truth
     flips = set(truth["flipped"]) & set(scored)
@@ -160,7 +159,6 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     near_sims = {k: [] for k in TRANSFORMS}
     for a, b, kind in truth["near"]:
         near_sims[kind].append(float(x[pos[a]] @ x[pos[b]]))
-    related = {frozenset(p) for p in planted}
     sims = x @ x.T
     labels = [p.split("/")[0] for p in rel_all]
     dup_of = {}

@@ -238,9 +238,10 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
 
     With ``content_keys`` (one per record, e.g. SHA-256 of its bytes; None if unreadable) copies
     of one image form a group that lands in one split; ``vectors`` (bottlenecks, one row per
-    record) add near-duplicates (or ``near_pairs``, record indices found already). Identical files under one label count once (the extra copies
-    are dropped); under different labels they are left out unless ``keep_conflicting``. What was
-    found is added to ``grouping`` when given. A class whose images all hash into
+    record) add near-duplicates, read from the records' bytes where the thumbnails decide (or
+    ``near_pairs``: record indices found already). Identical files under one label count once
+    (the extra copies are dropped); under different labels they are left out unless
+    ``keep_conflicting``. What was found is added to ``grouping`` when given. A class whose images all hash into
     validation/testing (a class of one or two images) keeps them for training instead, with a
     warning: a class the head never saw cannot be learnt.
     """

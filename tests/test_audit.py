@@ -152,7 +152,8 @@ def test_audit_of_a_sqlite_database_writes_its_findings_table_idempotently(tmp_p
         with connect(db).connect() as conn:
             return [tuple(r) for r in conn.execute(text(
                 "SELECT i.path, f.kind, f.label, f.suggested_label FROM audit_findings f "
-                "JOIN images i ON i.id = f.image_id WHERE f.audit = :a ORDER BY f.id"), {"a": name})]
+                "JOIN images i ON i.id = f.image_id WHERE f.audit = :a ORDER BY f.id"),
+                {"a": name})]
 
     run = CliRunner().invoke(cli, base + ["--json", "--write-findings", "first"])
     assert run.exit_code == 0, run.output
