@@ -80,6 +80,14 @@ def cached_features(folder: Path, cache_dir: str, dim: int, classes: list[str]
     return cache.load([k for k, _ in pairs]), np.array([index[r.label] for _, r in pairs])
 
 
+def fill_val(folder: Path, backbone: str, args: argparse.Namespace) -> None:
+    """Cache the bottlenecks of SET/val too, for the probe."""
+    from retrainer.bottlenecks.fill import fill_cache
+
+    fill_cache(TrainConfig(image_dir=str(folder), architecture=backbone,
+                           bottleneck_dir=args.cache_dir))
+
+
 def probe_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
                    seed: int = 0) -> tuple[float, float]:
     """Standardised LogisticRegressionCV (Cs 1e-3..100, 5 folds); (val accuracy, chosen C)."""
@@ -130,6 +138,7 @@ def bench_set(path: Path, backbone: str, args: argparse.Namespace) -> dict[str, 
                            "head_oof": new["validation_accuracy"],
                            "head_seconds": new["head_seconds"]}
     dim = resolve_spec(backbone).feature_dim
+    fill_val(path / "val", backbone, args)  # evaluate ran the export, caching nothing
     x_tr, y_tr = cached_features(path / "train", new["cache_dir"], dim, new["labels"])
     x_va, y_va = cached_features(path / "val", new["cache_dir"], dim, new["labels"])
     t_probe = time.perf_counter()

@@ -62,7 +62,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def build_head(feature_dim: int, n_classes: int, cfg: HeadConfig | None = None) -> Any:
+def build_head(feature_dim: int, n_classes: int) -> Any:
     """One softmax layer on the bottleneck (dropout only matters in training, so it is not here)."""
     import keras
 
