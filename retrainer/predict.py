@@ -103,7 +103,8 @@ class Classifier:
             try:
                 runner = GraphRunner(graph_def)
             except (ValueError, KeyError) as exc:
-                raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path ({exc}).",
+                raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path "
+                                    f"({exc}).",
                                     "Use a graph exported by 'retrainer train'.") from None
         self.runner = runner
         self.graph_def = graph_def
@@ -170,14 +171,16 @@ class Classifier:
                 runner = LiteRTRunner(model_path)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise ModelDirError(f"'{model_path}' is not a TFLite model exported by retrainer "
-                                    f"({exc}).", "Train again, or use runtime 'tensorflow'.") from None
+                                    f"({exc}).",
+                                    "Train again, or use runtime 'tensorflow'.") from None
             return cls(None, read_labels(labels_path), metadata, runner=runner)
         from .graph import load_graph_def
 
         try:
             graph_def = load_graph_def(str(graph_path))
         except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
-            raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
+            raise ModelDirError(
+                f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
         return cls(graph_def, read_labels(labels_path), metadata)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:

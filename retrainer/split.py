@@ -299,9 +299,9 @@ def assign_splits(dataset: Dataset, validation_percentage: float = 10,
     record) add near-duplicates, read from the records' bytes where the thumbnails decide (or
     ``near_pairs``: record indices found already). Identical files under one label count once
     (the extra copies are dropped); under different labels they are left out unless
-    ``keep_conflicting``. What was found is added to ``grouping`` when given. A class whose images all hash into
-    validation/testing (a class of one or two images) keeps them for training instead, with a
-    warning: a class the head never saw cannot be learnt.
+    ``keep_conflicting``. What was found is added to ``grouping`` when given. A class whose
+    images all hash into validation/testing (a class of one or two images) keeps them for
+    training instead, with a warning: a class the head never saw cannot be learnt.
     """
     if not 0 <= validation_percentage <= 100 or not 0 <= testing_percentage <= 100 \
             or validation_percentage + testing_percentage >= 100:
