@@ -169,9 +169,15 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     tflite = None
     if kept is not None and "tflite" in config.export_formats:
         tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
+    from .export import representative_images
+
+    def representative() -> list[np.ndarray]:  # for the int8 model: training images only
+        return representative_images([r for _, r in by_split[TRAINING]], spec.input_size,
+                                     spec.resize)
+
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels,
-                                  tflite)
+                                  tflite, representative)
     report = test or val_report
     if report is not None:
         result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))

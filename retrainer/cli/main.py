@@ -25,6 +25,7 @@ COMMANDS = {
     "serve": "retrainer.cli.serve:serve",
     "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
     "audit": "retrainer.cli.audit:audit",
+    "export": "retrainer.cli.export:export",
 }
 
 EXIT_INTERRUPTED = 130
