@@ -116,9 +116,7 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
     ``output_labels`` outside the folder are each written atomically.
     """
     check_labels(labels)
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UnknownFormat(unknown)
+    check_formats(formats)
     if "int8" in formats and representative is None:
         raise RetrainerError("the int8 export needs training images to calibrate on.",
                              "Give the images the model was trained on (--image-dir DIR).")
@@ -192,6 +190,13 @@ class UnknownFormat(RetrainerError):
     def __init__(self, names: list[str]) -> None:
         super().__init__(f"unknown export format {', '.join(map(repr, names))}.",
                          f"Choose from: {', '.join(FORMATS)}.")
+
+
+def check_formats(formats: Iterable[str]) -> None:
+    """Refuse a format name this module cannot write (before any work is done)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UnknownFormat(unknown)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -572,9 +577,7 @@ def export_existing(model_dir: str | Path, formats: tuple[str, ...],
     from .graph import load_graph_def
     from .predict import read_labels, read_metadata
 
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise UnknownFormat(unknown)
+    check_formats(formats)
     out = Path(model_dir)
     meta_path = out / METADATA_FILE
     if not meta_path.is_file():

@@ -75,7 +75,9 @@ def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
     from .bottlenecks.fill import fill
+    from .export import check_formats
 
+    check_formats(config.export_formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
     filled = fill(config, dataset)
     spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
