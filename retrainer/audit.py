@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import DatasetError, RetrainerError
-from .sources.base import ImageRecord
+from .sources.base import ImageRecord, shown
 from .split import (MAX_NEAR_GROUP, NEAR_DUPLICATE_MIN_DIM, NEAR_DUPLICATE_SIMILARITY,
                     Grouping, LookAlikes, _Union, join_near, near_duplicate_pairs, normalised)
 
@@ -76,11 +76,6 @@ class AuditResult:
             raise RetrainerError(f"cannot write the report to '{folder}' ({exc.strerror or exc}).",
                                  "Give a writable folder with --report DIR.") from exc
         return page
-
-
-def shown(path: str) -> str:
-    """A path printable as UTF-8 (bytes that are not UTF-8 become U+FFFD)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, n_classes: int, folds: int = 5,

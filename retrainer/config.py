@@ -61,6 +61,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
     output_labels: str | None = None
+    # graph, saved_model, tflite, int8, onnx (retrainer.export.FORMATS); int8 and onnx cost more
     export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     print_misclassified: bool = False
     # Identical files under two labels are left out of training and evaluation unless kept.

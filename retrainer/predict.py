@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import ModelDirError
-from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE
+from .export import (GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE, read_labels,
+                     read_metadata)
 from .images import RESAMPLE, load_pixels
 from .sources.base import ImageRecord
 
@@ -63,31 +63,6 @@ def apply_min_confidence(result: LabelResult, min_confidence: float) -> LabelRes
         top = result.predictions[0]
         result.label = top.label if top.score >= min_confidence else UNKNOWN
     return result
-
-
-def read_labels(path: str | Path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
-    except UnicodeDecodeError as exc:
-        raise ModelDirError(f"the labels file '{path}' is not UTF-8 ({exc.reason} at byte "
-                            f"{exc.start}).", "Save it as UTF-8, one label per line.") from None
-    return [line for line in text.split("\n") if line != ""]
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
-    hint = "Export the model again, or delete the file to load the graph without it."
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
-    return data
 
 
 class Classifier:

@@ -59,7 +59,9 @@ class TrainResult:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
     from .bottlenecks.fill import fill
+    from .export import check_formats
 
+    check_formats(config.export_formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
     filled = fill(config, dataset)
     spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
@@ -175,9 +177,15 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     tflite = None
     if kept is not None and "tflite" in config.export_formats:
         tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
+    from .export import representative_images
+
+    def representative() -> list[np.ndarray]:  # for the int8 model: training images only
+        return representative_images([r for _, r in by_split[TRAINING]], spec.input_size,
+                                     spec.resize)
+
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels,
-                                  tflite)
+                                  tflite, representative)
     result.outputs["fitted_images"] = str(fitted_path)
     report = test or val_report
     if report is not None:

@@ -26,6 +26,7 @@ COMMANDS = {
     "serve": "retrainer.cli.serve:serve",
     "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
     "audit": "retrainer.cli.audit:audit",
+    "export": "retrainer.cli.export:export",
 }
 
 #: ``name=VALUE`` in a library message: a parameter, said as the running command's flag.

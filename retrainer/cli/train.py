@@ -6,6 +6,7 @@ import click
 from ..config import HeadConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
 from .common import backbone_options, echo_json, json_option
+from .export import FORMAT_NAMES, parse_formats
 
 _T = TrainConfig()
 _H = HeadConfig()
@@ -49,6 +50,10 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
+@click.option("--export-formats", callback=parse_formats, default=",".join(_T.export_formats),
+              show_default=True, metavar="LIST",
+              help=f"What to write, comma-separated: {', '.join(FORMAT_NAMES)}, or 'all' "
+                   "(int8 and onnx: see 'retrainer export').")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
 @click.option("--keep-conflicting-duplicates", is_flag=True,
               help="Train and evaluate on identical files found under two labels too "

@@ -41,7 +41,7 @@ _IMAGE_ID = re.compile(r"^#(\d+)(?: |$)")
 
 def finding_rows(result: Any, name: str) -> list[dict[str, Any]]:
     """The rows for an :class:`retrainer.audit.AuditResult` of database images."""
-    from ..audit import shown
+    from ..sources.base import shown
 
     ids: dict[str, int] = {}
     for rec in result.records:
