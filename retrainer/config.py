@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Where ``train`` exports and ``label``/``evaluate``/``serve``/``export`` read, by default.
+DEFAULT_MODEL_DIR = "retrained"
+
 
 #: The regularisation grid of the cross-validated head, in scikit-learn's ``C`` terms (the
 #: inverse L2 strength per unit of summed loss, on standardised bottlenecks): a decade apart
@@ -46,7 +49,7 @@ class TrainConfig:
     image_dir: str | None = None
     db: str | None = None  # a SQL database (URL or SQLite path) instead of image_dir
     db_where: str | None = None  # which of its images to use (retrainer.db.filters)
-    output_dir: str = "retrained"
+    output_dir: str = DEFAULT_MODEL_DIR
     architecture: str = "inception_v3"
     weights: str | None = None
     feature_layer: str | None = None
@@ -85,7 +88,7 @@ class TrainConfig:
 class LabelConfig:
     """One ``retrainer label`` run."""
 
-    model_dir: str = "retrained"
+    model_dir: str = DEFAULT_MODEL_DIR
     graph: str | None = None
     labels: str | None = None
     top_k: int = 5

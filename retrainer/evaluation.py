@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import DEFAULT_MODEL_DIR
+
 
 @dataclass
 class Misclassified:
@@ -260,8 +262,8 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
     )
 
 
-def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: str | None = None,
-                    labels: str | None = None, batch_size: int = 32,
+def evaluate_folder(image_dir: str, model_dir: str | None = DEFAULT_MODEL_DIR,
+                    graph: str | None = None, labels: str | None = None, batch_size: int = 32,
                     include_fitted: bool = False) -> EvaluationReport:
     """Score an export on a labelled folder.
 
@@ -280,7 +282,7 @@ def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: 
     return evaluate_records(records, model_dir, graph, labels, batch_size, include_fitted)
 
 
-def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained",
+def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MODEL_DIR,
                      graph: str | None = None, labels: str | None = None,
                      batch_size: int = 32, include_fitted: bool = False) -> EvaluationReport:
     """Score an export on labelled records from any source (a folder, a database).

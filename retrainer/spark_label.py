@@ -17,6 +17,7 @@ import numpy as np
 
 from .bottlenecks.spark import (decode_batch, graph_digest, spark_path, worker_runner,
                                 worker_threads)
+from .config import DEFAULT_MODEL_DIR
 from .spark_session import SparkError, spark_session
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def input_paths(items: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
     return [os.path.abspath(p) for p in local], remote, missing
 
 
-def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None = "retrained",
+def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None = DEFAULT_MODEL_DIR,
                      graph: str | None = None, labels: str | None = None, top_k: int = 5,
                      batch_size: int = 32, spark: Any = None, master: str | None = None,
                      overwrite: bool = False) -> ParquetLabels:

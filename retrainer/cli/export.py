@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from ..config import DEFAULT_MODEL_DIR
 from .common import echo_json, err, json_option
 
 #: Mirrors retrainer.export.FORMATS (not imported: ``--help`` must not import TensorFlow).
@@ -26,7 +27,7 @@ def parse_formats(ctx: click.Context | None, param: click.Parameter | None,
 
 
 @click.command()
-@click.option("--model-dir", default="retrained", show_default=True,
+@click.option("--model-dir", default=DEFAULT_MODEL_DIR, show_default=True,
               type=click.Path(exists=True, file_okay=False),
               help="Folder written by 'retrainer train'.")
 @click.option("--format", "formats", required=True, callback=parse_formats, metavar="LIST",
