@@ -11,6 +11,7 @@ planted duplicate groups, the false groups, and the similarities that set the ne
 threshold (planted copies against pairs of different photos of one class).
 
     python bench/audit.py --data-root DATA --sets flowers,hymenoptera_data \
+        --clean-sets fashion_mnist_png/train,mnist_png/train \
         --bottleneck-dir /tmp/bn --work-dir /tmp/audit-bench
 """
 from __future__ import annotations
@@ -110,7 +111,6 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     result = audit(config, folds=args.folds)
     warm = time.perf_counter() - t
     rel = [str(Path(r.display).relative_to(dirty)) for r in result.records]
-    index = {p: i for i, p in enumerate(rel)}
     cross_copies = {c for _, c in truth["exact"]} | {o for o, _ in truth["exact"]}
     scored = [p for p in rel if p not in cross_copies]  # identical bytes under two labels: no truth
     flips = set(truth["flipped"]) & set(scored)
@@ -159,7 +159,6 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     near_sims = {k: [] for k in TRANSFORMS}
     for a, b, kind in truth["near"]:
         near_sims[kind].append(float(x[pos[a]] @ x[pos[b]]))
-    related = {frozenset(p) for p in planted}
     sims = x @ x.T
     labels = [p.split("/")[0] for p in rel_all]
     dup_of = {}
@@ -173,6 +172,22 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
                     and keys[i] != keys[j]:
                 distinct.append(sims[i, j])
     distinct = np.array(distinct)
+    # The second signal: thumbnail correlation of the planted copies, and the highest of two
+    # different images that reach the cosine floor (the only pairs it is asked about).
+    from retrainer.split import NEAR_DUPLICATE_PIXEL_FLOOR, thumbnail
+
+    thumbs = [thumbnail(r.read())[0] for r in filled.dataset.records]
+    pixel = {k: [] for k in TRANSFORMS}
+    for a, b, kind in truth["near"]:
+        pixel[kind].append(float(thumbs[pos[a]] @ thumbs[pos[b]]))
+    candidates = [float(thumbs[i] @ thumbs[j]) for i in range(len(rel_all))
+                  for j in range(i + 1, len(rel_all))
+                  if sims[i, j] >= NEAR_DUPLICATE_PIXEL_FLOOR and keys[i] != keys[j]
+                  and rel_all[j] not in dup_of.get(rel_all[i], ())
+                  and thumbs[i] is not None and thumbs[j] is not None]
+    out["thumbnail_correlation"] = {
+        "near_copies_min": {k: round(min(v), 4) for k, v in pixel.items() if v},
+        "distinct_max_above_cosine_floor": round(max(candidates), 4) if candidates else None}
     out["similarity"] = {
         "near_copies_min": {k: round(min(v), 4) for k, v in near_sims.items() if v},
         "near_copies_p5": round(float(np.percentile(sum(near_sims.values(), []), 5)), 4),
@@ -188,6 +203,24 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def clean_set(root: Path, args: argparse.Namespace) -> dict:
+    """Near-duplicate groups on a set with no planted copies (look-alike items must not chain)."""
+    from retrainer.audit import audit
+    from retrainer.config import TrainConfig
+
+    config = TrainConfig(image_dir=str(root), architecture=args.backbone,
+                         bottleneck_dir=args.bottleneck_dir,
+                         output_dir=str(Path(args.work_dir) / "o"))
+    audit(config, folds=args.folds)  # fills the cache
+    t = time.perf_counter()
+    result = audit(config, folds=args.folds)
+    near = [len(d["paths"]) for d in result.duplicates if d["kind"] == "near"]
+    return {"images": len(result.records), "near_groups": len(near),
+            "largest_near_group": max(near, default=0),
+            "seconds_warm": round(time.perf_counter() - t, 2),
+            "audit_seconds_warm": result.summary["seconds"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True)
@@ -200,10 +233,16 @@ def main() -> None:
     p.add_argument("--near", type=int, default=40)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clean-sets", default="",
+                   help="Also audit these sets as they are (e.g. fashion_mnist_png/train): "
+                        "near-duplicate groups formed, and seconds with warm bottlenecks.")
     args = p.parse_args()
     report = {}
-    for name in args.sets.split(","):
+    for name in filter(None, args.sets.split(",")):
         report[name] = run_set(name, Path(args.data_root) / name, args)
+        print(json.dumps({name: report[name]}), file=sys.stderr)
+    for name in filter(None, args.clean_sets.split(",")):
+        report[name] = clean_set(Path(args.data_root) / name, args)
         print(json.dumps({name: report[name]}), file=sys.stderr)
     print(json.dumps(report, indent=1))
 

@@ -64,7 +64,7 @@ def measure(spec: dict) -> dict:
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import make_forward
     from retrainer.config import TrainConfig
-    from retrainer.training import load_dataset
+    from retrainer.dataset import load_dataset
 
     config = TrainConfig(image_dir=spec["image_dir"], architecture=spec["architecture"])
     records = sorted(load_dataset(config).records, key=lambda r: r.key)

@@ -28,11 +28,11 @@ def timed(fn):
 
 
 def main() -> None:
-    from retrainer.bottlenecks.local import decode_stream, default_workers
+    from retrainer.decoding import decode_stream, default_workers
     from retrainer.db.importer import import_folder
     from retrainer.db.url import masked, database_url
     from retrainer.sources.folder import scan_folder
-    from retrainer.sources.sql import scan_database
+    from retrainer.db.source import scan_database
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default=os.environ.get("RETRAINER_DATA"),

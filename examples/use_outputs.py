@@ -20,19 +20,24 @@ def with_retrainer(model_dir: str, paths: list[str]) -> None:
 
 
 def with_tflite(model_dir: str, paths: list[str]) -> None:
-    """TFLite needs only the .tflite file, the labels and the input size in metadata.json."""
+    """LiteRT needs only model.tflite (its labels are inside it) and the input size."""
+    import io
     import json
+    import zipfile
 
-    import tensorflow as tf
-    from PIL import Image
+    from ai_edge_litert.interpreter import Interpreter
+
+    from retrainer.preprocess import decode_and_resize  # TensorFlow ops only
 
     meta = json.load(open(f"{model_dir}/metadata.json", encoding="utf-8"))
-    height, width = meta["backbone"]["input_size"]
-    runner = tf.lite.Interpreter(model_path=f"{model_dir}/model.tflite").get_signature_runner()
+    size = meta["input"]["shape"][1:3]
+    blob = open(f"{model_dir}/model.tflite", "rb").read()
+    labels = zipfile.ZipFile(io.BytesIO(blob)).read("labels.txt").decode().splitlines()
+    runner = Interpreter(model_content=blob).get_signature_runner()
     for path in paths:
-        image = Image.open(path).convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
-        scores = runner(images=np.asarray(image, np.float32)[None])["scores"][0]
-        print(f"{path}: {meta['labels'][int(scores.argmax())]} {scores.max():.3f} (tflite)")
+        image = decode_and_resize(open(path, "rb").read(), size).numpy()
+        scores = runner(images=image[None])["scores"][0]
+        print(f"{path}: {labels[int(scores.argmax())]} {scores.max():.3f} (litert)")
 
 
 if __name__ == "__main__":

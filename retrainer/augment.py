@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from .bottlenecks import verified
 from .images import RESAMPLE, open_image
 from .sources.base import ImageRecord
 
@@ -79,7 +80,8 @@ def variant_records(aug: Augmentation, pairs: list[tuple[str, ImageRecord]],
         for i in range(aug.variants):
             vkey = aug.variant_key(key, i, size, resize)
             out.append((vkey, ImageRecord(key=f"{rec.key}#augment{i}", label=rec.label,
-                                          read=_variant_reader(aug, rec, vkey, size, resize),
+                                          read=_variant_reader(aug, verified(rec, key), vkey, size,
+                                                              resize),
                                           split=rec.split, path=f"{rec.display}#augment{i}")))
     return out
 

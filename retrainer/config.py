@@ -3,12 +3,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+#: Where ``train`` exports and ``label``/``evaluate``/``serve``/``export`` read, by default.
+DEFAULT_MODEL_DIR = "retrained"
+
+
+#: The regularisation grid of the cross-validated head, in scikit-learn's ``C`` terms (the
+#: inverse L2 strength per unit of summed loss, on standardised bottlenecks): a decade apart
+#: from 1e-4 (nearly constant) to 100 (nearly unregularised), as LogisticRegressionCV would
+#: search it. Chosen by principle, not by any data set.
+C_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+
 
 @dataclass
 class HeadConfig:
-    """How the new softmax head is trained on cached bottlenecks."""
+    """How the new softmax head is trained on cached bottlenecks.
 
-    # Defaults measured with bench/quality.py on eight data sets (see docs/quality.md).
+    ``search="cv"`` (the default) fits an L2-regularised softmax regression by L-BFGS, chooses
+    its strength ``C`` from ``cv_grid`` by stratified k-fold cross-validation on the training
+    and validation images, and refits on all of them; ``learning_rate`` to ``patience`` are then
+    unused. ``search="off"`` is the single mini-batch Adam fit with early stopping on the
+    validation split, which uses them.
+    """
+
+    search: str = "cv"  # "cv" or "off"
+    cv_folds: int = 5  # fewer when the smallest class has fewer images
+    cv_grid: tuple[float, ...] = C_GRID
+    cv_score: str = "log_loss"  # or "accuracy": what the folds' held-out images choose C by
+    # Adam (search="off"); defaults measured with bench/quality.py (see docs/quality.md).
     learning_rate: float = 0.001
     epochs: int = 100  # an upper bound: early stopping usually ends sooner
     steps: int | None = None  # when set, overrides epochs (retrain.py's --how_many_training_steps)
@@ -28,7 +49,7 @@ class TrainConfig:
     image_dir: str | None = None
     db: str | None = None  # a SQL database (URL or SQLite path) instead of image_dir
     db_where: str | None = None  # which of its images to use (retrainer.db.filters)
-    output_dir: str = "retrained"
+    output_dir: str = DEFAULT_MODEL_DIR
     architecture: str = "inception_v3"
     weights: str | None = None
     feature_layer: str | None = None
@@ -46,6 +67,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
     output_labels: str | None = None
+    # graph, saved_model, tflite, int8, onnx (retrainer.export.FORMATS); int8 and onnx cost more
     export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     print_misclassified: bool = False
     # Identical files under two labels are left out of training and evaluation unless kept.
@@ -69,7 +91,7 @@ class TrainConfig:
 class LabelConfig:
     """One ``retrainer label`` run."""
 
-    model_dir: str = "retrained"
+    model_dir: str = DEFAULT_MODEL_DIR
     graph: str | None = None
     labels: str | None = None
     top_k: int = 5

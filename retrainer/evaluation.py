@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import DEFAULT_MODEL_DIR
+
 
 @dataclass
 class Misclassified:
@@ -25,6 +27,9 @@ class Misclassified:
 
 REPORT_FILE = "report.json"
 CONFUSION_PNG = "confusion_matrix.png"
+#: Beside metadata.json: the SHA-256 of every image the head was fitted on (one per line,
+#: sorted), so that ``evaluate`` can leave them out by content whatever their path.
+FITTED_IMAGES_FILE = "fitted_images.sha256"
 
 
 @dataclass
@@ -41,10 +46,16 @@ class EvaluationReport:
     misclassified: list[Misclassified] = field(default_factory=list)
     roc_auc: dict[str, Any] = field(default_factory=dict)
     split: str = ""
+    #: evaluate: images the model was fitted on that were left out (or, with
+    #: include_fitted, scored anyway).
+    fitted_left_out: int = 0
+    fitted_scored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "split": self.split, "n": self.n, "accuracy": self.accuracy, "labels": self.labels,
+            "fitted_images_left_out": self.fitted_left_out,
+            "fitted_images_scored": self.fitted_scored,
             "per_class": self.per_class, "macro": self.macro, "weighted": self.weighted,
             "roc_auc": self.roc_auc, "confusion_matrix": self.confusion,
             "misclassified": [m.__dict__ for m in self.misclassified],
@@ -82,18 +93,55 @@ class EvaluationReport:
             rows.append(f"{i:>3}  {label:<{width}}" + "".join(f" {c:>{cell}}" for c in counts))
         return "\n".join(rows)
 
-    def write(self, output_dir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, str]:
-        """``report.json`` and ``confusion_matrix.png`` in ``output_dir``; returns their paths."""
+    def write(self, output_dir: str | Path, extra: dict[str, Any] | None = None,
+              name: str | None = None) -> dict[str, str]:
+        """``report.json`` and ``confusion_matrix.png`` in ``output_dir`` (or, given a
+        ``name``, ``evaluation-<name>.json`` and ``.png``); returns their paths."""
         from .export import write_json
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = {"report": str(out / REPORT_FILE)}
-        write_json(out / REPORT_FILE, {**self.to_dict(), **(extra or {})})
+        report, png = ((REPORT_FILE, CONFUSION_PNG) if name is None
+                       else (f"evaluation-{name}.json", f"evaluation-{name}.png"))
+        written = {"report": str(out / report)}
+        write_json(out / report, {**self.to_dict(), **(extra or {})})
         if self.confusion:
-            plot_confusion(self, out / CONFUSION_PNG)
-            written["confusion_png"] = str(out / CONFUSION_PNG)
+            plot_confusion(self, out / png)
+            written["confusion_png"] = str(out / png)
         return written
+
+
+def evaluation_name(text: str) -> str:
+    """A file-name-safe name for an evaluation (the scored folder's name, 'db'...)."""
+    import re
+
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")
+    return cleaned or "images"
+
+
+def write_fitted_images(output_dir: str | Path, keys: Sequence[str]) -> Path:
+    """The content hashes of the images a model was fitted on, beside its metadata."""
+    from .bottlenecks.cache import atomic_write
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{k}\n" for k in sorted(set(keys))).encode("ascii")
+    atomic_write(out / FITTED_IMAGES_FILE, lambda fh: fh.write(text))
+    return out / FITTED_IMAGES_FILE
+
+
+def read_fitted_images(folder: str | Path, metadata: dict[str, Any]) -> set[str] | None:
+    """The hashes a model's metadata points to; None for a model without them (older, or a
+    bare graph)."""
+    entry = metadata.get("training", {}).get("fitted_images")
+    if not isinstance(entry, dict) or not entry.get("file"):
+        return None
+    path = Path(folder) / str(entry["file"])
+    try:
+        return {line.strip() for line in path.read_text(encoding="ascii").splitlines()
+                if line.strip()}
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
@@ -103,7 +151,7 @@ def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bottlenecks.cache import atomic_write
+    from .files import atomic_write
 
     cm = np.asarray(report.confusion, dtype=float)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -112,8 +160,9 @@ def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(k), report.labels, rotation=45, ha="right")
-    ax.set_yticks(range(k), report.labels)
+    # Class names are text, never mathtext: 'a$_$b' would otherwise fail to parse.
+    ax.set_xticks(range(k), report.labels, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(k), report.labels, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     split = f"{report.split} " if report.split else ""
@@ -213,13 +262,15 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
     )
 
 
-def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: str | None = None,
-                    labels: str | None = None, batch_size: int = 32,
-                    runtime: str = "auto") -> EvaluationReport:
+def evaluate_folder(image_dir: str, model_dir: str | None = DEFAULT_MODEL_DIR,
+                    graph: str | None = None, labels: str | None = None, batch_size: int = 32,
+                    include_fitted: bool = False, runtime: str = "auto"
+                    ) -> EvaluationReport:
     """Score an export on a labelled folder.
 
     A plain class tree is used whole; a train/ val/ test/ tree is scored on test/ (or val/).
-    Images that cannot be decoded are skipped with a warning, as in training.
+    Images that cannot be decoded are skipped with a warning, as in training. Images the
+    model was fitted on are left out (see :func:`evaluate_records`).
     """
     from .sources.base import TESTING, VALIDATION
     from .sources.folder import scan_folder
@@ -229,13 +280,20 @@ def evaluate_folder(image_dir: str, model_dir: str | None = "retrained", graph: 
     if any(r.split for r in records):
         wanted = TESTING if any(r.split == TESTING for r in records) else VALIDATION
         records = [r for r in records if r.split == wanted]
-    return evaluate_records(records, model_dir, graph, labels, batch_size, runtime)
+    return evaluate_records(records, model_dir, graph, labels, batch_size, include_fitted, runtime)
 
 
-def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained",
+def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MODEL_DIR,
                      graph: str | None = None, labels: str | None = None,
-                     batch_size: int = 32, runtime: str = "auto") -> EvaluationReport:
-    """Score an export on labelled records from any source (a folder, a database)."""
+                     batch_size: int = 32, include_fitted: bool = False,
+                     runtime: str = "auto") -> EvaluationReport:
+    """Score an export on labelled records from any source (a folder, a database).
+
+    Every record is hashed (SHA-256 of its bytes, as the bottleneck cache keys them) and
+    those the model was fitted on (its ``fitted_images.sha256``) are left out, with a warning
+    and their count in the report; with ``include_fitted`` they are scored too (the accuracy
+    is then optimistic). If nothing is left, a :class:`DatasetError` says so.
+    """
     import logging
 
     from .errors import DatasetError
@@ -249,6 +307,29 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained"
     if unknown:
         raise DatasetError(f"class folder(s) {', '.join(map(repr, unknown))} are not labels of "
                            f"this model ({', '.join(classifier.labels)}).")
+    folder = Path(model_dir) if model_dir and not graph else Path(graph or ".").parent
+    fitted = read_fitted_images(folder, classifier.metadata)
+    n_fitted = 0
+    if fitted:
+        from .bottlenecks import hash_records
+
+        keys, _ = hash_records(records)  # unreadable files are reported when scored
+        is_fitted = [k is not None and k in fitted for k in keys]
+        n_fitted = sum(is_fitted)
+        if n_fitted and not include_fitted:
+            kept = [r for r, f in zip(records, is_fitted) if not f]
+            if not kept:
+                raise DatasetError(
+                    f"all {len(records)} images were used to fit this model; nothing is left "
+                    "to evaluate.",
+                    "Evaluate on images it has not seen (e.g. a test/ folder), or add "
+                    "--include-training-images to score them anyway (optimistic).")
+            log.warning("left out %d of %d images: the model was fitted on them "
+                        "(--include-training-images scores them too)", n_fitted, len(records))
+            records = kept
+        elif n_fitted:
+            log.warning("%d of %d images were used to fit this model: the accuracy is "
+                        "optimistic", n_fitted, len(records))
     y_true, rows, paths = [], [], []
     with bar(len(records), "evaluating") as progress:
         results = classifier.label_records(records, top_k=1, batch_size=batch_size)
@@ -262,4 +343,9 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = "retrained"
             paths.append(result.path)
     probs = np.stack(rows) if rows else np.zeros((0, len(classifier.labels)), np.float32)
     split = records[0].split if records and records[0].split else ""
-    return evaluate_predictions(y_true, probs, classifier.labels, paths, split=split or "all")
+    report = evaluate_predictions(y_true, probs, classifier.labels, paths, split=split or "all")
+    if include_fitted:
+        report.fitted_scored = n_fitted
+    else:
+        report.fitted_left_out = n_fitted
+    return report

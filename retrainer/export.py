@@ -1,8 +1,9 @@
-"""Writing a trained classifier out: frozen graph, labels, SavedModel, TFLite, metadata.
+"""Writing a trained classifier out: frozen graph, labels, SavedModel, TFLite, ONNX, metadata.
 
 Every export carries ``metadata.json`` (backbone, input size, normalisation, resize method,
 labels, training figures), and the graphs take raw RGB 0..255 with the normalisation built in,
-so nothing about preprocessing is passed by hand at label time.
+so nothing about preprocessing is passed by hand at label time. The SavedModel's
+``classify_images`` signature decodes and resizes as ``label`` does (:mod:`retrainer.preprocess`).
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ import shutil
 import unicodedata
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .bottlenecks.cache import atomic_write, writable_dir
-from .errors import DatasetError, FolderNotWritable
+from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
+from .files import atomic_write, writable_dir
 from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
-from ._tf_internals import import_tensorflow
+from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,15 @@ LABELS_FILE = "retrained_labels.txt"
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 TFLITE_FILE = "model.tflite"
-FORMATS = ("graph", "saved_model", "tflite")
+INT8_FILE = "model_int8.tflite"
+ONNX_FILE = "model.onnx"
+#: Every format an export can write.
+FORMATS = ("graph", "saved_model", "tflite", "int8", "onnx")
+#: What ``train`` writes unless told: ``int8`` (a calibration pass over training images, tens
+#: of seconds) and ``onnx`` (an optional dependency) are asked for.
+DEFAULT_FORMATS = ("graph", "saved_model", "tflite")
+#: Training images the int8 model is calibrated on (spread over the classes).
+REPRESENTATIVE_IMAGES = 100
 
 
 def build_classifier(backbone_model: Any, head_model: Any) -> Any:
@@ -75,7 +84,7 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
-                 formats: tuple[str, ...] = FORMATS, output_graph: str | None = None,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS, output_graph: str | None = None,
                  output_labels: str | None = None) -> dict[str, str]:
     """Write a Keras ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
     return export_graph(freeze(model), labels, metadata, output_dir, formats, output_graph,
@@ -83,14 +92,20 @@ def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output
 
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
-                 output_dir: str | Path, formats: tuple[str, ...] = FORMATS,
+                 output_dir: str | Path, formats: tuple[str, ...] = DEFAULT_FORMATS,
                  output_graph: str | None = None, output_labels: str | None = None,
-                 tflite: bytes | None = None) -> dict[str, str]:
+                 tflite: bytes | None = None,
+                 representative: Callable[[], Iterable[np.ndarray]] | None = None,
+                 keep: bool = False) -> dict[str, str]:
     """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
 
     Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
     model or function is traced) and TFLite is converted from it directly, unless the caller
-    has the ``tflite`` model already (:func:`tflite_with_head`).
+    has the ``tflite`` model already (:func:`tflite_with_head`). ``int8`` needs
+    ``representative``: a function giving training images' pixels (as ``label`` prepares them).
+
+    With ``keep``, the folder's other model files stay as they are (``retrainer export``
+    adding a format to a model); without it, they are a previous model's and are removed.
 
     The files of ``output_dir`` are written as one set: into a new folder beside it that then
     takes its place (in one atomic exchange on Linux), so a reader sees the old model or the
@@ -101,6 +116,10 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
     ``output_labels`` outside the folder are each written atomically.
     """
     check_labels(labels)
+    check_formats(formats)
+    if "int8" in formats and representative is None:
+        raise RetrainerError("the int8 export needs training images to calibrate on.",
+                             "Give the images the model was trained on (--image-dir DIR).")
     out = Path(output_dir)
     labels_path = Path(output_labels) if output_labels else out / LABELS_FILE
     graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
@@ -123,17 +142,29 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
             write_saved_model(graph_def, metadata, stage / SAVED_MODEL_DIR)
             written["saved_model"] = str(out / SAVED_MODEL_DIR)
         if "tflite" in formats:
-            put("tflite", out / TFLITE_FILE, tflite or with_signature(tflite_model(graph_def)))
-        meta = dict(metadata, labels=labels,
-                    files={k: _rel(v, out) for k, v in written.items()})
+            put("tflite", out / TFLITE_FILE, tflite_for_devices(
+                tflite or with_signature(tflite_model(graph_def)), labels, metadata))
+        extra: dict[str, Any] = {}
+        if "int8" in formats:
+            assert representative is not None
+            blob, extra["int8"] = int8_tflite(graph_def, representative())
+            put("int8", out / INT8_FILE, tflite_for_devices(blob, labels, metadata, True))
+        if "onnx" in formats:
+            from .onnx_export import onnx_model
+
+            put("onnx", out / ONNX_FILE, onnx_model(graph_def, labels, metadata))
+        files = dict(metadata.get("files") or {}) if keep else {}
+        files = {k: v for k, v in files.items() if k not in ("labels", "metadata")}
+        files.update({k: _rel(v, out) for k, v in written.items()})
+        meta = dict(metadata, **extra, labels=labels, files=files)
         write_json(stage / METADATA_FILE, meta)
         written["metadata"] = str(out / METADATA_FILE)
         for path, data in outside.values():
             atomic_write(path, lambda fh, data=data: fh.write(data))
         if in_place:
-            _commit_in_place(stage, out)
+            _commit_in_place(stage, out, keep)
         else:
-            _carry_others(out, stage)
+            _carry_others(out, stage, keep)
             replace_dir(stage, out)
     except OSError as exc:
         where, name = out, getattr(exc, "filename", None)
@@ -152,7 +183,20 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
 #: What an export writes, and the evaluation of that model: never carried over from the model
 #: a new export replaces.
 MODEL_FILES = frozenset({GRAPH_FILE, LABELS_FILE, METADATA_FILE, SAVED_MODEL_DIR, TFLITE_FILE,
-                         "report.json", "confusion_matrix.png"})
+                         INT8_FILE, ONNX_FILE, "report.json", "confusion_matrix.png"})
+
+
+class UnknownFormat(RetrainerError):
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(f"unknown export format {', '.join(map(repr, names))}.",
+                         f"Choose from: {', '.join(FORMATS)}.")
+
+
+def check_formats(formats: Iterable[str]) -> None:
+    """Refuse a format name this module cannot write (before any work is done)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise UnknownFormat(unknown)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -185,12 +229,13 @@ def _staging(out: Path) -> tuple[Path, bool]:
     return stage, True
 
 
-def _carry_others(out: Path, stage: Path) -> None:
-    """Hard-link (or copy) what ``out`` holds besides a model into ``stage``."""
+def _carry_others(out: Path, stage: Path, keep: bool = False) -> None:
+    """Hard-link (or copy) what ``out`` holds besides a model (with ``keep``: besides the
+    files just written) into ``stage``."""
     if not out.is_dir():
         return
     for entry in out.iterdir():
-        if entry.name in MODEL_FILES or (stage / entry.name).exists() \
+        if (entry.name in MODEL_FILES and not keep) or (stage / entry.name).exists() \
                 or entry.name.startswith(".export-"):
             continue
         if entry.is_symlink():
@@ -208,10 +253,11 @@ def _link(src: Any, dst: Any) -> None:
         shutil.copy2(src, dst)
 
 
-def _commit_in_place(stage: Path, out: Path) -> None:
-    """Rename the staged files into ``out`` one by one, metadata last; drop a stale format."""
+def _commit_in_place(stage: Path, out: Path, keep: bool = False) -> None:
+    """Rename the staged files into ``out`` one by one, metadata last; drop a stale format
+    (unless ``keep``)."""
     entries = sorted(stage.iterdir(), key=lambda e: e.name == METADATA_FILE)
-    stale_names = MODEL_FILES - {e.name for e in entries}
+    stale_names = set() if keep else MODEL_FILES - {e.name for e in entries}
     for entry in entries:
         if entry.name == METADATA_FILE:
             for name in stale_names:
@@ -274,31 +320,27 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
     """A TF Serving-ready SavedModel around the frozen classifier, renamed into place when whole.
 
     ``serving_default``: float ``images`` (N, H, W, 3), RGB 0..255 -> ``scores``.
-    ``classify_images``: encoded image bytes (N,) -> ``scores``; decoding and resizing run in TF.
+    ``classify_images``: encoded image bytes (N,) -> ``scores``; decoding and resizing run in
+    TF, as ``label`` does them (:func:`retrainer.preprocess.decode_and_resize`).
 
     The frozen graph goes in once, as it is, in a graph-mode SavedModel: no ``tf.Module`` is
-    traced. For Inception-v3 this takes 1.0 s where tracing and ``tf.saved_model.save`` took
-    3.8 s; the scores are identical. TF Serving loads either kind natively;
-    ``tf.saved_model.load`` takes longer to read this one (3.0 against 1.6 s).
+    traced, which is several times faster to write with identical scores (docs/performance.md).
+    TF Serving loads either kind natively.
     """
     tf = import_tensorflow()
-    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from .preprocess import decode_and_resize
 
     v1 = tf.compat.v1
     height, width = input_shape(graph_def, INPUT_NAME)[1:3]
     method = metadata.get("backbone", {}).get("resize", "bilinear")
 
     def decode_one(data: Any) -> Any:
-        img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        img = tf.image.resize(tf.cast(img, tf.float32), (height, width), method=method,
-                              antialias=True)
-        return tf.clip_by_value(img, 0.0, 255.0)
+        return decode_and_resize(data, (height, width), method)
 
     def signature(inputs: dict[str, Any], outputs: dict[str, Any]) -> Any:
-        def info(t: Any) -> Any:
-            return meta_graph_pb2.TensorInfo(name=t.name, dtype=t.dtype.as_datatype_enum,
-                                             tensor_shape=t.shape.as_proto())
-        return meta_graph_pb2.SignatureDef(
+        info = v1.saved_model.utils.build_tensor_info
+        return v1.saved_model.signature_def_utils.build_signature_def(
             inputs={k: info(t) for k, t in inputs.items()},
             outputs={k: info(t) for k, t in outputs.items()},
             method_name=tf.saved_model.PREDICT_METHOD_NAME)
@@ -329,9 +371,9 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
 def tflite_model(graph_def: Any) -> bytes:
     """TFLite of a frozen graph (``input`` -> ``final_result``) with a free batch dimension.
 
-    The GraphDef converter takes 0.4 s where converting the SavedModel's concrete function
-    takes 1.3 s (it writes and reads back a temporary SavedModel first); the two models give
-    identical scores. It names no signature: see :func:`with_signature`.
+    The GraphDef converter is faster than converting the SavedModel's concrete function (which
+    writes and reads back a temporary SavedModel first); the two models give identical scores.
+    It names no signature: see :func:`with_signature`.
     """
     tf = import_tensorflow()
 
@@ -355,7 +397,7 @@ def tflite_with_head(backbone: bytes, kernel: np.ndarray, bias: np.ndarray) -> b
     ``softmax(x @ kernel + bias)`` appended as the converter writes it (FULLY_CONNECTED with
     the kernel transposed, then SOFTMAX), and the ``serving_default`` signature.
 
-    The backbone is converted once and kept (Inception-v3: 2.2 s); this takes 0.1 s.
+    The backbone is converted once and kept; appending the head takes a fraction of that.
     """
     sc = schema()
     model = sc.ModelT.InitFromPackedBuf(backbone, 0)
@@ -409,9 +451,85 @@ def tflite_with_head(backbone: bytes, kernel: np.ndarray, bias: np.ndarray) -> b
 
 
 def schema() -> Any:
-    from tensorflow.lite.python import schema_py_generated
+    return tflite_schema()
 
-    return schema_py_generated
+
+def tflite_for_devices(tflite: bytes, labels: list[str], metadata: dict[str, Any],
+                       quantized: bool = False) -> bytes:
+    """``tflite`` with TFLite Metadata: the labels (as an associated file), the input's
+    normalisation (none: the graph takes RGB 0..255) and a description; what Android's Task
+    Library and ML Kit need to load it with no other file."""
+    from .tflite_metadata import metadata_buffer, with_associated_files, with_metadata
+
+    backbone = metadata.get("backbone") or {}
+    name = backbone.get("name", "backbone") if isinstance(backbone, dict) else str(backbone)
+    kind = "full-integer (uint8) " if quantized else ""
+    height, width = (metadata.get("input") or {}).get("shape", [None, "H", "W"])[1:3]
+    blob = metadata_buffer(
+        name=f"retrainer {name} classifier",
+        description=f"{kind}image classifier over {len(labels)} classes, trained with "
+                    f"retrainer on a {name} backbone.",
+        version=str(metadata.get("retrainer_version", "")),
+        labels_description="class labels, one per line, in the order of the scores",
+        input_description=f"RGB image, {width}x{height}, pixel values 0..255 as they are "
+                          f"(the model normalises them); resized as retrainer.preprocess does",
+        output_description="probability of each class" + (" (uint8, scale 1/256)" if quantized
+                                                          else ""))
+    model = schema().ModelT.InitFromPackedBuf(tflite, 0)
+    packed = _packed(with_metadata(model, blob))
+    labels_file = "".join(f"{label}\n" for label in labels).encode("utf-8")
+    return with_associated_files(packed, {"labels.txt": labels_file})
+
+
+def representative_images(records: Iterable[Any], size: tuple[int, int], resize: str = "bilinear",
+                          limit: int = REPRESENTATIVE_IMAGES) -> list[np.ndarray]:
+    """Up to ``limit`` images of ``records`` (``ImageRecord``: ``label``, ``read()``), taken in
+    turn from each class, prepared as ``label`` prepares them; unreadable ones are passed over."""
+    from .errors import ImageError
+    from .images import load_pixels
+
+    by_label: dict[str, list[Any]] = {}
+    for rec in records:
+        by_label.setdefault(rec.label, []).append(rec)
+    queues = [sorted(recs, key=lambda r: r.key) for _, recs in sorted(by_label.items())]
+    images: list[np.ndarray] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        for queue in queues:
+            if i < len(queue) and len(images) < limit:
+                try:
+                    images.append(load_pixels(queue[i].read(), size, resize,
+                                              name=queue[i].display))
+                except (ImageError, OSError):
+                    continue
+    return images
+
+
+def int8_tflite(graph_def: Any, images: Iterable[np.ndarray]) -> tuple[bytes, dict[str, Any]]:
+    """The classifier fully quantised to 8-bit integers: uint8 RGB 0..255 in, uint8 scores out.
+
+    ``images`` are float32 (H, W, 3) RGB 0..255 training images (as ``label`` prepares them);
+    the activations' ranges are calibrated on them. Returns the model (signature
+    ``serving_default``: ``images`` -> ``scores``, batch of one) and what it was made from.
+    """
+    tf = import_tensorflow()
+
+    shape = [1, *input_shape(graph_def, INPUT_NAME)[1:]]
+    pool = [np.asarray(img, np.float32)[None] for img in images]
+    if not pool:
+        raise RetrainerError("the int8 export found no images to calibrate on.",
+                             "Give the folder of training images (--image-dir DIR).")
+    converter = tf.compat.v1.lite.TFLiteConverter(
+        graph_def, None, None, input_arrays_with_shape=[(INPUT_NAME, shape)],
+        output_arrays=[OUTPUT_NAME])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([img] for img in pool)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    converter.exclude_conversion_metadata = True
+    blob = with_signature(bytes(converter.convert()))
+    return blob, {"representative_images": len(pool), "input": "uint8 RGB 0..255",
+                  "output": "uint8 scores (dequantise with the output's scale and zero point)"}
 
 
 def _signed(model: Any, key: str, input_name: str, output_name: str) -> Any:
@@ -441,5 +559,89 @@ def _packed(model: Any) -> bytes:
     return bytes(builder.Output())
 
 
-__all__ = ["build_classifier", "check_labels", "export_graph", "export_model", "GRAPH_FILE", "LABELS_FILE", "METADATA_FILE",
-           "OUTPUT_NAME"]
+__all__ = ["build_classifier", "check_labels", "DEFAULT_FORMATS", "export_graph", "export_model",
+           "FORMATS", "GRAPH_FILE", "INT8_FILE", "LABELS_FILE", "METADATA_FILE", "ONNX_FILE",
+           "OUTPUT_NAME", "TFLITE_FILE"]
+
+
+def read_labels(path: str | Path) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
+    except UnicodeDecodeError as exc:
+        raise ModelDirError(f"the labels file '{path}' is not UTF-8 ({exc.reason} at byte "
+                            f"{exc.start}).", "Save it as UTF-8, one label per line.") from None
+    return [line for line in text.split("\n") if line != ""]
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
+    hint = "Export the model again, or delete the file to load the graph without it."
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
+    if not isinstance(data, dict):
+        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
+    return data
+
+
+def export_existing(model_dir: str | Path, formats: tuple[str, ...],
+                    image_dir: str | Path | None = None) -> dict[str, str]:
+    """Write ``formats`` of a model already exported to ``model_dir`` (its frozen graph), with
+    no retraining; the folder's other files stay. ``int8`` calibrates on ``image_dir``, or on
+    the training folder ``metadata.json`` records."""
+    from .graph import load_graph_def
+
+    check_formats(formats)
+    out = Path(model_dir)
+    meta_path = out / METADATA_FILE
+    if not meta_path.is_file():
+        raise ModelDirError(f"no {METADATA_FILE} in '{out}': not a folder 'retrainer train' "
+                            "wrote.", "Give the folder of a trained model (--model-dir DIR).")
+    metadata = read_metadata(meta_path)
+    files = metadata.get("files") if isinstance(metadata.get("files"), dict) else {}
+    graph_path = out / files.get("graph", GRAPH_FILE)
+    labels_path = out / files.get("labels", LABELS_FILE)
+    if not graph_path.is_file():
+        raise ModelDirError(f"no frozen graph at '{graph_path}': every format is made from it.",
+                            "Train with the 'graph' format (the default), then export.")
+    try:
+        graph_def = load_graph_def(str(graph_path))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
+        raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
+    labels = read_labels(labels_path)
+    representative = None
+    if "int8" in formats:
+        representative = _representative_from(image_dir, metadata, graph_def)
+    inside = {k: str(out / v) for k, v in files.items()}
+    return export_graph(graph_def, labels, metadata, out, formats,
+                        output_graph=inside.get("graph") if "graph" in files else None,
+                        output_labels=str(labels_path), representative=representative,
+                        keep=True)
+
+
+def _representative_from(image_dir: str | Path | None, metadata: dict[str, Any],
+                         graph_def: Any) -> Callable[[], list[np.ndarray]]:
+    from .sources.base import TRAINING
+    from .sources.folder import scan_folder
+
+    recorded = (metadata.get("training") or {}).get("image_source")
+    source = image_dir or recorded
+    if not source or not Path(str(source)).is_dir():
+        shown = f" ('{recorded}' is not a folder here)" if recorded and not image_dir else ""
+        raise RetrainerError(f"the int8 export needs training images to calibrate on{shown}.",
+                             "Give the folder the model was trained on: --image-dir DIR.")
+    backbone = metadata.get("backbone") if isinstance(metadata.get("backbone"), dict) else {}
+    size = tuple(input_shape(graph_def, INPUT_NAME)[1:3])
+    resize = str(backbone.get("resize") or "bilinear")
+
+    def images() -> list[np.ndarray]:
+        records = scan_folder(str(source)).records
+        training = [r for r in records if r.split == TRAINING]
+        return representative_images(training or records, size, resize)  # type: ignore[arg-type]
+
+    return images

@@ -31,7 +31,7 @@ class FineTuneResult:
 def load_pixels_of(records: Sequence[ImageRecord], size: tuple[int, int], resize: str,
                    workers: int | None = None) -> np.ndarray:
     """(N, H, W, 3) uint8 pixels of ``records``, in order (uint8 keeps 224 px images at 150 kB)."""
-    from .bottlenecks.local import decode_stream, default_workers
+    from .decoding import decode_stream, default_workers
 
     out = np.zeros((len(records), *size, 3), np.uint8)
     items = ((str(i), rec) for i, rec in enumerate(records))

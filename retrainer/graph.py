@@ -4,8 +4,9 @@ A frozen graph holds its weights as constants, which lets TensorFlow fold BatchN
 convolutions: it runs markedly faster on CPU than the Keras call, and it is what the export writes
 as ``retrained_graph.pb`` for plain-TF users.
 
-Freezing a large backbone takes seconds, so a backbone is frozen once and its graph kept in the cache dir (:func:`cached_freeze`); the exported classifier is that
-graph with the small frozen head spliced on (:func:`compose`), not a second freeze of the whole.
+Freezing a large backbone takes seconds, so a backbone is frozen once and its graph kept in the
+cache dir (:func:`cached_freeze`); the exported classifier is that graph with the small frozen
+head spliced on (:func:`compose`), not a second freeze of the whole.
 The graph the backbone runs as is kept too, already rewritten as a session would on its first
 run (:func:`optimize`).
 """
@@ -78,7 +79,7 @@ def kept_file(path: str | Path, make: Callable[[], T], dump: Callable[[T], bytes
     """``load`` of the file at ``path``; when it is missing or ``load`` fails, ``make()``,
     written there atomically as ``dump`` gives it. A cache dir that cannot be written costs
     only the time."""
-    from .bottlenecks.cache import atomic_write
+    from .files import atomic_write
 
     path = Path(path)
     if path.is_file():

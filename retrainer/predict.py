@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .errors import ModelDirError
-from .export import GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE
+from .export import (GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE, read_labels,
+                     read_metadata)
 from .images import RESAMPLE, load_pixels
 from .sources.base import ImageRecord
 
@@ -65,31 +65,6 @@ def apply_min_confidence(result: LabelResult, min_confidence: float) -> LabelRes
     return result
 
 
-def read_labels(path: str | Path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
-    except UnicodeDecodeError as exc:
-        raise ModelDirError(f"the labels file '{path}' is not UTF-8 ({exc.reason} at byte "
-                            f"{exc.start}).", "Save it as UTF-8, one label per line.") from None
-    return [line for line in text.split("\n") if line != ""]
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
-    hint = "Export the model again, or delete the file to load the graph without it."
-    try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
-    if not isinstance(data, dict):
-        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
-    return data
-
-
 class Classifier:
     """An exported model, ready to score pixels or encoded images."""
 
@@ -103,7 +78,8 @@ class Classifier:
             try:
                 runner = GraphRunner(graph_def)
             except (ValueError, KeyError) as exc:
-                raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path ({exc}).",
+                raise ModelDirError(f"the graph has no float 'input' -> 'final_result' path "
+                                    f"({exc}).",
                                     "Use a graph exported by 'retrainer train'.") from None
         self.runner = runner
         self.graph_def = graph_def
@@ -179,7 +155,8 @@ class Classifier:
         try:
             graph_def = load_graph_def(str(graph_path))
         except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
-            raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
+            raise ModelDirError(
+                f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
         return cls(graph_def, read_labels(labels_path), metadata)
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
@@ -201,7 +178,7 @@ class Classifier:
     def label_records(self, records: Sequence[ImageRecord], top_k: int = 5,
                       batch_size: int = 32, workers: int | None = None) -> Iterator[LabelResult]:
         """Score records in batches, decoding in parallel; failures come back as results."""
-        from .bottlenecks.local import decoded_batches, default_workers
+        from .decoding import decoded_batches, default_workers
 
         failed: dict[tuple[int, int], list[LabelResult]] = {}  # (batch, row) -> results
 
@@ -239,7 +216,7 @@ def export_onnx(graph_path: Path) -> bytes:
     and kept in the cache dir under the digest of the graph's bytes."""
     import hashlib
 
-    from .bottlenecks.cache import default_cache_dir
+    from .files import default_cache_dir
     from .bottlenecks.extractor import _version, onnx_model
     from .graph import kept_file, parse_graph_def
 

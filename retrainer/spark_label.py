@@ -17,6 +17,7 @@ import numpy as np
 
 from .bottlenecks.spark import (decode_batch, graph_digest, spark_path, worker_runner,
                                 worker_threads)
+from .config import DEFAULT_MODEL_DIR
 from .spark_session import SparkError, spark_session
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ def input_paths(items: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
     return [os.path.abspath(p) for p in local], remote, missing
 
 
-def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None = "retrained",
+def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None = DEFAULT_MODEL_DIR,
                      graph: str | None = None, labels: str | None = None, top_k: int = 5,
                      batch_size: int = 32, spark: Any = None, master: str | None = None,
                      overwrite: bool = False) -> ParquetLabels:
@@ -105,7 +106,7 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
     if not paths and not empty:
         raise SparkError("no images to label.")
     if not is_remote(output) and os.path.exists(output) and not overwrite:
-        raise SparkError(f"'{output}' already exists.", "Remove it or pass --overwrite.")
+        raise SparkError(f"'{output}' already exists.", "Remove it or pass overwrite=True.")
     classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
                                 runtime="tensorflow")  # the workers rebuild the graph
     graph_bytes_raw = classifier.runner.graph_def.SerializeToString()

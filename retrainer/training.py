@@ -12,7 +12,7 @@ import numpy as np
 from . import __version__
 from .config import TrainConfig
 from .errors import AccuracyGateFailed, DatasetError
-from .evaluation import EvaluationReport, evaluate_predictions
+from .evaluation import FITTED_IMAGES_FILE, EvaluationReport, evaluate_predictions, write_fitted_images
 from .sources.base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,13 @@ class TrainResult:
     cache_dir: str
     timings: dict[str, float] = field(default_factory=dict)
     duplicates: dict[str, Any] = field(default_factory=dict)  # split.Grouping.to_dict()
+    #: "out-of-fold" (cross-validation over the images the head was fitted on) or "held-out"
+    #: (the validation split, not fitted on); None without a validation figure.
+    validation_kind: str | None = None
+    #: Head search "cv": folds, grid, chosen C, per-C held-out scores.
+    cv: dict[str, Any] | None = None
+    #: How many images the head was fitted on or chosen with (their hashes are exported).
+    fitted_images: int = 0
 
     @property
     def test_accuracy(self) -> float | None:
@@ -49,33 +56,12 @@ class TrainResult:
         return data
 
 
-def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
-    """The configured source, with every record given a split (``split=False``: only the
-    source's own splits; ``fill`` then groups copies of one image into one split)."""
-    from .sources.folder import scan_folder
-    from .split import assign_splits
-
-    if config.db:
-        from .sources.sql import scan_database
-
-        dataset = scan_database(config.db, where=config.db_where)
-        if not split:
-            return dataset
-        return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
-    if not config.image_dir:
-        raise DatasetError("no images to train on.",
-                           "Give an image folder (--image-dir DIR) or a database (--db URL).")
-    exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
-    dataset = scan_folder(config.image_dir, exclude=exclude)
-    if not split:
-        return dataset
-    return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
-
-
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
     from .bottlenecks.fill import fill
+    from .export import check_formats
 
+    check_formats(config.export_formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
     filled = fill(config, dataset)
     spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
@@ -95,31 +81,43 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         y = np.array([class_index[r.label] for _, r in pairs], dtype=int)
         return x, y, [r.display for _, r in pairs]
 
-    x_tr, y_tr, _ = arrays(TRAINING)
+    x_tr, y_tr, tr_paths = arrays(TRAINING)
     x_val, y_val, val_paths = arrays(VALIDATION)
     x_te, y_te, te_paths = arrays(TESTING)
     counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
               for s, pairs in by_split.items()}
-    x_tr, y_tr = _augment(config, spec, cache, backbone, by_split[TRAINING], class_index,
-                          x_tr, y_tr, timings)
-    log.info("training on %d, validating on %d, testing on %d images",
-             len(x_tr), len(x_val), len(x_te))
-
-    from .head import train_head
+    x_aug, y_aug, aug_groups = _augment(config, spec, cache, backbone, by_split[TRAINING],
+                                        class_index, timings)
 
     t = time.perf_counter()
-    head = train_head(x_tr, y_tr, len(dataset.classes), config.head, x_val, y_val,
-                      summaries_dir=config.summaries_dir)
+    val_acc = None
+    val_report = None
+    validation_kind = None
+    if config.head.search == "cv":
+        head, val_report = _cv_head(config, dataset.classes, (x_tr, y_tr, tr_paths),
+                                    (x_val, y_val, val_paths), (x_aug, y_aug, aug_groups))
+        if val_report is not None:
+            val_acc, validation_kind = val_report.accuracy, "out-of-fold"
+    elif config.head.search == "off":
+        from .head import train_head
+
+        log.info("training on %d, validating on %d, testing on %d images",
+                 len(x_tr) + len(x_aug), len(x_val), len(x_te))
+        head = train_head(np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug]),
+                          len(dataset.classes), config.head, x_val, y_val,
+                          summaries_dir=config.summaries_dir)
+    else:
+        raise ValueError(f"unknown head search {config.head.search!r} (use 'cv' or 'off')")
     timings["head"] = time.perf_counter() - t
     probs = {VALIDATION: head.predict(x_val), TESTING: head.predict(x_te)}
     if config.fine_tune:
         probs = _fine_tune(config, spec, backbone, head, by_split, class_index, timings)
-    val_acc = None
-    val_report = None
-    if len(x_val):
+    # The validation split is held out from the fit with --head-search off and with
+    # fine-tuning; otherwise the head was fitted on it and only its out-of-fold figure counts.
+    if len(x_val) and (config.head.search == "off" or config.fine_tune):
         val_report = evaluate_predictions(y_val, probs[VALIDATION], dataset.classes, val_paths,
                                           split=VALIDATION)
-        val_acc = val_report.accuracy
+        val_acc, validation_kind = val_report.accuracy, "held-out"
     test = None
     if len(x_te):
         test = evaluate_predictions(y_te, probs[TESTING], dataset.classes, te_paths,
@@ -141,7 +139,13 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         bottlenecks_computed=n_computed, skipped=skipped, history=head.history,
         best_epoch=head.best_epoch, validation_accuracy=val_acc, test=test, outputs={},
         backbone=spec.name, cache_dir=str(cache.dir), timings=timings,
-        duplicates=filled.grouping.to_dict() if filled.grouping else {})
+        duplicates=filled.grouping.to_dict() if filled.grouping else {},
+        validation_kind=validation_kind, cv=head.cv)
+    # Every image the head was fitted on or chosen with (training and validation: the refit
+    # uses both; the Adam fit and fine-tuning choose their epoch on validation): 'evaluate'
+    # leaves these out by content.
+    fitted = sorted({k for s in (TRAINING, VALIDATION) for k, _ in by_split[s]})
+    result.fitted_images = len(fitted)
     metadata = {
         "retrainer_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -153,8 +157,11 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         "output": {"name": "final_result", "kind": "softmax"},
         "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
+                     "validation_kind": validation_kind, "cv": head.cv,
                      "fine_tuned": config.fine_tune,
-                     "test_accuracy": result.test_accuracy},
+                     "test_accuracy": result.test_accuracy,
+                     "fitted_images": {"file": FITTED_IMAGES_FILE, "count": len(fitted),
+                                       "hash": "sha256 of each image's bytes, one per line"}},
     }
     from .bottlenecks.extractor import backbone_graph, backbone_tflite, graphs_dir
     from .export import export_graph, tflite_with_head
@@ -163,15 +170,23 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     # The backbone's kept frozen graph (and TFLite model) plus the head: no second freeze or
     # conversion of the whole classifier. Exports are fp32 whatever the extraction precision.
     # A fine-tuned backbone has new weights: freeze and convert it afresh instead.
+    fitted_path = write_fitted_images(config.output_dir, fitted)
     kept = None if config.fine_tune else graphs_dir()
     frozen = backbone_graph(backbone, kept, "fp32")
     classifier = compose(frozen, dense_softmax_graph(head.kernel, head.bias))
     tflite = None
     if kept is not None and "tflite" in config.export_formats:
         tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
+    from .export import representative_images
+
+    def representative() -> list[np.ndarray]:  # for the int8 model: training images only
+        return representative_images([r for _, r in by_split[TRAINING]], spec.input_size,
+                                     spec.resize)
+
     result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
                                   config.export_formats, config.output_graph, config.output_labels,
-                                  tflite)
+                                  tflite, representative)
+    result.outputs["fitted_images"] = str(fitted_path)
     report = test or val_report
     if report is not None:
         result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))
@@ -182,15 +197,16 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
 
 def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
              pairs: list[tuple[str, ImageRecord]], class_index: dict[str, int],
-             x_tr: np.ndarray, y_tr: np.ndarray, timings: dict[str, float]
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The training bottlenecks plus those of the cached augmented variants (when enabled)."""
+             timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bottlenecks and labels of the cached augmented variants of the training images (when
+    enabled), and for each variant the index in ``pairs`` of the image it was made from."""
     from .augment import Augmentation, augmented_bottlenecks
 
+    none = (np.zeros((0, cache.dim), np.float32), np.zeros(0, int), np.zeros(0, np.int64))
     aug = Augmentation(config.flip_left_right, config.random_crop, config.random_scale,
                        config.random_brightness, config.augment_variants)
     if not aug.enabled:
-        return x_tr, y_tr
+        return none
     from .bottlenecks import get_engine
     from .bottlenecks.extractor import graphs_dir, make_forward
 
@@ -203,10 +219,53 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     t = time.perf_counter()
     x_aug, y_aug, computed, skipped = augmented_bottlenecks(
         aug, pairs, class_index, spec.input_size, spec.resize, cache, extract)
+    # The variants come back in (image, variant) order, those that could be made: the same
+    # walk over the keys gives each one's image, so that a fold keeps an image and its variants.
+    origin = np.array([j for j, (key, _) in enumerate(pairs) for i in range(aug.variants)
+                       if aug.variant_key(key, i, spec.input_size, spec.resize) in cache],
+                      np.int64)
     timings["augmentation"] = time.perf_counter() - t
     log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
              len(x_aug), len(pairs), computed, len(skipped))
-    return np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug])
+    if len(origin) != len(x_aug):  # the cache changed under us: no variants rather than leaks
+        log.warning("augmentation: the cached variants changed while loading; not using them")
+        return none
+    return x_aug, y_aug, origin
+
+
+def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, aug: tuple
+             ) -> tuple[Any, EvaluationReport | None]:
+    """The head chosen by cross-validation and refitted; the out-of-fold report.
+
+    The training and validation images are fitted on together (fine-tuning keeps the
+    validation split apart: it chooses its epoch there). Augmented variants join their
+    image's fold and are not scored. The report scores each image by the fold that held it out.
+    """
+    from .head import fit_head_cv
+
+    x_tr, y_tr, tr_paths = train
+    x_val, y_val, val_paths = val if not config.fine_tune else (
+        train[0][:0], train[1][:0], [])
+    x_aug, y_aug, origin = aug
+    n = len(x_tr) + len(x_val)
+    x = np.concatenate([x_tr, x_val, x_aug])
+    y = np.concatenate([y_tr, y_val, y_aug]).astype(int)
+    groups = np.concatenate([np.arange(n), origin])
+    scored = np.arange(len(x)) < n
+    log.info("choosing the head by cross-validation on %d images (%d augmented variants)",
+             n, len(x_aug))
+    head = fit_head_cv(x, y, len(classes), config.head, groups, scored)
+    if config.summaries_dir:
+        from .head import write_cv_summaries
+
+        write_cv_summaries(config.summaries_dir, head)
+    if head.oof_probs is None:
+        return head, None
+    paths = list(tr_paths) + list(val_paths)
+    held = np.flatnonzero(~np.isnan(head.oof_probs[:n, 0]))  # a large set: its CV sample
+    report = evaluate_predictions(y[held], head.oof_probs[held], classes,
+                                  [paths[i] for i in held], split="cross-validation")
+    return head, report
 
 
 def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,

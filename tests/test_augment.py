@@ -80,3 +80,25 @@ def test_train_caches_variants_once_and_recomputes_when_settings_change(tmp_path
                           validation_percentage=0, testing_percentage=0)
     train(changed)
     assert entries() == 72 + 3 * 24
+
+
+def test_a_variant_of_an_image_changed_after_hashing_is_never_made(tmp_path):
+    """The variant's key comes from the original bytes: new bytes must not be cached under it."""
+    import pytest
+
+    from retrainer.augment import Augmentation, variant_records
+    from retrainer.bottlenecks import content_key
+    from retrainer.errors import ImageError
+    from retrainer.sources.base import ImageRecord
+
+    from conftest import make_image
+
+    path = make_image(tmp_path / "a.png", (200, 20, 20), seed=1)
+    rec = ImageRecord(key="a.png", label="red", read=path.read_bytes, path=str(path))
+    aug = Augmentation(flip_left_right=True, variants=1)
+    [(_, variant)] = variant_records(aug, [(content_key(path.read_bytes()), rec)], (32, 32),
+                                     "bilinear")
+    assert variant.read()[:2] == b"BM"
+    make_image(path, (20, 20, 200), seed=2)  # replaced after hashing
+    with pytest.raises(ImageError, match="changed while this run was reading it"):
+        variant.read()

@@ -89,7 +89,7 @@ def test_train_json_then_label_and_evaluate(trained, colour_tree, tmp_path):
     assert text.exit_code == 0 and "green (score=" in text.stdout
 
     report = json.loads(run("evaluate", "--image-dir", str(colour_tree), "--model-dir", str(out),
-                            "--json").stdout)
+                            "--include-training-images", "--json").stdout)
     assert report["n"] == 36 and report["accuracy"] == 1.0
     assert report["per_class"]["blue sky"]["f1"] == 1.0
 
@@ -175,3 +175,30 @@ def test_label_json_and_damaged_metadata(tmp_path):
     result = run("label", "--model-dir", str(model), good)
     assert result.exit_code == 1 and "is not valid JSON" in result.output
     assert "unexpected" not in result.output and len(result.output.strip().splitlines()) == 2
+
+
+def test_library_messages_name_parameters_and_the_cli_says_flags():
+    import click
+
+    from retrainer.cli.main import as_flags
+
+    @click.command()
+    @click.option("--weights")
+    @click.option("--overwrite", is_flag=True)
+    def cmd(weights, overwrite):  # noqa: ANN001
+        pass
+
+    options = {p.name: p for p in cmd.params}
+    text = "Pass weights=FILE, or overwrite=True; keep db=URL and ?password=x as they are."
+    assert as_flags(text, options) == ("Pass --weights FILE, or --overwrite; keep db=URL and "
+                                       "?password=x as they are.")
+
+
+def test_library_errors_speak_of_parameters(tmp_path):
+    """The library's own message says image_dir=DIR; the CLI test above shows it as a flag."""
+    from retrainer.config import TrainConfig
+    from retrainer.dataset import open_source
+    from retrainer.errors import DatasetError
+
+    with pytest.raises(DatasetError, match=r"image_dir=DIR\) or a database \(db=URL"):
+        open_source(TrainConfig(image_dir=None))

@@ -127,14 +127,19 @@ def test_train_writes_the_report_and_the_gate_blocks_export(tmp_path: Path):
     assert "below the required 0.999" in failed.output and "Traceback" not in failed.output
     assert not (tmp_path / "gated").exists()
 
+    n_test = report["n"]
     evaluated = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
                                          str(out), "--output-dir", str(tmp_path / "ev"),
                                          "--print-misclassified"])
     assert evaluated.exit_code == 0, evaluated.output
-    assert "accuracy 1.0000 (N=36)" in evaluated.stdout
-    data = json.loads((tmp_path / "ev" / "report.json").read_text(encoding="utf-8"))
-    assert data["split"] == "all" and data["n"] == 36 and data["misclassified"] == []
+    # Only the test split is scored: the others were fitted on (found by content).
+    assert f"accuracy 1.0000 (N={n_test})" in evaluated.stdout
+    assert f"left out {36 - n_test} of 36 images" in evaluated.stderr
+    data = json.loads((tmp_path / "ev" / "evaluation-img.json").read_text(encoding="utf-8"))
+    assert data["split"] == "all" and data["n"] == n_test and data["misclassified"] == []
+    assert data["fitted_images_left_out"] == 36 - n_test and data["fitted_images_scored"] == 0
     assert sorted(data["labels"]) == sorted(COLOURS)
+    assert (tmp_path / "ev" / "evaluation-img.png").is_file()
 
     probe = make_image(tmp_path / "probe.png", (128, 128, 128), seed=3)  # grey: no colour wins
     plain = json.loads(CliRunner().invoke(cli, ["label", "--model-dir", str(out), "--json",
@@ -164,7 +169,73 @@ def test_evaluate_into_an_unwritable_folder_still_prints_the_report(tmp_path: Pa
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the report folder should be")
     result = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
-                                      str(out), "--output-dir", str(blocker / "sub")])
+                                      str(out), "--output-dir", str(blocker / "sub"),
+                                      "--include-training-images"])
     assert result.exit_code == 0 and "accuracy" in result.stdout
     assert "cannot write the report" in result.output and "Traceback" not in result.output
     assert os.path.isfile(blocker)
+
+
+def test_evaluate_leaves_out_fitted_images_by_content_and_keeps_the_training_report(tmp_path):
+    root = make_colour_tree(tmp_path / "img", per_class=6)
+    out = tmp_path / "model"
+    trained = CliRunner().invoke(cli, ["-q", "train", "--image-dir", str(root), "--architecture",
+                                       TINY, "--output-dir", str(out), "--bottleneck-dir",
+                                       str(tmp_path / "bn"), "--testing-percentage", "0",
+                                       "--json"])
+    assert trained.exit_code == 0, trained.output
+    result = json.loads(trained.stdout)
+    assert result["validation_kind"] == "out-of-fold" and result["cv"]["folds"] == 5
+    assert result["fitted_images"] == 18
+    training_report = (out / "report.json").read_bytes()
+    copies = tmp_path / "copies"  # the same bytes under other names: still left out
+    for path in root.rglob("*.png"):
+        target = copies / path.parent.name / f"renamed-{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    make_image(copies / "red" / "new.png", COLOURS["red"], seed=777)
+    fresh = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(copies), "--model-dir",
+                                     str(out), "--json"])
+    assert fresh.exit_code == 0, fresh.output
+    data = json.loads(fresh.stdout)
+    assert data["n"] == 1 and data["fitted_images_left_out"] == 18
+    assert data["outputs"]["report"].endswith("evaluation-copies.json")
+    assert "left out 18 of 19 images" in fresh.stderr
+
+    nothing = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
+                                       str(out)])
+    assert nothing.exit_code == 1 and "Traceback" not in nothing.output
+    assert "all 18 images were used to fit this model" in nothing.output
+    assert "--include-training-images" in nothing.output
+
+    everything = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
+                                          str(out), "--include-training-images", "--json",
+                                          "--name", "train set"])
+    assert everything.exit_code == 0, everything.output
+    data = json.loads(everything.stdout)
+    assert data["n"] == 18 and data["fitted_images_scored"] == 18
+    assert "optimistic" in everything.stderr
+    assert (out / "evaluation-train_set.json").is_file()
+    assert (out / "report.json").read_bytes() == training_report  # never overwritten
+
+
+def test_class_names_with_dollar_signs_plot_as_text(tmp_path: Path):
+    labels = ["a$_$b", "$x^2$", "plain"]
+    report = evaluate_predictions([0, 1, 2, 0], probs_for([0, 1, 2, 1], [0.9] * 4), labels)
+    written = report.write(tmp_path, name="dollars")
+    assert Path(written["confusion_png"]).name == "evaluation-dollars.png"
+    assert Image.open(written["confusion_png"]).format == "PNG"
+
+
+def test_adam_options_imply_head_search_off_and_conflict_with_cv(tmp_path: Path):
+    root = make_colour_tree(tmp_path / "img", per_class=6)
+    common = ["-q", "train", "--image-dir", str(root), "--architecture", TINY,
+              "--bottleneck-dir", str(tmp_path / "bn"), "--output-dir", str(tmp_path / "m"),
+              "--json"]
+    off = CliRunner().invoke(cli, [*common, "--epochs", "3", "--validation-percentage", "40"])
+    assert off.exit_code == 0, off.output
+    data = json.loads(off.stdout)
+    assert data["cv"] is None and len(data["history"]) == 3
+    assert data["validation_kind"] == "held-out"
+    clash = CliRunner().invoke(cli, [*common, "--head-search", "cv", "--l2", "0.1"])
+    assert clash.exit_code == 2 and "--l2" in clash.output and "Traceback" not in clash.output

@@ -6,6 +6,7 @@ import io
 import numpy as np
 import pytest
 from conftest import COLOURS, TINY, make_colour_tree, make_image
+from ai_edge_litert.interpreter import Interpreter  # LiteRT, tf.lite.Interpreter's successor
 from PIL import Image
 
 from retrainer.config import HeadConfig, TrainConfig
@@ -59,7 +60,7 @@ def test_label_equals_saved_model_and_tflite(export):
     served = saved.signatures["serving_default"](images=tf.constant(batch))["scores"].numpy()
     np.testing.assert_allclose(served, ours, atol=1e-4)
 
-    interpreter = tf.lite.Interpreter(model_path=str(model_dir / "model.tflite"))
+    interpreter = Interpreter(model_path=str(model_dir / "model.tflite"))
     assert interpreter.get_signature_list() == {
         "serving_default": {"inputs": ["images"], "outputs": ["scores"]}}
     runner = interpreter.get_signature_runner("serving_default")
@@ -92,7 +93,7 @@ def test_tflite_head_appended_to_a_kept_backbone_equals_converting_the_whole(tin
     batch = rng.uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
     scores = []
     for blob in (appended, whole):
-        interpreter = tf.lite.Interpreter(model_content=blob)
+        interpreter = Interpreter(model_content=blob)
         assert interpreter.get_signature_list() == {
             "serving_default": {"inputs": ["images"], "outputs": ["scores"]}}
         scores.append(interpreter.get_signature_runner("serving_default")(images=batch)["scores"])

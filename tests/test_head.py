@@ -102,25 +102,25 @@ def test_summaries_dir_gets_tensorboard_events(tmp_path: Path):
 
 
 def test_hand_written_gradients_match_finite_differences():
-    from retrainer.head import _SoftmaxSGD
+    from retrainer.head import _SoftmaxAdam
 
     rng = np.random.default_rng(5)
-    sgd = _SoftmaxSGD(6, 3, HeadConfig(dropout=0.5, l2=0.05), rng)
-    sgd.kernel = rng.normal(0, 0.5, (6, 3)).astype(np.float64)
-    sgd.bias = rng.normal(0, 0.5, 3).astype(np.float64)
+    adam = _SoftmaxAdam(6, 3, HeadConfig(dropout=0.5, l2=0.05), rng)
+    adam.kernel = rng.normal(0, 0.5, (6, 3)).astype(np.float64)
+    adam.bias = rng.normal(0, 0.5, 3).astype(np.float64)
     x = rng.normal(0, 1, (8, 6))
     targets = np.eye(3)[rng.integers(0, 3, 8)] * 0.9 + 0.1 / 3  # label smoothing 0.1
     w = rng.uniform(0.5, 2.0, 8)
-    _, grad_kernel, grad_bias = sgd.gradients(x, targets, w)
+    _, grad_kernel, grad_bias = adam.gradients(x, targets, w)
     eps = 1e-6
-    for params, grad in ((sgd.kernel, grad_kernel), (sgd.bias, grad_bias)):
+    for params, grad in ((adam.kernel, grad_kernel), (adam.bias, grad_bias)):
         numeric = np.zeros_like(params)
         for i in np.ndindex(params.shape):
             old = params[i]
             params[i] = old + eps
-            up = sgd.gradients(x, targets, w)[0]
+            up = adam.gradients(x, targets, w)[0]
             params[i] = old - eps
-            down = sgd.gradients(x, targets, w)[0]
+            down = adam.gradients(x, targets, w)[0]
             params[i] = old
             numeric[i] = (up - down) / (2 * eps)
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
@@ -128,10 +128,98 @@ def test_hand_written_gradients_match_finite_differences():
 
 @pytest.mark.parametrize("dropout", [0.5, 0.3, 0.8])
 def test_dropout_masks_keep_the_configured_share(dropout):
-    from retrainer.head import _SoftmaxSGD
+    from retrainer.head import _SoftmaxAdam
 
-    sgd = _SoftmaxSGD(4, 2, HeadConfig(dropout=dropout), np.random.default_rng(0))
-    mask = sgd._dropout_mask((500, 400)).astype(np.float64)
+    adam = _SoftmaxAdam(4, 2, HeadConfig(dropout=dropout), np.random.default_rng(0))
+    mask = adam._dropout_mask((500, 400)).astype(np.float64)
     assert mask.shape == (500, 400) and set(np.unique(mask)) == {0.0, 1.0}
     assert abs(mask.mean() - (1 - dropout)) < 0.005
-    assert abs(mask.mean() * sgd.scale - 1.0) < 0.01  # inverted dropout keeps the expectation
+    assert abs(mask.mean() * adam.scale - 1.0) < 0.01  # inverted dropout keeps the expectation
+
+
+# --- head selection by cross-validation -------------------------------------------------------
+
+def test_cv_refit_matches_scikit_learns_logistic_regression_at_the_chosen_c():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from retrainer.head import fit_head_cv
+
+    x, y = blobs(40, n_classes=3, dim=20, spread=2.5, seed=2)
+    result = fit_head_cv(x, y, 3, HeadConfig(class_weight="none"))
+    c = result.cv["C"]
+    assert c in result.cv["grid"] and result.cv["folds"] == 5
+    scaler = StandardScaler().fit(x)
+    ref = LogisticRegression(C=c, tol=1e-10, max_iter=5000).fit(scaler.transform(x), y)
+    np.testing.assert_allclose(result.predict(x), ref.predict_proba(scaler.transform(x)),
+                               atol=2e-3)
+
+
+def test_cv_chooses_strong_regularisation_for_noise_and_weak_for_clean_data():
+    from retrainer.head import fit_head_cv
+
+    rng = np.random.default_rng(0)
+    noise_x = rng.normal(0, 1, (150, 40)).astype(np.float32)
+    noise_y = rng.integers(0, 3, 150)
+    noisy = fit_head_cv(noise_x, noise_y, 3, HeadConfig())
+    clean = fit_head_cv(*blobs(50, n_classes=3, dim=40, spread=0.3), 3, HeadConfig())
+    assert noisy.cv["C"] <= 1e-3 < clean.cv["C"]
+    assert noisy.cv["validation_accuracy"] < 0.5 and clean.cv["validation_accuracy"] == 1.0
+
+
+def test_a_group_never_spans_folds_so_duplicates_cannot_leak():
+    """Random labels, every image present 4 times (as augmented variants are): with the copies
+    kept in one fold, out-of-fold accuracy stays near chance; split up, it would be ~100 %."""
+    from retrainer.head import fit_head_cv
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, (90, 120)).astype(np.float32)  # enough dimensions to memorise
+    labels = rng.integers(0, 3, 90)
+    x = np.concatenate([base] + [base + rng.normal(0, 0.01, base.shape).astype(np.float32)
+                                 for _ in range(3)])
+    y = np.tile(labels, 4)
+    groups = np.tile(np.arange(90), 4)
+    scored = np.arange(len(x)) < 90
+    grouped = fit_head_cv(x, y, 3, HeadConfig(cv_grid=(100.0,) * 2), groups, scored)
+    leaky = fit_head_cv(x, y, 3, HeadConfig(cv_grid=(100.0,) * 2))
+    assert grouped.cv["validation_accuracy"] < 0.6 < 0.9 < leaky.cv["validation_accuracy"]
+    assert grouped.cv["images"] == 90 and grouped.oof_probs.shape == (360, 3)
+
+
+def test_stratified_folds_keep_class_shares():
+    from retrainer.head import stratified_folds
+
+    y = np.array([0] * 50 + [1] * 10 + [2] * 7)
+    folds = stratified_folds(y, 5, seed=0)
+    for f in range(5):
+        held = y[folds == f]
+        assert (held == 0).sum() == 10 and (held == 1).sum() == 2 and 1 <= (held == 2).sum() <= 2
+    assert (stratified_folds(y, 5, seed=0) == folds).all()
+
+
+def test_large_sets_choose_c_on_a_sample_and_refit_on_everything(monkeypatch):
+    import retrainer.head as head_module
+
+    monkeypatch.setattr(head_module, "CV_MAX_IMAGES", 60)
+    x, y = blobs(50, n_classes=3, dim=16, spread=1.5)
+    result = head_module.fit_head_cv(x, y, 3, HeadConfig())
+    assert result.cv["sampled_images"] == 60 and result.cv["folds"] == 3
+    assert np.isnan(result.oof_probs[:, 0]).sum() == 150 - 60
+    assert (result.predict(x).argmax(1) == y).mean() > 0.9
+
+
+def test_cv_loss_gradient_matches_finite_differences():
+    from retrainer.head import _SoftmaxProblem
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1, (10, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 10)
+    w = rng.uniform(0.5, 2, 10).astype(np.float32)
+    problem = _SoftmaxProblem([x[:6], x[6:]], [y[:6], y[6:]], [w[:6], w[6:]], 3)
+    theta = rng.normal(0, 0.3, 5 * 3 + 3)
+    _, grad = problem.loss_grad(theta, 0.1)
+    eps = 1e-3
+    numeric = np.array([(problem.loss_grad(theta + eps * e, 0.1)[0]
+                         - problem.loss_grad(theta - eps * e, 0.1)[0]) / (2 * eps)
+                        for e in np.eye(len(theta))])
+    np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-4)

@@ -74,6 +74,7 @@ def test_killed_extraction_resumes_then_trains_exports_and_labels(photos, tmp_pa
     assert [r.predictions[0].label for r in ours] == [p.name.split("_")[0] for p in paths]
 
     report = subprocess.run([sys.executable, "-m", "retrainer", "-q", "evaluate", "--image-dir",
-                             str(photos), "--model-dir", str(out), "--json"],
+                             str(photos), "--model-dir", str(out), "--include-training-images",
+                             "--json"],
                             capture_output=True, text=True, check=True)
     assert json.loads(report.stdout)["accuracy"] >= 0.95

@@ -25,12 +25,11 @@ def pixels(n: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def test_composed_graph_equals_the_frozen_keras_classifier(tiny):
-    from retrainer.config import HeadConfig
     from retrainer.export import build_classifier
     from retrainer.graph import GraphRunner, compose, freeze
     from retrainer.head import build_head
 
-    head = build_head(3, 4, HeadConfig())
+    head = build_head(3, 4)
     whole = GraphRunner(freeze(build_classifier(tiny.model, head)))
     spliced = GraphRunner(compose(freeze(tiny.model), freeze(head)))
     assert spliced.input_shape == (None, 32, 32, 3) and spliced.output_dim == 4
@@ -147,7 +146,7 @@ def test_decoding_keeps_a_bounded_window_in_flight():
 
     from PIL import Image
 
-    from retrainer.bottlenecks.local import decode_stream
+    from retrainer.decoding import decode_stream
     from retrainer.sources.base import ImageRecord
 
     buf = io.BytesIO()

@@ -24,7 +24,7 @@ from retrainer.db.importer import import_folder
 from retrainer.db.predictions import ACCURACY_SQL, label_database, model_id_of
 from retrainer.db.stats import class_distribution
 from retrainer.db.url import DatabaseError, connect
-from retrainer.sources.sql import scan_database
+from retrainer.db.source import scan_database
 
 SKIP_SERVERS = os.environ.get("RETRAINER_TEST_SKIP_SERVERS") == "1"
 EVIL = "x'); DROP TABLE images; --"
@@ -202,7 +202,7 @@ def test_malicious_labels_and_filters_stay_data(db_url, tmp_path):
     assert class_distribution(db_url).classes == sorted(names)
     assert len(scan_database(db_url, labels=["café ☕ 猫", EVIL]).records) == 4
     quoted = EVIL.replace("'", "''")
-    from retrainer.sources.sql import list_images
+    from retrainer.db.source import list_images
 
     engine = connect(db_url)
     assert len(list_images(engine, where=f"label = '{quoted}'")) == 2

@@ -39,7 +39,7 @@ def test_import_stats_train_label_and_query(tmp_path):
     assert labelled.exit_code == 0 and summary["labelled"] == stats["per_role"]["training"]
     assert summary["accuracy"] == 1.0 and summary["already_labelled"] == 0
     evaluated = run("evaluate", "--db", db, "--model-dir", model, "--where",
-                    "role = 'training'", "--json")
+                    "role = 'training'", "--include-training-images", "--json")
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert (report["n"], report["accuracy"]) == (summary["scored"], summary["accuracy"])

@@ -79,7 +79,7 @@ def test_accuracy_gate_fails_and_exports_nothing(tmp_path, fast_config):
 def test_steps_and_tiny_classes_do_not_crash(tmp_path, fast_config):
     root = make_colour_tree(tmp_path / "img", per_class=8)
     make_image(root / "single" / "only.png", (128, 0, 128))
-    head = HeadConfig(steps=5, batch_size=4, learning_rate=0.05, dropout=0, l2=0)
+    head = HeadConfig(search="off", steps=5, batch_size=4, learning_rate=0.05, dropout=0, l2=0)
     result = train(fast_config(root, head=head, validation_percentage=40, testing_percentage=40))
     assert "single" in result.labels and result.counts["training"]["single"] == 1
     n_train = sum(result.counts["training"].values())
@@ -93,3 +93,70 @@ def test_explicit_output_graph_and_labels_paths(colour_tree, fast_config, tmp_pa
     result = train(config)
     assert result.outputs["graph"].endswith("my.pb") and (tmp_path / "g" / "my.pb").is_file()
     assert (tmp_path / "g" / "my.txt").read_text(encoding="utf-8").splitlines() == sorted(COLOURS)
+
+
+def test_a_single_image_class_skips_cross_validation_with_a_warning(tmp_path, fast_config,
+                                                                     caplog):
+    root = make_colour_tree(tmp_path / "img", per_class=8)
+    make_image(root / "single" / "only.png", (128, 0, 128))
+    result = train(fast_config(root, head=HeadConfig(), validation_percentage=40,
+                               testing_percentage=40))
+    assert result.cv["folds"] == 0 and result.cv["C"] == 1.0
+    assert "smallest class has 1 image" in result.cv["skipped"]
+    assert "without cross-validation" in caplog.text
+    assert result.validation_accuracy is None and result.validation_kind is None
+
+
+def test_cv_head_refits_on_training_and_validation_and_reports_out_of_fold(tmp_path,
+                                                                          fast_config):
+    from retrainer.bottlenecks import content_key
+    from retrainer.evaluation import FITTED_IMAGES_FILE
+
+    root = make_colour_tree(tmp_path / "img", per_class=15)
+    config = fast_config(root, head=HeadConfig(), validation_percentage=20,
+                         testing_percentage=0)
+    result = train(config)
+    n_train = sum(result.counts["training"].values())
+    n_val = sum(result.counts["validation"].values())
+    assert n_val > 0 and n_train + n_val == 45
+    cv = result.cv
+    assert cv["folds"] == 5 and cv["images"] == 45 and cv["C"] in cv["grid"]
+    assert {"C", "log_loss", "log_loss_se", "accuracy"} <= set(cv["scores"][0])
+    assert result.validation_kind == "out-of-fold"
+    assert result.validation_accuracy == cv["validation_accuracy"] == 1.0
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert report["split"] == "cross-validation" and report["n"] == 45
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text(encoding="utf-8"))
+    training = meta["training"]
+    assert training["validation_kind"] == "out-of-fold" and training["cv"]["C"] == cv["C"]
+    assert training["fitted_images"]["file"] == FITTED_IMAGES_FILE
+    hashes = (tmp_path / "out" / FITTED_IMAGES_FILE).read_text().split()
+    every = {content_key(p.read_bytes()) for p in root.rglob("*.png")}
+    assert sorted(hashes) == hashes and set(hashes) == every
+    assert training["fitted_images"]["count"] == 45 == result.fitted_images
+    again = train(config)  # deterministic for a seed
+    assert again.cv["scores"] == cv["scores"]
+
+
+def test_augmented_variants_stay_in_their_images_fold(tmp_path, fast_config, monkeypatch):
+    import retrainer.head as head_module
+
+    seen = {}
+    real = head_module._fit_head_cv
+
+    def spy(x, y, n_classes, cfg, groups=None, scored=None):
+        seen.update(groups=groups, scored=scored, n=len(x))
+        return real(x, y, n_classes, cfg, groups, scored)
+
+    monkeypatch.setattr(head_module, "_fit_head_cv", spy)
+    root = make_colour_tree(tmp_path / "img", per_class=10)
+    result = train(fast_config(root, head=HeadConfig(), flip_left_right=True,
+                               augment_variants=2, testing_percentage=0))
+    n = result.cv["images"]
+    assert seen["n"] == 3 * n - 2 * sum(result.counts["validation"].values())
+    groups, scored = seen["groups"], seen["scored"]
+    assert scored[:n].all() and not scored[n:].any()
+    variants = groups[n:]
+    n_train = sum(result.counts["training"].values())
+    assert (variants < n_train).all()  # variants belong to training images only
+    assert np.bincount(variants, minlength=n_train).tolist() == [2] * n_train

@@ -142,7 +142,7 @@ class _DigestMemo:
     """weights-file key -> weights digest, in the user cache dir (a lost file costs one build)."""
 
     def __init__(self) -> None:
-        from ..bottlenecks.cache import default_cache_dir
+        from ..files import default_cache_dir
 
         self.path = default_cache_dir() / "weights-digests.json"
 
@@ -158,7 +158,7 @@ class _DigestMemo:
         return value if isinstance(value, str) else None
 
     def put(self, key: str, digest: str) -> None:
-        from ..bottlenecks.cache import atomic_write
+        from ..files import atomic_write
 
         data = self._read()
         data[key] = digest

@@ -109,5 +109,5 @@ def _load(path: str | Path, feature_layer: str | None = None) -> tuple[Any, str]
     if len(model.output_shape) != 2:
         raise WeightsUnavailable(f"'{path}' gives output shape {model.output_shape}, "
                                  "expected (batch, features).",
-                                 "Pick the feature layer with --feature-layer NAME.")
+                                 "Pick the feature layer with feature_layer=NAME.")
     return model, digest

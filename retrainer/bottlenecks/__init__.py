@@ -6,9 +6,11 @@ import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from ..decoding import default_workers
+from ..files import default_cache_dir
 from ..sources.base import ImageRecord, Skipped
-from .cache import BottleneckCache, default_cache_dir
-from .local import LocalEngine, default_workers
+from .cache import BottleneckCache
+from .local import LocalEngine
 
 __all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records",
            "verified"]
@@ -25,7 +27,7 @@ def get_engine(name: str = "local", **options: object):
     if name == "local":
         if "master" in options:
             raise RetrainerError("a Spark master applies to the spark engine only.",
-                                 "Add --engine spark.")
+                                 "Add engine=spark.")
         return LocalEngine(**options)  # type: ignore[arg-type]
     if name == "spark":
         from .spark import SparkEngine

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import CacheError, FolderNotWritable
+from ..files import atomic_write, writable_dir
 
 try:
     import fcntl
@@ -55,46 +56,6 @@ _NOT_DAMAGE = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFI
                errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ESTALE, errno.EROFS}
 
 
-def default_cache_dir() -> Path:
-    """``$RETRAINER_CACHE_DIR`` or the user cache dir (``~/.cache/retrainer``)."""
-    env = os.environ.get("RETRAINER_CACHE_DIR")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("retrainer"))
-
-
-def writable_dir(path: str | Path, what: str, hint: str | None = None) -> Path:
-    """Create ``path`` (and its parents) if needed; a :class:`FolderNotWritable` naming it and
-    the fix when it cannot be created or written to."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise FolderNotWritable(path, what, "a file of that name is in the way", hint) from None
-    except OSError as exc:
-        raise FolderNotWritable(path, what, exc.strerror or str(exc), hint) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise FolderNotWritable(path, what, os.strerror(errno.EACCES), hint)
-    return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename it in."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 class _Vanished(Exception):
     """A shard this process indexed is gone (merged away by another process, or set aside)."""
 
@@ -107,7 +68,7 @@ class BottleneckCache:
         self.dir = Path(root) / backbone_id
         self.dim = dim
         writable_dir(self.dir, "bottleneck cache folder",
-                     "Give --bottleneck-dir (or RETRAINER_CACHE_DIR) a folder you can write to, "
+                     "Give bottleneck_dir=DIR (or RETRAINER_CACHE_DIR) a folder you can write to, "
                      "or give this one to your user (chown/chmod).")
         info_path = self.dir / "backbone.json"
         if info and not info_path.exists():
@@ -268,8 +229,8 @@ class BottleneckCache:
             except OSError as exc:
                 raise CacheError(f"cannot read the bottleneck shard '{shard}' "
                                  f"({exc.strerror or exc}).",
-                                 "Fix the cache folder's permissions, or give --bottleneck-dir "
-                                 "another folder.") from None
+                                 "Fix the cache folder's permissions, or give another "
+                                 "bottleneck_dir=DIR.") from None
             if data is None:
                 raise _Vanished(shard.name)
             dst, src = zip(*pairs)
@@ -307,7 +268,7 @@ class BottleneckCache:
         except OSError as exc:
             raise FolderNotWritable(self.dir, "bottleneck cache folder", exc.strerror or str(exc),
                                     "Free some space or fix its permissions, or give "
-                                    "--bottleneck-dir another folder.") from None
+                                    "another bottleneck_dir=DIR.") from None
         return path
 
     def close(self) -> None:

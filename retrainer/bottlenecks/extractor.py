@@ -20,7 +20,7 @@ def graphs_dir() -> Path:
     dir (``--bottleneck-dir``) shares it, as retrain.py's ``--model_dir`` kept its graph apart
     from its ``--bottleneck_dir``: a new data set does not pay for freezing again.
     """
-    from .cache import default_cache_dir
+    from ..files import default_cache_dir
 
     return default_cache_dir() / "graphs"
 

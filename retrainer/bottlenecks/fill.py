@@ -62,7 +62,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     copies of one image land in one split (see :func:`retrainer.split.assign_splits`).
     """
     from ..backbones.factory import create_backbone, resolve_spec
-    from ..training import load_dataset
+    from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
     from ..runtimes import check_runtime
     from ..runtimes.choice import choose
@@ -142,7 +142,7 @@ def _split(config: TrainConfig, dataset: Dataset, keys: list[str | None], cache:
     found = grouping.exact_groups or grouping.near_groups or grouping.straddling
     (log.warning if grouping.conflicting or grouping.straddling else log.info)(
         "%s%s", grouping.summary() if found else "duplicates: none found",
-        "; keep them with --keep-conflicting-duplicates" if grouping.excluded else "")
+        "; keep them with keep_conflicting_duplicates=True" if grouping.excluded else "")
     return dataset, keys, grouping
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Any
@@ -25,7 +26,25 @@ COMMANDS = {
     "serve": "retrainer.cli.serve:serve",
     "bottlenecks": "retrainer.cli.bottlenecks:bottlenecks",
     "audit": "retrainer.cli.audit:audit",
+    "export": "retrainer.cli.export:export",
 }
+
+#: ``name=VALUE`` in a library message: a parameter, said as the running command's flag.
+_PARAM = re.compile(r"(?<![\w-])([a-z][a-z0-9_]*)=(True\b)?")
+
+
+def as_flags(text: str, options: dict[str, click.Option]) -> str:
+    """Library messages name parameters (``weights=FILE``, ``overwrite=True``); on the command
+    line they read as the command's flags (``--weights FILE``, ``--overwrite``)."""
+    def flag(match: re.Match[str]) -> str:
+        option = options.get(match[1])
+        longs = [o for o in option.opts if o.startswith("--")] if option else []
+        if not longs:
+            return match[0]
+        return longs[0] if option.is_flag else f"{longs[0]} "  # type: ignore[union-attr]
+
+    return _PARAM.sub(flag, text)
+
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a reader that quit early
@@ -33,6 +52,23 @@ EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a reader that qu
 
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use."""
+
+    def _flags(self, ctx: click.Context) -> dict[str, click.Option]:
+        """The options of the command that ran (and of its subcommands), by parameter name."""
+        found: dict[str, click.Option] = {}
+        stack: list[click.Command | None] = [ctx.command]
+        if ctx.invoked_subcommand:
+            stack.append(self.get_command(ctx, ctx.invoked_subcommand))
+        while stack:
+            command = stack.pop()
+            if command is None:
+                continue
+            for param in command.params:
+                if isinstance(param, click.Option) and param.name:
+                    found.setdefault(param.name, param)
+            if isinstance(command, click.Group) and command is not ctx.command:
+                stack += [command.get_command(ctx, n) for n in command.list_commands(ctx)]
+        return found
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
@@ -60,9 +96,10 @@ class LazyGroup(click.Group):
         except RetrainerError as exc:
             if _debug(ctx):
                 traceback.print_exc()
-            click.echo(f"Error: {exc.message}", err=True)
+            flags = self._flags(ctx)
+            click.echo(f"Error: {as_flags(exc.message, flags)}", err=True)
             if exc.hint:
-                click.echo(exc.hint, err=True)
+                click.echo(as_flags(exc.hint, flags), err=True)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -198,14 +235,14 @@ def _exit_now(code: Any) -> None:
     """Leave without the interpreter's teardown, which takes ~1 s once TensorFlow is loaded
     and does nothing a finished command needs. Exit handlers still run (log flushing, the
     native-log filter); every file the command wrote is already closed."""
-    import atexit
+    from .._tf_internals import run_exit_handlers
 
     if code is None:
         code = 0
     elif not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    atexit._run_exitfuncs()
+    run_exit_handlers()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

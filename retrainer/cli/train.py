@@ -6,6 +6,7 @@ import click
 from ..config import HeadConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
 from .common import backbone_options, echo_json, json_option
+from .export import FORMAT_NAMES, parse_formats
 
 _T = TrainConfig()
 _H = HeadConfig()
@@ -32,6 +33,12 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               type=float, callback=_percentage, help="Share of images used for validation.")
 @click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
               type=float, callback=_percentage, help="Share of images used for the final test.")
+@click.option("--head-search", type=click.Choice(["cv", "off"]), default=None,
+              help="cv (default): choose the head's L2 strength by 5-fold cross-validation on "
+                   "the training and validation images, then refit on all of them. off: one "
+                   "Adam fit with early stopping on the validation split (implied by the Adam "
+                   "options --learning-rate, --epochs, --steps, --batch-size, --dropout, --l2, "
+                   "--label-smoothing, --patience).")
 @click.option("--learning-rate", default=_H.learning_rate, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--epochs", default=_H.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=None, type=click.IntRange(min=1),
@@ -43,6 +50,10 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
+@click.option("--export-formats", callback=parse_formats, default=",".join(_T.export_formats),
+              show_default=True, metavar="LIST",
+              help=f"What to write, comma-separated: {', '.join(FORMAT_NAMES)}, or 'all' "
+                   "(int8 and onnx: see 'retrainer export').")
 @click.option("--print-misclassified", is_flag=True, help="List the test images the model gets wrong.")
 @click.option("--keep-conflicting-duplicates", is_flag=True,
               help="Train and evaluate on identical files found under two labels too "
@@ -85,9 +96,11 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               type=click.FloatRange(min=0, min_open=True))
 @engine_options
 @json_option
-def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: int | None,
-          batch_size: int, dropout: float, l2: float, label_smoothing: float, patience: int,
-          class_weight: str, **options: object) -> None:
+@click.pass_context
+def train(ctx: click.Context, as_json: bool, seed: int, head_search: str | None,
+          learning_rate: float, epochs: int, steps: int | None, batch_size: int, dropout: float,
+          l2: float, label_smoothing: float, patience: int, class_weight: str,
+          **options: object) -> None:
     """Train a new classifier head on a pretrained backbone and export it.
 
     \b
@@ -98,16 +111,33 @@ def train(as_json: bool, seed: int, learning_rate: float, epochs: int, steps: in
     if bool(options.get("image_dir")) == bool(options.get("db")):
         raise click.UsageError("give either --image-dir DIR or --db URL.")
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
-    head = HeadConfig(learning_rate=learning_rate, epochs=epochs, steps=steps,
-                      batch_size=batch_size, seed=seed, dropout=dropout, l2=l2,
-                      label_smoothing=label_smoothing, patience=patience,
-                      class_weight=class_weight)
+    head = HeadConfig(search=_head_search(ctx, head_search), learning_rate=learning_rate,
+                      epochs=epochs, steps=steps, batch_size=batch_size, seed=seed,
+                      dropout=dropout, l2=l2, label_smoothing=label_smoothing,
+                      patience=patience, class_weight=class_weight)
     config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
     result = run_train(config)
     if as_json:
         echo_json(result.to_dict())
         return
     _print_summary(result, config)
+
+
+#: Options of the single Adam fit: giving any of them means --head-search off.
+ADAM_OPTIONS = ("learning_rate", "epochs", "steps", "batch_size", "dropout", "l2",
+                "label_smoothing", "patience")
+
+
+def _head_search(ctx: click.Context, head_search: str | None) -> str:
+    """--head-search as given, else off when an Adam option is given, else cv."""
+    from click.core import ParameterSource
+
+    given = [f"--{name.replace('_', '-')}" for name in ADAM_OPTIONS
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if head_search == "cv" and given:
+        raise click.UsageError(f"{', '.join(given)} set the Adam fit of --head-search off; "
+                               "drop them, or use --head-search off.")
+    return head_search or ("off" if given else "cv")
 
 
 def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
@@ -117,10 +147,19 @@ def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
         for s in result.skipped:
             echo(f"  {s.name}: {s.reason}")
     echo(f"Bottlenecks: {result.bottlenecks_computed} computed, {result.bottlenecks_cached} cached")
-    if result.validation_accuracy is not None:
+    cv = result.cv
+    if cv and cv.get("folds"):
+        echo(f"Head: C={cv['C']:g} chosen by {cv['folds']}-fold cross-validation over "
+             f"{len(cv['scores'])} of {len(cv['grid'])} values, refitted on {cv['images']} images")
+    elif cv:
+        echo(f"Head: {cv.get('skipped')}")
+    if result.validation_accuracy is not None and result.validation_kind == "out-of-fold":
+        echo(f"Validation accuracy (out-of-fold, cross-validation) "
+             f"{result.validation_accuracy:.4f} (N={cv['images']})")
+    elif result.validation_accuracy is not None:
         n_val = sum(result.counts["validation"].values())
-        echo(f"Best epoch {result.best_epoch}: validation accuracy "
-             f"{result.validation_accuracy:.4f} (N={n_val})")
+        prefix = f"Best epoch {result.best_epoch}: v" if not cv else "V"
+        echo(f"{prefix}alidation accuracy {result.validation_accuracy:.4f} (N={n_val})")
     test = result.test
     if test and test.n:
         echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")

@@ -107,7 +107,7 @@ def import_dataset(db: Any, dataset: Dataset, batch_size: int = 200, workers: in
     """Import any source's records; their splits become roles (none: split by hash later)."""
     from sqlalchemy import select
 
-    from ..bottlenecks.local import default_workers
+    from ..decoding import default_workers
     from ..progress import bar
     from .schema import ROLE_IDS, categories, images
     from .url import connect, errors

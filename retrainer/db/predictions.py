@@ -77,7 +77,7 @@ def label_database(db: Any, classifier: Any, model_id: str, where: str | None = 
     from sqlalchemy import exists, select
 
     from ..progress import bar
-    from ..sources.sql import list_images, records_for
+    from .source import list_images, records_for
     from .schema import images, predictions
     from .url import connect, errors
 

@@ -32,7 +32,7 @@ def database_url(value: str) -> Any:
     from sqlalchemy.exc import ArgumentError
 
     if not value or not value.strip():
-        raise DatabaseError("no database given.", "Pass --db URL or a SQLite file path.")
+        raise DatabaseError("no database given.", "Pass db=URL or a SQLite file path.")
     if not _SCHEME.match(value):
         return make_url("sqlite:///" + str(Path(value).expanduser().resolve()))
     try:

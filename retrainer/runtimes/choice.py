@@ -79,7 +79,7 @@ def choose(backbone: Any, cache_root: str | Path | None, batch: int = 16,
         runtime = next(r for r in RUNTIMES if rates.get(r, 0.0) >= best * (1 - TIE))
         log.info("runtime: %s, the fastest here (%s)", runtime, _rates(rates))
     if cache_root is not None:
-        from ..bottlenecks.cache import atomic_write
+        from ..files import atomic_write
 
         data = {"key": choice_key(backbone, precision), "runtime": runtime,
                 "img_s": {r: round(v, 2) for r, v in rates.items()}, "batch": batch}

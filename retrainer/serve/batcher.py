@@ -12,8 +12,8 @@ session on its own core. One lane waits for the whole crowd, so N clients that e
 next image as soon as they get an answer settle into one full batch of N per pass, instead of
 two half-empty ones. Several lanes never wait for a crowd, and each takes at most
 ceil(peak / (2 x lanes)) images: every lane then has one batch running and the next one
-queued, so no core idles while answers travel back and the next images decode (with one lane,
-the model sat idle ~18 % of the time doing exactly that).
+queued, so no core idles while answers travel back and the next images decode (docs/serve.md
+has what one lane cost).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def check_binding(config: ServeConfig) -> None:
     if not is_loopback(config.host) and not config.api_key:
         raise ServeError(f"binding to '{config.host}' makes the model reachable from other "
                          "machines, so an API key is required.",
-                         "Give --api-key KEY (or set RETRAINER_API_KEY), or bind to 127.0.0.1.")
+                         "Give api_key=KEY (or set RETRAINER_API_KEY), or bind to 127.0.0.1.")
 
 
 def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
@@ -99,7 +99,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ServeError(f"cannot listen on {host}:{port} ({exc.strerror or exc}).",
-                         "Pick another --port, or stop what is using it.") from None
+                         "Pick another port=PORT, or stop what is using it.") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -118,7 +118,8 @@ def guarded_protocol(header_timeout: float, body_timeout: float) -> Any:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError as exc:  # httptools is part of retrainer[serve]
         raise ServeError(f"the server packages are not installed ({exc.name}).",
-                         "pip install 'retrainer[serve]'") from None
+                         "Install them: pip install 'retrainer[serve]' (from a checkout: "
+                         ".venv/bin/pip install -e '.[serve]').") from None
 
     class GuardedProtocol(HttpToolsProtocol):
         read_deadline: Any = None
@@ -181,7 +182,8 @@ def serve(config: ServeConfig, on_ready: Callable[[str], None] | None = None) ->
         from .app import create_app
     except ImportError as exc:
         raise ServeError(f"the server packages are not installed ({exc.name}).",
-                         "pip install 'retrainer[serve]'") from None
+                         "Install them: pip install 'retrainer[serve]' (from a checkout: "
+                         ".venv/bin/pip install -e '.[serve]').") from None
     # A stop requested while loading ends the process cleanly (status 0), like one later on.
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, _stop_before_serving) for sig in signals}

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import DEFAULT_MODEL_DIR
+
 
 @dataclass
 class ServeConfig:
     """How one classification service runs: where, with which limits, batching and key."""
 
-    model_dir: str = "retrained"
+    model_dir: str = DEFAULT_MODEL_DIR
     graph: str | None = None
     labels: str | None = None
     #: What runs the model (retrainer.runtimes): auto is model.tflite on LiteRT when installed.

@@ -1,4 +1,4 @@
-"""Where labelled images come from: a folder per class, or (later) a SQL table.
+"""Where labelled images come from: a folder per class (the SQL source is retrainer.db.source).
 
 A source yields :class:`ImageRecord` objects; nothing downstream knows which source ran.
 """

@@ -53,3 +53,8 @@ class Dataset:
             if rec.split:
                 out[rec.split][rec.label] += 1
         return {s: dict(c) for s, c in out.items()}
+
+
+def shown(path: str) -> str:
+    """A path printable as UTF-8 (bytes that are not UTF-8 become U+FFFD)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from ..config import DEFAULT_MODEL_DIR
 from ..errors import DatasetError
 from .base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord
 
@@ -13,7 +14,7 @@ from .base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord
 SPLIT_DIRS = {"train": TRAINING, "training": TRAINING, "val": VALIDATION,
               "valid": VALIDATION, "validation": VALIDATION, "test": TESTING, "testing": TESTING}
 #: Folders that hold the tool's own output, never images to train on.
-OWN_DIRS = {"retrained", "bottlenecks", "__pycache__"}
+OWN_DIRS = {DEFAULT_MODEL_DIR, "bottlenecks", "__pycache__"}
 
 log = logging.getLogger(__name__)
 

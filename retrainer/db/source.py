@@ -12,7 +12,7 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 from ..errors import DatasetError
-from .base import Dataset, ImageRecord
+from ..sources.base import Dataset, ImageRecord
 
 
 class BlobFetcher:
@@ -46,8 +46,8 @@ class BlobFetcher:
     def _fetch(self, ids: list[int]) -> dict[int, bytes]:
         from sqlalchemy import select
 
-        from ..db.schema import images
-        from ..db.url import errors
+        from .schema import images
+        from .url import errors
 
         self.queries += 1
         with errors(self.engine, "reading images"), self.engine.connect() as conn:
@@ -68,10 +68,10 @@ def list_images(engine: Any, where: str | None = None, labels: Sequence[str] = (
     """(id, label, role, path) of the images matching the filters, in id order."""
     from sqlalchemy import select
 
-    from ..db.filters import narrow
-    from ..db.schema import categories, images
-    from ..db.schema import roles as roles_table
-    from ..db.url import errors
+    from .filters import narrow
+    from .schema import categories, images
+    from .schema import roles as roles_table
+    from .url import errors
 
     query = (select(images.c.id, categories.c.name, roles_table.c.name, images.c.path)
              .select_from(images.outerjoin(categories, images.c.label_id == categories.c.id)
@@ -101,7 +101,7 @@ def scan_database(db: Any, where: str | None = None, labels: Sequence[str] = (),
     Roles become splits (images without one are split by hash later, as for folders);
     unlabelled images are left out. Raises :class:`DatasetError` below ``min_classes``.
     """
-    from ..db.url import connect, masked
+    from .url import connect, masked
 
     engine = connect(db)
     rows = [r for r in list_images(engine, where, labels, roles) if r[1] is not None]

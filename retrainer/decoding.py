@@ -1,0 +1,76 @@
+"""Image files to pixels for every stage: decoding on a bounded thread pool, in order.
+
+Extraction, labelling, fine-tuning and the database import all decode this way, so the window
+of images in flight (and with it the memory) is bounded the same everywhere.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from .errors import ImageError
+from .images import load_pixels
+from .sources.base import ImageRecord
+
+
+def default_workers() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def decode_stream(
+    items: Iterable[tuple[str, ImageRecord]], size: tuple[int, int], resize: str,
+    workers: int, window: int,
+) -> Iterator[tuple[str, ImageRecord, np.ndarray | None, str | None]]:
+    """Decode records in parallel, in order, with at most ``window`` images in flight."""
+
+    def work(rec: ImageRecord) -> np.ndarray:
+        try:
+            data = rec.read()
+        except OSError as exc:
+            raise ImageError(rec.display, f"cannot read ({exc.strerror or exc})") from None
+        return load_pixels(data, size, resize, name=rec.display)
+
+    pending: deque[tuple[str, ImageRecord, Future]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        for key, rec in items:
+            pending.append((key, rec, pool.submit(work, rec)))
+            if len(pending) >= window:
+                yield _result(*pending.popleft())
+        while pending:
+            yield _result(*pending.popleft())
+
+
+def decoded_batches(
+    items: Iterable[tuple[str, ImageRecord]], size: tuple[int, int], resize: str, workers: int,
+    batch_size: int, on_error: Callable[[str, ImageRecord, str, tuple[int, int]], None],
+) -> Iterator[tuple[list[tuple[str, ImageRecord]], np.ndarray]]:
+    """Batches of ``batch_size`` decoded images: ((key, record) pairs, stacked pixels).
+
+    An image that cannot be decoded goes to ``on_error(key, record, reason, (batch, row))``:
+    it came just before row ``row`` of batch number ``batch`` (a batch that may never come).
+    """
+    pairs: list[tuple[str, ImageRecord]] = []
+    pixels: list[np.ndarray] = []
+    made = 0
+    for key, rec, image, error in decode_stream(items, size, resize, workers, 2 * batch_size):
+        if image is None:
+            on_error(key, rec, error or "unreadable", (made, len(pairs)))
+            continue
+        pairs.append((key, rec))
+        pixels.append(image)
+        if len(pairs) >= batch_size:
+            yield pairs, np.stack(pixels)
+            pairs, pixels, made = [], [], made + 1
+    if pairs:
+        yield pairs, np.stack(pixels)
+
+
+def _result(key: str, rec: ImageRecord, fut: Future):
+    try:
+        return key, rec, fut.result(), None
+    except ImageError as exc:
+        return key, rec, None, exc.reason

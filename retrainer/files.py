@@ -1,0 +1,53 @@
+"""Files every stage writes: atomic writes, the user cache dir, folders that must be writable.
+
+Kept apart from the stages so that any of them (backbones, bottlenecks, export, evaluation) can
+write safely without importing another stage.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+from pathlib import Path
+
+from .errors import FolderNotWritable
+
+
+def default_cache_dir() -> Path:
+    """``$RETRAINER_CACHE_DIR`` or the user cache dir (``~/.cache/retrainer``)."""
+    env = os.environ.get("RETRAINER_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("retrainer"))
+
+
+def writable_dir(path: str | Path, what: str, hint: str | None = None) -> Path:
+    """Create ``path`` (and its parents) if needed; a :class:`FolderNotWritable` naming it and
+    the fix when it cannot be created or written to."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise FolderNotWritable(path, what, "a file of that name is in the way", hint) from None
+    except OSError as exc:
+        raise FolderNotWritable(path, what, exc.strerror or str(exc), hint) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FolderNotWritable(path, what, os.strerror(errno.EACCES), hint)
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename it in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
