@@ -107,7 +107,7 @@ def test_train_with_flip_exports_a_graph_label_agrees_with(tmp_path):
     images = _asymmetric_tree(tmp_path / "images")
     config = TrainConfig(image_dir=str(images), output_dir=str(tmp_path / "model"),
                          architecture=ASYM, bottleneck_dir=str(tmp_path / "bn"), tta="flip",
-                         export_formats=("graph",), validation_percentage=0,
+                         export_formats=("graph", "tflite", "onnx"), validation_percentage=0,
                          testing_percentage=0, head=HeadConfig(search="off", epochs=5))
     result = train(config)
     meta = json.loads((tmp_path / "model" / "metadata.json").read_text())
@@ -129,6 +129,18 @@ def test_train_with_flip_exports_a_graph_label_agrees_with(tmp_path):
     mirrored = Classifier.load(str(tmp_path / "model")).predict(
         np.ascontiguousarray(pixels[:, :, ::-1, :]))
     np.testing.assert_allclose(mirrored, scores, rtol=1e-4, atol=1e-5)
+
+    # The TFLite and ONNX exports are built from the same backbone graph: they average too.
+    import onnxruntime
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_path=str(tmp_path / "model" / "model.tflite")
+                         ).get_signature_runner("serving_default")
+    np.testing.assert_allclose(runner(images=pixels)["scores"], expected, rtol=1e-4, atol=1e-5)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model" / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    (onnx_scores,) = session.run(None, {session.get_inputs()[0].name: pixels})
+    np.testing.assert_allclose(onnx_scores, expected, rtol=1e-4, atol=1e-5)
 
 
 def _head_weights(model_dir: Path) -> tuple[np.ndarray, np.ndarray]:
