@@ -54,6 +54,9 @@ class TrainConfig:
     weights: str | None = None
     feature_layer: str | None = None
     precision: str = "fp32"
+    # Test-time augmentation folded into the backbone: "flip" averages each image's features
+    # with its mirror's (two backbone passes per image), at training and in every export alike.
+    tta: str = "none"
     bottleneck_dir: str | None = None  # None: the user cache dir
     validation_percentage: float = 10.0
     testing_percentage: float = 10.0
