@@ -10,7 +10,10 @@ For each data set under the root with ``train/`` and ``val/`` folders, and each 
 - **head off** (unless ``--no-off``): the same with ``--head-search off`` (one Adam fit,
   early-stopped on the 10 % validation split it holds out of train/);
 - **head acc** (with ``--compare-criteria``): the CV head choosing C by held-out accuracy
-  instead of log-loss.
+  instead of log-loss;
+- **head tta** and **probe tta** (with ``--tta flip``): the default head, and the probe, on
+  mirror-averaged bottlenecks (``retrainer train --tta flip``; evaluated through its export,
+  which averages too).
 
 The bottlenecks are cached in ``--cache-dir``: reuse one for every run. ``--time-head N``
 instead times head selection + refit on N cached bottlenecks (the rows of ``--time-set``
@@ -80,12 +83,12 @@ def cached_features(folder: Path, cache_dir: str, dim: int, classes: list[str]
     return cache.load([k for k, _ in pairs]), np.array([index[r.label] for _, r in pairs])
 
 
-def fill_val(folder: Path, backbone: str, args: argparse.Namespace) -> None:
+def fill_val(folder: Path, backbone: str, args: argparse.Namespace, tta: str = "none") -> None:
     """Cache the bottlenecks of SET/val too, for the probe."""
     from retrainer.bottlenecks.fill import fill_cache
 
     fill_cache(TrainConfig(image_dir=str(folder), architecture=backbone,
-                           bottleneck_dir=args.cache_dir))
+                           bottleneck_dir=args.cache_dir, tta=tta))
 
 
 def probe_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
@@ -107,8 +110,8 @@ def probe_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: n
     return acc, float(np.atleast_1d(probe.C_)[0])
 
 
-def head_run(path: Path, backbone: str, args: argparse.Namespace, head: HeadConfig
-             ) -> dict[str, Any]:
+def head_run(path: Path, backbone: str, args: argparse.Namespace, head: HeadConfig,
+             tta: str = "none") -> dict[str, Any]:
     """train on SET/train (testing 0), evaluate the export on SET/val, as a user would."""
     from retrainer.evaluation import evaluate_folder
     from retrainer.training import train
@@ -116,7 +119,8 @@ def head_run(path: Path, backbone: str, args: argparse.Namespace, head: HeadConf
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(image_dir=str(path / "train"), output_dir=out,
                              architecture=backbone, bottleneck_dir=args.cache_dir,
-                             testing_percentage=0, export_formats=("graph",), head=head)
+                             testing_percentage=0, export_formats=("graph",), head=head,
+                             tta=tta)
         result = train(config)
         report = evaluate_folder(str(path / "val"), out)
     return {"accuracy": report.accuracy, "n_val": report.n,
@@ -148,6 +152,14 @@ def bench_set(path: Path, backbone: str, args: argparse.Namespace) -> dict[str, 
     if args.compare_criteria:
         acc = head_run(path, backbone, args, HeadConfig(seed=args.seed, cv_score="accuracy"))
         row["head_acc"], row["head_acc_C"] = acc["accuracy"], acc["C"]
+    if args.tta != "none":
+        tta = head_run(path, backbone, args, HeadConfig(seed=args.seed), tta=args.tta)
+        row["head_tta"], row["head_tta_C"] = tta["accuracy"], tta["C"]
+        row["head_tta_minus_head"] = row["head_tta"] - row["head"]
+        fill_val(path / "val", backbone, args, args.tta)
+        xt_tr, yt_tr = cached_features(path / "train", tta["cache_dir"], dim, tta["labels"])
+        xt_va, yt_va = cached_features(path / "val", tta["cache_dir"], dim, tta["labels"])
+        row["probe_tta"], _ = probe_accuracy(xt_tr, yt_tr, xt_va, yt_va, args.seed)
     if not args.no_off:
         off = head_run(path, backbone, args, HeadConfig(seed=args.seed, search="off"))
         row["head_off"], row["head_off_seconds"] = off["accuracy"], off["head_seconds"]
@@ -158,7 +170,9 @@ def bench_set(path: Path, backbone: str, args: argparse.Namespace) -> dict[str, 
 COLUMNS = [("set", "set"), ("backbone", "backbone"), ("classes", "cls"), ("train", "train"),
            ("val", "val"), ("probe", "probe"), ("head", "head"),
            ("head_minus_probe", "head-probe"), ("head_C", "head C"), ("head_oof", "head OOF"),
-           ("head_acc", "head acc-CV"), ("head_off", "head off"), ("head_seconds", "head s"),
+           ("head_acc", "head acc-CV"), ("head_off", "head off"), ("probe_tta", "probe tta"),
+           ("head_tta", "head tta"), ("head_tta_minus_head", "tta-head"),
+           ("head_seconds", "head s"),
            ("head_off_seconds", "off s")]
 
 
@@ -168,9 +182,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     def fmt(key: str, value: Any) -> str:
         if value is None:
             return "-"
-        if key in ("probe", "head", "head_oof", "head_acc", "head_off"):
+        if key in ("probe", "head", "head_oof", "head_acc", "head_off", "probe_tta", "head_tta"):
             return f"{100 * value:.1f}"
-        if key == "head_minus_probe":
+        if key in ("head_minus_probe", "head_tta_minus_head"):
             return f"{100 * value:+.1f}"
         if key in ("head_seconds", "head_off_seconds"):
             return f"{value:.2f}"
@@ -230,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-off", action="store_true", help="Skip the --head-search off runs.")
     p.add_argument("--compare-criteria", action="store_true",
                    help="Add a run choosing C by held-out accuracy instead of log-loss.")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="Add the default head and the probe on bottlenecks with this test-time "
+                        "augmentation (retrainer train --tta) as extra columns.")
     p.add_argument("--time-head", type=int, default=0, metavar="N",
                    help="Only time head selection + refit on N cached bottlenecks.")
     p.add_argument("--time-set", default="fashion_mnist_png")

@@ -57,6 +57,9 @@ class TrainConfig:
     # What runs the backbone: auto (the fastest installed here, measured once and kept),
     # tensorflow, onnxruntime, openvino or litert (retrainer.runtimes).
     runtime: str = "auto"
+    # Test-time augmentation folded into the backbone: "flip" averages each image's features
+    # with its mirror's (two backbone passes per image), at training and in every export alike.
+    tta: str = "none"
     bottleneck_dir: str | None = None  # None: the user cache dir
     validation_percentage: float = 10.0
     testing_percentage: float = 10.0

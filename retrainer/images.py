@@ -178,29 +178,44 @@ def resize_rgb(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinea
 
 def resize_float(pixels: np.ndarray, size: tuple[int, int], resize: str = "bilinear") -> np.ndarray:
     """:func:`resize_rgb`'s pixels as float32 (whole grey levels), without a uint8 round trip."""
-    import cv2
-
     height, width = size
     if pixels.shape[:2] == (height, width) or resize != "bilinear":
         return resize_rgb(pixels, size, resize).astype(np.float32)
     rows, cols = pixels.shape[:2]
     k = int(max(rows / height, cols / width))
-    out = pixels.astype(np.float32)
+    if rows * cols <= PER_CHANNEL_PIXELS:
+        out = _resize_channel(pixels, height, width, k)
+    else:  # the same arithmetic, one channel at a time: a third of the float32 memory
+        out = np.stack([_resize_channel(pixels[:, :, c], height, width, k)
+                        for c in range(pixels.shape[2])], axis=2)
+    np.rint(out, out=out)
+    return np.clip(out, 0, 255, out=out)
+
+
+#: Images larger than this are resized one channel at a time: a 10 MP PNG's float32 copies
+#: then take 40 MB, not 120, while many decode at once (a server's uploads). Smaller ones go in
+#: one call, which is faster.
+PER_CHANNEL_PIXELS = 1 << 22
+
+
+def _resize_channel(channel: np.ndarray, height: int, width: int, k: int) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 to (height, width[, C]) float32, as :func:`resize_rgb` says."""
+    import cv2
+
+    rows, cols = channel.shape[:2]
+    out = channel.astype(np.float32)
     if k < 2:
-        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
-    elif k * k * height * width > 2 * rows * cols:
+        return cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
+    if k * k * height * width > 2 * rows * cols:
         # A long strip: the intermediate would outgrow the image. Average the sides that shrink
         # (OpenCV's area averaging is only right when no side grows), then stretch the other.
         out = cv2.resize(out, (min(cols, width), min(rows, height)), interpolation=cv2.INTER_AREA)
-        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
-    else:
-        out = cv2.resize(out, (k * width, k * height), interpolation=cv2.INTER_LINEAR)
-        # k x k means; at k = 2 interpolating half-way between pixel pairs is the same mean,
-        # at a sixth of the area averaging's cost
-        out = cv2.resize(out, (width, height),
-                         interpolation=cv2.INTER_LINEAR if k == 2 else cv2.INTER_AREA)
-    np.rint(out, out=out)
-    return np.clip(out, 0, 255, out=out)
+        return cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
+    out = cv2.resize(out, (k * width, k * height), interpolation=cv2.INTER_LINEAR)
+    # k x k means; at k = 2 interpolating half-way between pixel pairs is the same mean, at a
+    # sixth of the area averaging's cost
+    return cv2.resize(out, (width, height),
+                      interpolation=cv2.INTER_LINEAR if k == 2 else cv2.INTER_AREA)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

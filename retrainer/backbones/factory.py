@@ -4,29 +4,47 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import RetrainerError
 from ..images import PIXELS_VERSION
 from .registry import BackboneSpec, get_spec, is_backbone
 
 log = logging.getLogger(__name__)
+
+#: Test-time augmentation folded into the backbone: ``none``, or ``flip`` (the bottleneck is the
+#: mean of the features of the image and of its left-right mirror; two backbone passes).
+TTA_MODES = ("none", "flip")
+
+
+def check_tta(tta: str) -> str:
+    """The TTA mode, or a one-line error saying which ones exist."""
+    if tta not in TTA_MODES:
+        raise RetrainerError(f"unknown test-time augmentation {tta!r}.",
+                             f"Use one of: {', '.join(TTA_MODES)}.")
+    return tta
 
 
 class Backbone:
     """A built backbone and the id its bottlenecks are cached under.
 
     ``model`` may be built lazily (see ``create_backbone(lazy=True)``): a warm run whose
-    bottlenecks and frozen graph are all cached never needs the Keras model.
+    bottlenecks and frozen graph are all cached never needs the Keras model. With ``tta`` other
+    than ``none`` the model already applies it (see :func:`mirror_average`), and ``spec``
+    records it in its options (``tta``), so metadata written from the spec says so.
     """
 
     def __init__(self, spec: BackboneSpec, model: Any, weights_digest: str,
-                 precision: str = "fp32", build: Callable[[], Any] | None = None) -> None:
+                 precision: str = "fp32", build: Callable[[], Any] | None = None,
+                 tta: str = "none") -> None:
         self.spec = spec
         self._model = model
         self._build = build
         self.weights_digest = weights_digest
         self.precision = precision
+        self.tta = check_tta(tta)
         # What runs it during extraction (retrainer.runtimes); bf16 off TensorFlow is cached
         # apart, since each runtime rounds differently.
         self.runtime = "tensorflow"
@@ -51,9 +69,13 @@ class Backbone:
     def id_for(self, precision: str) -> str:
         """The cache id of this backbone run at ``precision``."""
         fields = self.spec.identity()
-        blob = json.dumps([fields, self.weights_digest, precision, PIXELS_VERSION], sort_keys=True)
+        parts: list[Any] = [fields, self.weights_digest, precision, PIXELS_VERSION]
+        if self.tta != "none":  # plain backbones keep the ids they always had
+            parts.append({"tta": self.tta})
+        blob = json.dumps(parts, sort_keys=True)
         safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.spec.name)
-        return f"{safe}-{precision}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        tta = "" if self.tta == "none" else f"-tta{self.tta}"
+        return f"{safe}-{precision}{tta}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
     def model_for(self, precision: str | None = None) -> Any:
         """The Keras model computing in ``precision`` (default: the backbone's own)."""
@@ -73,27 +95,59 @@ def resolve_spec(architecture: str, feature_layer: str | None = None) -> Backbon
 
 def create_backbone(architecture: str | BackboneSpec, weights: str | None = None,
                     feature_layer: str | None = None, precision: str = "fp32",
-                    lazy: bool = False) -> Backbone:
+                    lazy: bool = False, tta: str = "none") -> Backbone:
     """Build the feature model for ``architecture`` and check its output size.
 
     With ``lazy``, when the weights come from a file whose digest is already known (same path,
     size and modification time), the Keras model is only built if ``.model`` is used.
+
+    ``tta="flip"`` makes the model itself average the features of each image and of its
+    left-right mirror, so everything built from it (the cache, the frozen graph, every export,
+    ``label``) applies the same averaging. Its cache id differs from the plain backbone's.
     """
     from ..precision import check_precision
 
     check_precision(precision)
+    check_tta(tta)
     spec = (architecture if isinstance(architecture, BackboneSpec)
             else resolve_spec(architecture, feature_layer))
     memo_key = _weights_file_key(spec, weights) if lazy else None
+    plain = spec
+    if tta != "none":
+        spec = replace(spec, options=(*((k, v) for k, v in spec.options if k != "tta"),
+                                      ("tta", tta)))
     digests = _DigestMemo()
     if memo_key and (digest := digests.get(memo_key)):
         log.info("backbone %s: weights known, model built only if needed", spec.name)
-        return Backbone(spec, None, digest, precision, build=lambda: _build(spec, weights))
-    model = _build(spec, weights)
-    digest = model_digest(spec, model)
+        return Backbone(spec, None, digest, precision, tta=tta,
+                        build=lambda: _with_tta(_build(plain, weights), tta))
+    model = _build(plain, weights)
+    digest = model_digest(plain, model)  # of the weights: the same with or without TTA
     if memo_key:
         digests.put(memo_key, digest)
-    return Backbone(spec, model, digest, precision)
+    return Backbone(spec, _with_tta(model, tta), digest, precision, tta=tta)
+
+
+def _with_tta(model: Any, tta: str) -> Any:
+    return mirror_average(model) if tta == "flip" else model
+
+
+def mirror_average(model: Any) -> Any:
+    """A model computing ``(f(x) + f(x mirrored left-right)) / 2`` for the feature model ``f``.
+
+    Both halves run as one batch of 2N through ``f`` (one copy of the weights in every graph
+    built from it, one call per batch); the two halves of its output are then averaged.
+    """
+    import keras
+
+    ops = keras.ops
+    inputs = keras.Input(model.input_shape[1:], name="input")
+    both = ops.concatenate([inputs, ops.flip(inputs, axis=2)], axis=0)  # NHWC: W is axis 2
+    features = model(both)
+    dim = int(model.output_shape[-1])
+    pairs = ops.reshape(features, (2, -1, dim))
+    outputs = ops.mean(pairs, axis=0)
+    return keras.Model(inputs, outputs, name=f"{model.name}_mirror_average")
 
 
 def _build(spec: BackboneSpec, weights: str | None) -> Any:

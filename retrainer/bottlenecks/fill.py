@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..errors import RetrainerError
 from ..sources.base import Dataset, ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,13 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     runtime = check_runtime(getattr(config, "runtime", "auto"), config.precision)
     dataset = dataset or load_dataset(config, split=False)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
-    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True)
+    tta = getattr(config, "tta", "none")
+    if tta != "none" and getattr(config, "fine_tune", False):
+        raise RetrainerError("fine-tuning with test-time augmentation is not supported.",
+                             "Use --tta none with --fine-tune, or leave --fine-tune off.")
+    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True,
+                               tta=tta)
+    spec = backbone.spec  # records the TTA mode (options.tta) for the metadata
     backbone.runtime = runtime
     if runtime == "auto" and config.precision != "fp32":  # the runtime is part of the cache id
         backbone.runtime = choose(backbone, graphs_dir())
@@ -82,7 +89,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
                   else default_cache_dir() / "bottlenecks")
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
                             info={"backbone": spec.to_dict(), "precision": config.precision,
-                                  "weights_sha256": backbone.weights_digest})
+                                  "tta": tta, "weights_sha256": backbone.weights_digest})
     timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()

@@ -73,6 +73,11 @@ def backbone_options(fn: Callable) -> Callable:
                           "with AVX512-BF16/AMX. Exports stay fp32."),
         runtime_option("What runs the backbone: auto is the fastest installed runtime on this "
                        "machine, measured once per backbone and kept in the cache dir."),
+        click.option("--tta", type=click.Choice(["none", "flip"]), default=t.tta,
+                     show_default=True,
+                     help="Test-time augmentation in the backbone: 'flip' averages each "
+                          "image's bottleneck with its left-right mirror's (2x extraction "
+                          "cost); exports apply it too, so 'label' needs no flag."),
         click.option("--workers", default=None, type=click.IntRange(min=1),
                      help="Image decoding threads on this machine."),
     ]
