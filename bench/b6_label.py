@@ -33,7 +33,9 @@ def main() -> None:
     paths, _ = expand_inputs([str(images)])
     default = Classifier.load(model).runtime
     by_runtime = {}
-    for runtime in ("tensorflow", "litert"):
+    from retrainer.runtimes import RUNTIMES, installed
+
+    for runtime in [r for r in RUNTIMES if installed(r)]:
         classifier = Classifier.load(model, runtime=runtime)
         list(classifier.label_paths(paths[:batch], batch_size=batch))  # warm-up
         raw_rates: list[Rate] = []
@@ -58,7 +60,7 @@ def main() -> None:
         classifier.runner.close()
     fastest_raw = max(r["raw_img_s"] for r in by_runtime.values())
     one_image = {}
-    for runtime in (default, "tensorflow"):
+    for runtime in dict.fromkeys([default, *by_runtime]):
         runs = [run([*retrainer_cmd(), "-q", "label", "--runtime", runtime, "--model-dir",
                      str(model), paths[0]]) for _ in range(3)]
         one_image[runtime] = {"wall_s": round(min(r[0] for r in runs), 3),

@@ -16,7 +16,7 @@ from pathlib import Path
 from common import BENCH, data_root, parser, run, work_dir
 
 ORDER = ["b7_startup", "b1_extraction", "b2_end_to_end", "b3_bf16", "b5_memory", "b4_warm",
-         "b6_label"]
+         "b6_label", "b8_runtimes"]
 
 
 def main() -> None:
@@ -129,6 +129,21 @@ def print_table(r: dict) -> None:
         if "by_runtime" not in x:  # results saved by the single-runtime version
             rows += _one_session_row("  vs one session lite0", x, "label_img_s")
             rows += _cpu_row("  label / raw lite0", x, "label")
+    for name, x in (r.get("b8_runtimes", {}).get("results") or {}).items():
+        if not isinstance(x, dict) or "fp32" not in x:
+            continue
+        for precision in ("fp32", "bf16"):
+            rows.append((f"8 raw {precision} {name}",
+                         ", ".join(f"{k} {v}" for k, v in x[precision].items()) + " img/s",
+                         "(info)", ""))
+        if "extraction_img_s" in x:
+            rows.append((f"8 extraction default/previous {name}",
+                         ", ".join(f"{k} {v}" for k, v in x["extraction_img_s"].items())
+                         + f" img/s = {x['extraction_default_x_previous']}", ">= 1.8",
+                         ok(x["extraction_default_x_previous"] >= 1.8)))
+            rows.append((f"8 extraction/fastest raw fp32 {name}",
+                         str(x["extraction_default_x_fastest_raw_fp32"]), ">= 0.90",
+                         ok(x["extraction_default_x_fastest_raw_fp32"] >= 0.90)))
     if "b7_startup" in r:
         x = r["b7_startup"]["results"]
         rows.append(("7 retrainer --help", f"{x['help_s']} s (python -c pass {x['python_s']} s)",

@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", help="Where the quick model is trained (default: a temp dir).")
     p.add_argument("--per-class", type=int, default=10, help="Training images per class.")
     p.add_argument("--architecture", default="efficientnet_lite0")
+    p.add_argument("--runtime", default="auto",
+                   help="What runs the model, in the server and in the raw pass (--runtime).")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=200,
                    help="Requests per concurrent load test (spread over the clients).")
@@ -266,16 +268,19 @@ def main(argv: list[str] | None = None) -> int:
 
         from retrainer.predict import Classifier
 
-        classifier = Classifier.load(model_dir)
+        classifier = Classifier.load(model_dir, runtime=args.runtime)
+        log(f"runtime: {classifier.runtime}")
         images = test_images(test_dir, classifier.input_size)
         pixels = np.stack([classifier.prepare(b) for b in images])
         log(f"{len(images)} test images of {classifier.input_size[1]}x"
             f"{classifier.input_size[0]} px; starting the servers")
         servers = {
-            "micro-batching": ServerProcess(model_dir, "--max-batch-size",
+            "micro-batching": ServerProcess(model_dir, "--runtime", args.runtime,
+                                            "--max-batch-size",
                                             str(args.max_batch_size), "--max-wait-ms",
                                             str(args.max_wait_ms)),
-            "no batching": ServerProcess(model_dir, "--max-batch-size", "1"),
+            "no batching": ServerProcess(model_dir, "--runtime", args.runtime,
+                                         "--max-batch-size", "1"),
         }
         rounds: list[dict[str, Any]] = []
         try:

@@ -54,6 +54,9 @@ class TrainConfig:
     weights: str | None = None
     feature_layer: str | None = None
     precision: str = "fp32"
+    # What runs the backbone: auto (the fastest installed here, measured once and kept),
+    # tensorflow, onnxruntime, openvino or litert (retrainer.runtimes).
+    runtime: str = "auto"
     # Test-time augmentation folded into the backbone: "flip" averages each image's features
     # with its mirror's (two backbone passes per image), at training and in every export alike.
     tta: str = "none"
@@ -97,3 +100,4 @@ class LabelConfig:
     top_k: int = 5
     batch_size: int = 16  # as extraction: the best CPU batch for lite0, equal for inception_v3
     min_confidence: float | None = None  # below it the answer is "unknown"
+    runtime: str = "auto"  # auto: the export's model.tflite on LiteRT when installed

@@ -264,7 +264,8 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
 
 def evaluate_folder(image_dir: str, model_dir: str | None = DEFAULT_MODEL_DIR,
                     graph: str | None = None, labels: str | None = None, batch_size: int = 32,
-                    include_fitted: bool = False) -> EvaluationReport:
+                    include_fitted: bool = False, runtime: str = "auto"
+                    ) -> EvaluationReport:
     """Score an export on a labelled folder.
 
     A plain class tree is used whole; a train/ val/ test/ tree is scored on test/ (or val/).
@@ -279,12 +280,13 @@ def evaluate_folder(image_dir: str, model_dir: str | None = DEFAULT_MODEL_DIR,
     if any(r.split for r in records):
         wanted = TESTING if any(r.split == TESTING for r in records) else VALIDATION
         records = [r for r in records if r.split == wanted]
-    return evaluate_records(records, model_dir, graph, labels, batch_size, include_fitted)
+    return evaluate_records(records, model_dir, graph, labels, batch_size, include_fitted, runtime)
 
 
 def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MODEL_DIR,
                      graph: str | None = None, labels: str | None = None,
-                     batch_size: int = 32, include_fitted: bool = False) -> EvaluationReport:
+                     batch_size: int = 32, include_fitted: bool = False,
+                     runtime: str = "auto") -> EvaluationReport:
     """Score an export on labelled records from any source (a folder, a database).
 
     Every record is hashed (SHA-256 of its bytes, as the bottleneck cache keys them) and
@@ -299,7 +301,7 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MOD
     from .progress import bar
 
     log = logging.getLogger(__name__)
-    classifier = Classifier.load(model_dir, graph=graph, labels=labels)
+    classifier = Classifier.load(model_dir, graph=graph, labels=labels, runtime=runtime)
     index = {label: i for i, label in enumerate(classifier.labels)}
     unknown = sorted({r.label for r in records} - set(index))
     if unknown:

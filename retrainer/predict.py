@@ -99,7 +99,7 @@ class Classifier:
 
     @property
     def runtime(self) -> str:
-        """Which runtime scores the images: ``tensorflow`` or ``litert``."""
+        """Which runtime scores the images (a name of :data:`retrainer.runtimes.RUNTIMES`)."""
         return str(getattr(self.runner, "runtime", "tensorflow"))
 
     @classmethod
@@ -109,44 +109,45 @@ class Classifier:
 
         ``runtime``: ``auto`` runs the folder's ``model.tflite`` on LiteRT when it is installed
         (no TensorFlow import: a one-image ``label`` starts in a fraction of a second), else the
-        frozen graph on TensorFlow; ``tensorflow`` or ``litert`` force one.
+        frozen graph on TensorFlow. ``tensorflow``, ``litert``, ``openvino`` (reads the frozen
+        graph itself, no TensorFlow import) or ``onnxruntime`` (the graph converted by tf2onnx
+        once, kept in the cache dir) force one.
         """
-        from .runner import RUNTIMES, litert_available
+        from .runner import RUNTIMES
+        from .runtimes import RuntimeNotInstalled, check_runtime, installed
 
         if runtime not in RUNTIMES:
             raise ModelDirError(f"unknown runtime {runtime!r}.",
                                 f"Use one of: {', '.join(RUNTIMES)}.")
+        check_runtime(runtime)  # a runtime asked for by name must be installed
         base = Path(model_dir) if model_dir else None
         graph_path = Path(graph) if graph else (base / GRAPH_FILE if base else None)
         labels_path = Path(labels) if labels else (base / LABELS_FILE if base else None)
         if graph_path is None or labels_path is None:
             raise ModelDirError("give a model folder, or both a graph and a labels file.")
         tflite_path = base / TFLITE_FILE if base and not graph else None
-        use_litert = runtime == "litert" or (
-            runtime == "auto" and tflite_path is not None and tflite_path.is_file()
-            and litert_available())
-        if use_litert and runtime == "litert":
-            if tflite_path is None or not tflite_path.is_file():
-                raise ModelDirError(f"no {TFLITE_FILE} in the model folder for runtime 'litert'.",
-                                    "Export it (train with the tflite export format), or use "
-                                    "runtime 'tensorflow'.")
-            if not litert_available():
-                raise ModelDirError("runtime 'litert' needs the ai-edge-litert package.",
-                                    "Install it: pip install ai-edge-litert.")
-        model_path = tflite_path if use_litert else graph_path
+        has_tflite = tflite_path is not None and tflite_path.is_file()
+        if runtime == "auto":
+            runtime = "litert" if has_tflite and installed("litert") else "tensorflow"
+        if runtime == "litert" and not has_tflite:
+            raise ModelDirError(f"no {TFLITE_FILE} in the model folder for runtime 'litert'.",
+                                "Export it (train with the tflite export format), or use "
+                                "another runtime.")
+        model_path = tflite_path if runtime == "litert" else graph_path
         if not model_path.is_file():
             raise ModelDirError(f"no frozen graph at '{graph_path}'.",
                                 "Train a model first: retrainer train --image-dir DIR.")
         meta_path = (base / METADATA_FILE) if base else graph_path.with_name(METADATA_FILE)
         metadata = read_metadata(meta_path) if meta_path.is_file() else {}
-        if use_litert:
-            from .runner import LiteRTRunner
-
+        if runtime != "tensorflow":
             try:
-                runner = LiteRTRunner(model_path)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise ModelDirError(f"'{model_path}' is not a TFLite model exported by retrainer "
-                                    f"({exc}).",
+                runner = _export_runner(runtime, model_path)
+            except (RuntimeNotInstalled, ModelDirError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - each runtime raises its own kinds
+                what = "TFLite model" if runtime == "litert" else "frozen graph"
+                raise ModelDirError(f"'{model_path}' is not a {what} exported by retrainer "
+                                    f"({runtime}: {str(exc).splitlines()[0] if str(exc) else exc!r}).",
                                     "Train again, or use runtime 'tensorflow'.") from None
             return cls(None, read_labels(labels_path), metadata, runner=runner)
         from .graph import load_graph_def
@@ -197,6 +198,33 @@ class Classifier:
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
         records = [ImageRecord(key=p, label="", read=Path(p).read_bytes, path=p) for p in paths]
         return self.label_records(records, **kw)
+
+
+def _export_runner(runtime: str, path: Path) -> Any:
+    """An export's model (``model.tflite`` for LiteRT, else the frozen graph) on ``runtime``."""
+    from .runner import LiteRTRunner, ONNXRunner, OpenVINORunner
+
+    if runtime == "litert":
+        return LiteRTRunner(path)
+    if runtime == "openvino":
+        return OpenVINORunner(path)
+    return ONNXRunner(export_onnx(path))
+
+
+def export_onnx(graph_path: Path) -> bytes:
+    """The frozen graph at ``graph_path`` as ONNX: converted once (this imports TensorFlow)
+    and kept in the cache dir under the digest of the graph's bytes."""
+    import hashlib
+
+    from .files import default_cache_dir
+    from .bottlenecks.extractor import _version, onnx_model
+    from .graph import kept_file, parse_graph_def
+
+    data = graph_path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:24]
+    kept = (default_cache_dir() / "graphs" / "exports"
+            / f"{digest}-tf2onnx{_version('tf2onnx')}.onnx")
+    return kept_file(kept, lambda: onnx_model(parse_graph_def(data)), bytes, bytes, "ONNX model")
 
 
 def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[str]]:

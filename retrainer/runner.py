@@ -14,14 +14,14 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
 
-#: The runtimes an exported model can run on; ``auto`` picks the fastest installed one.
-RUNTIMES = ("auto", "tensorflow", "litert")
+#: What ``--runtime`` accepts (see :mod:`retrainer.runtimes`).
+RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino", "litert")
 
 
 def default_replicas(cores: int) -> int:
@@ -109,46 +109,191 @@ def _joined(parts: list[Future]) -> np.ndarray:
 
 
 def litert_available() -> bool:
-    """True when the LiteRT interpreter (package ai-edge-litert) can be imported."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when the LiteRT interpreter (package ai-edge-litert) is installed."""
+    from .runtimes import installed
+
+    return installed("litert")
+
+
+def lane_threads(threads: int | None, replicas: int | None) -> tuple[int, int]:
+    """(lanes, threads per lane) for ``threads`` cores in all (default: every core)."""
+    cores = threads or os.cpu_count() or 1
+    n = max(1, replicas or default_replicas(cores))
+    return n, max(1, cores // n)
 
 
 class LiteRTRunner(LaneRunner):
-    """An exported ``model.tflite`` (signature ``serving_default``: ``images`` -> ``scores``)
-    on LiteRT interpreters, one per lane, without importing TensorFlow.
+    """A TFLite model on LiteRT interpreters (XNNPACK), one per lane, without TensorFlow.
 
-    Starting takes a fraction of a second where TensorFlow takes seconds, which is what makes
-    a one-image ``retrainer label`` fast; the scores match the frozen graph's to float
-    round-off (docs/performance.md).
+    An exported ``model.tflite`` runs through its ``serving_default`` signature (``images`` ->
+    ``scores``); a model without signatures (the kept backbone conversion) through its one
+    input and output. Starting takes a fraction of a second where TensorFlow takes seconds,
+    which is what makes a one-image ``retrainer label`` fast; the scores match the frozen
+    graph's to float round-off (docs/performance.md).
     """
 
     runtime = "litert"
 
-    def __init__(self, path: str | Path, threads: int | None = None,
-                 replicas: int | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, threads: int | None = None,
+                 replicas: int | None = None, content: bytes | None = None) -> None:
+        """``path`` of a .tflite file, or its ``content``."""
         from ai_edge_litert.interpreter import Interpreter
 
-        self.path = Path(path)
-        cores = threads or os.cpu_count() or 1
-        n = max(1, replicas or default_replicas(cores))
-        per = max(1, cores // n)
-        self._interpreters = [Interpreter(model_path=str(path), num_threads=per) for _ in range(n)]
-        self._runners = [i.get_signature_runner("serving_default") for i in self._interpreters]
+        self.path = Path(path) if path is not None else None
+        self.content = content
+        n, per = lane_threads(threads, replicas)
+        source = {"model_content": content} if content is not None else {"model_path": str(path)}
+        self._interpreters = [Interpreter(**source, num_threads=per) for _ in range(n)]
         self._locks = [threading.Lock() for _ in range(n)]
-        details = self._runners[0].get_input_details()["images"]
-        out = self._runners[0].get_output_details()["scores"]
+        first = self._interpreters[0]
+        if "serving_default" in first.get_signature_list():
+            self._runners = [i.get_signature_runner("serving_default") for i in self._interpreters]
+            details = self._runners[0].get_input_details()["images"]
+            out = self._runners[0].get_output_details()["scores"]
+        else:
+            self._runners = []
+            (details,), (out,) = first.get_input_details(), first.get_output_details()
+            self._io = (details["index"], out["index"])
+            self._shapes: list[tuple[int, ...] | None] = [None] * n
         self.input_shape = (None, *(int(d) for d in details["shape"][1:]))
         self.output_dim = int(out["shape"][-1])
         super().__init__(n)
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
-        batch = np.asarray(batch, np.float32)
+        batch = np.ascontiguousarray(batch, np.float32)
         if not len(batch):
             return np.zeros((0, self.output_dim), np.float32)
         with self._locks[replica]:
-            out = self._runners[replica](images=batch)["scores"]
+            if self._runners:
+                out = self._runners[replica](images=batch)["scores"]
+            else:
+                interpreter = self._interpreters[replica]
+                if self._shapes[replica] != batch.shape:
+                    interpreter.resize_tensor_input(self._io[0], batch.shape)
+                    interpreter.allocate_tensors()
+                    self._shapes[replica] = batch.shape
+                interpreter.set_tensor(self._io[0], batch)
+                interpreter.invoke()
+                out = interpreter.get_tensor(self._io[1])
         return np.array(out, np.float32)  # a copy: the interpreter reuses its buffers
+
+
+class ONNXRunner(LaneRunner):
+    """An ONNX model on ONNX Runtime (CPU), one single-threaded session per lane.
+
+    The backbone's frozen graph converted once by tf2onnx
+    (:func:`retrainer.bottlenecks.extractor.backbone_onnx`); its outputs match TensorFlow's to
+    round-off.
+    """
+
+    runtime = "onnxruntime"
+
+    def __init__(self, model: str | Path | bytes, threads: int | None = None,
+                 replicas: int | None = None) -> None:
+        """``model``: the path of a .onnx file, or its bytes."""
+        import onnxruntime as ort
+
+        self.model = model
+        n, per = lane_threads(threads, replicas)
+        source = model if isinstance(model, bytes) else str(model)
+        self._sessions = []
+        for _ in range(n):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = per
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            self._sessions.append(ort.InferenceSession(source, options,
+                                                       providers=["CPUExecutionProvider"]))
+        (inp,), (out,) = self._sessions[0].get_inputs(), self._sessions[0].get_outputs()
+        self._names = (inp.name, out.name)
+        self.input_shape = (None, *(int(d) for d in inp.shape[1:]))
+        self.output_dim = int(out.shape[-1])
+        super().__init__(n)
+
+    def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        if not len(batch):
+            return np.zeros((0, self.output_dim), np.float32)
+        (out,) = self._sessions[replica].run([self._names[1]], {self._names[0]: batch})
+        return np.asarray(out, np.float32)
+
+
+class OpenVINORunner(LaneRunner):
+    """A model on OpenVINO's CPU plugin, one inference stream (and request) per lane.
+
+    It reads ONNX, TFLite and frozen TensorFlow graphs itself (no TensorFlow import).
+    ``precision`` ``bf16`` runs the convolutions in bfloat16 where the CPU has AVX512-BF16 or
+    AMX (its outputs differ from fp32 ones: cached apart, see :func:`retrainer.runtimes.cache_tag`).
+    """
+
+    runtime = "openvino"
+
+    def __init__(self, path: str | Path, threads: int | None = None,
+                 replicas: int | None = None, precision: str = "fp32") -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        self.precision = precision
+        n, per = lane_threads(threads, replicas)
+        core = ov.Core()
+        model = core.read_model(str(path))
+        shape = model.input(0).get_partial_shape()
+        if not shape[0].is_dynamic:  # a free batch dimension (conversions have one already)
+            shape[0] = -1
+            model.reshape({model.input(0): shape})
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "NUM_STREAMS": str(n), "INFERENCE_NUM_THREADS": str(n * per),
+                  "ENABLE_CPU_PINNING": "NO"}  # a shared machine: let the OS place threads
+        self._compiled = core.compile_model(model, "CPU", config)
+        self._requests = [self._compiled.create_infer_request() for _ in range(n)]
+        self._output = self._compiled.output(0)
+        self.input_shape = (None, *(int(d.get_length()) for d in list(shape)[1:]))
+        self.output_dim = int(self._output.get_partial_shape()[-1].get_length())
+        super().__init__(n)
+
+    def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        if not len(batch):
+            return np.zeros((0, self.output_dim), np.float32)
+        out = self._requests[replica].infer({0: batch})[self._output]
+        return np.array(out, np.float32)  # a copy: the request reuses its buffers
+
+
+def shippable(runner: Any) -> tuple[str, str, bytes] | None:
+    """``(runtime, precision, model bytes)``: what another process (a Spark worker) needs to
+    build the same runner with :func:`runner_from_bytes`; None for a runner without them."""
+    runtime = getattr(runner, "runtime", None)
+    if runtime == "tensorflow" and getattr(runner, "graph_def", None) is not None:
+        return runtime, "fp32", runner.graph_def.SerializeToString()
+    if runtime == "litert":
+        data = runner.content if runner.content is not None else runner.path.read_bytes()
+        return runtime, "fp32", data
+    if runtime == "onnxruntime":
+        model = runner.model
+        return runtime, "fp32", model if isinstance(model, bytes) else Path(model).read_bytes()
+    if runtime == "openvino":
+        return runtime, runner.precision, runner.path.read_bytes()
+    return None
+
+
+def runner_from_bytes(runtime: str, data: bytes, threads: int | None = None,
+                      replicas: int | None = None, precision: str = "fp32") -> LaneRunner:
+    """A runner of ``runtime`` (not TensorFlow: see :class:`retrainer.graph.GraphRunner`) on
+    the model ``data`` as :func:`shippable` gives it."""
+    if runtime == "litert":
+        return LiteRTRunner(content=data, threads=threads, replicas=replicas)
+    if runtime == "onnxruntime":
+        return ONNXRunner(data, threads=threads, replicas=replicas)
+    if runtime == "openvino":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="retrainer-") as tmp:
+            # ONNX starts with its ir_version field (tag 0x08), a GraphDef with its nodes (0x0a)
+            suffix = ".tflite" if data[4:8] == b"TFL3" else ".onnx" if data[:1] == b"\x08" else ".pb"
+            path = Path(tmp) / f"model{suffix}"
+            path.write_bytes(data)
+            runner = OpenVINORunner(path, threads=threads, replicas=replicas, precision=precision)
+        return runner
+    raise ValueError(f"no runner for runtime {runtime!r} from bytes")

@@ -132,7 +132,14 @@ def active_session() -> Any | None:
     pyspark_sql = sys.modules.get("pyspark.sql")
     if pyspark_sql is None:
         return None
-    return pyspark_sql.SparkSession.getActiveSession()
+    session = pyspark_sql.SparkSession.getActiveSession()
+    if session is None:
+        # The JVM keeps the active session per thread, and py4j may serve this Python thread
+        # from a new JVM thread (seen after OpenVINO loads a model): the session is still there.
+        session = getattr(pyspark_sql.SparkSession, "_instantiatedSession", None)
+        if session is not None and getattr(session.sparkContext, "_jsc", None) is None:
+            session = None  # stopped
+    return session
 
 
 @contextmanager

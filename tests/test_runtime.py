@@ -88,3 +88,21 @@ def test_a_damaged_tflite_file_is_a_clear_error(model_dir: Path, tmp_path: Path)
     (broken / "model.tflite").write_bytes(b"not a flatbuffer at all" * 10)
     with pytest.raises(ModelDirError, match="not a TFLite model"):
         Classifier.load(broken, runtime="litert")
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_every_runtime_scores_an_export_as_tensorflow_does(model_dir: Path, tmp_path: Path,
+                                                          runtime: str) -> None:
+    from retrainer.runtimes import installed
+
+    if not installed(runtime):
+        pytest.skip(f"{runtime} is not installed")
+    paths = [str(make_image(tmp_path / f"{i}.png", rgb, seed=700 + i))
+             for i, rgb in enumerate(COLOURS.values())]
+    reference = Classifier.load(model_dir, runtime="tensorflow")
+    other = Classifier.load(model_dir, runtime=runtime)
+    assert other.runtime == runtime
+    a = np.array([r.probabilities for r in reference.label_paths(paths)])
+    b = np.array([r.probabilities for r in other.label_paths(paths)])
+    assert np.abs(a - b).max() < 1e-5
+    assert [r.predictions[0].label for r in other.label_paths(paths)] == list(COLOURS)

@@ -45,6 +45,9 @@ class Backbone:
         self.weights_digest = weights_digest
         self.precision = precision
         self.tta = check_tta(tta)
+        # What runs it during extraction (retrainer.runtimes); bf16 off TensorFlow is cached
+        # apart, since each runtime rounds differently.
+        self.runtime = "tensorflow"
 
     @property
     def model(self) -> Any:
@@ -59,7 +62,9 @@ class Backbone:
     @property
     def cache_id(self) -> str:
         """Changes whenever anything that changes a bottleneck changes."""
-        return self.id_for(self.precision)
+        from ..runtimes import cache_tag
+
+        return self.id_for(cache_tag(self.precision, self.runtime))
 
     def id_for(self, precision: str) -> str:
         """The cache id of this backbone run at ``precision``."""

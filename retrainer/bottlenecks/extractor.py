@@ -1,12 +1,12 @@
-"""The backbone's fastest forward pass: the Keras model frozen into a constant graph."""
+"""The backbone's fastest forward pass: the Keras model frozen into a constant graph, run on
+TensorFlow or on another runtime (:mod:`retrainer.runtimes`) from a conversion kept beside it."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from .._tf_internals import import_tensorflow
 
@@ -28,18 +28,28 @@ def graphs_dir() -> Path:
 def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = None,
                kind: str = "frozen") -> Path:
     """Where the ``kind`` graph of ``backbone`` at ``precision`` is kept under ``cache_root``:
-    ``frozen`` (what exports build on), ``tflite`` (its TFLite conversion) or ``optimized``
-    (what extraction runs; its name carries the machine's kind too, since the rewrites depend
-    on the CPU)."""
+    ``frozen`` (what exports build on), ``tflite`` (its TFLite conversion), ``onnx`` (its
+    tf2onnx conversion) or ``optimized`` (what extraction runs on TensorFlow; its name carries
+    the machine's kind too, since the rewrites depend on the CPU)."""
     tf = import_tensorflow()
 
     from .. import __version__
 
     ident = backbone.id_for(precision or backbone.precision)
     machine = f"-{machine_tag()}" if kind == "optimized" else ""
-    suffix = ".tflite" if kind == "tflite" else ".pb"
+    tool = f"-tf2onnx{_version('tf2onnx')}" if kind == "onnx" else ""
+    suffix = {"tflite": ".tflite", "onnx": ".onnx"}.get(kind, ".pb")
     return (Path(cache_root) / ident
-            / f"{kind}-graph{machine}-tf{tf.__version__}-r{__version__}{suffix}")
+            / f"{kind}-graph{machine}-tf{tf.__version__}{tool}-r{__version__}{suffix}")
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def machine_tag() -> str:
@@ -96,18 +106,94 @@ def backbone_tflite(backbone: Any, cache_root: str | Path, frozen: Any = None) -
                      load, "TFLite backbone")
 
 
-def make_forward(backbone: Any, cache_root: str | Path | None = None
-                 ) -> Callable[[np.ndarray], np.ndarray]:
-    """(N, H, W, 3) RGB 0..255 -> (N, feature_dim) float32, through a frozen graph.
+def backbone_onnx(backbone: Any, cache_root: str | Path) -> Path:
+    """The fp32 backbone converted to ONNX by tf2onnx (opset 17), once, kept under
+    ``cache_root``: the file's path. Its outputs match the frozen graph's to round-off."""
+    from ..graph import kept_file
 
-    Freezing turns the weights into constants so TensorFlow folds BatchNorm into the
-    convolutions; it is markedly faster than calling the Keras model. With ``cache_root``
-    the graph is also kept as the sessions would rewrite it (:func:`forward_graph`).
+    path = graph_path(cache_root, backbone, "fp32", kind="onnx")
+
+    def convert() -> bytes:
+        return onnx_model(backbone_graph(backbone, cache_root, "fp32"))
+
+    def load(data: bytes) -> bytes:
+        if not data.startswith(b"\x08"):  # an ONNX ModelProto starts with its ir_version
+            raise ValueError("not an ONNX model")
+        return data
+
+    kept_file(path, convert, bytes, load, "ONNX backbone")
+    return path
+
+
+def onnx_model(graph_def: Any) -> bytes:
+    """ONNX of a frozen graph (``input`` -> ``final_result``), as tf2onnx converts it."""
+    from ..errors import RetrainerError
+    from ..graph import INPUT_NAME, OUTPUT_NAME
+
+    try:
+        import tf2onnx
+    except ImportError:
+        raise RetrainerError("runtime 'onnxruntime' needs the tf2onnx package to convert the "
+                             "backbone, which is not installed.",
+                             "Install it (pip install tf2onnx) or use --runtime auto.") from None
+    import_tensorflow()
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+    model, _ = tf2onnx.convert.from_graph_def(
+        graph_def, input_names=[f"{INPUT_NAME}:0"], output_names=[f"{OUTPUT_NAME}:0"], opset=17)
+    return model.SerializeToString()
+
+
+def make_forward(backbone: Any, cache_root: str | Path | None = None,
+                 runtime: str | None = None, threads: int | None = None) -> Any:
+    """(N, H, W, 3) RGB 0..255 -> (N, feature_dim) float32: a
+    :class:`retrainer.runner.LaneRunner` of the backbone on ``runtime``.
+
+    ``runtime``: a name from :data:`retrainer.runtimes.RUNTIMES`, ``auto`` (the fastest here,
+    measured once and remembered: :func:`retrainer.runtimes.choice.choose`), or None: the
+    backbone's own (``backbone.runtime``, else TensorFlow). On TensorFlow the frozen graph runs
+    (kept rewritten when ``cache_root`` is given: :func:`forward_graph`); elsewhere its
+    conversion, kept beside it. ``threads`` caps the cores used (a Spark worker's share).
     """
-    from ..graph import GraphRunner
+    from ..runtimes import check_runtime
 
-    graph_def, optimized = forward_graph(backbone, cache_root)
-    return GraphRunner(graph_def, optimized=optimized)
+    precision = backbone.precision
+    runtime = check_runtime(runtime or getattr(backbone, "runtime", None) or "tensorflow",
+                            precision)
+    if runtime == "auto":
+        from ..runtimes.choice import choose
+
+        runtime = choose(backbone, cache_root)
+    if runtime == "tensorflow":
+        from ..graph import GraphRunner
+
+        graph_def, optimized = forward_graph(backbone, cache_root)
+        return GraphRunner(graph_def, optimized=optimized, threads=threads)
+    if cache_root is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="retrainer-") as tmp:
+            return _runtime_runner(backbone, tmp, runtime, precision, threads)
+    return _runtime_runner(backbone, cache_root, runtime, precision, threads)
+
+
+def _runtime_runner(backbone: Any, cache_root: str | Path, runtime: str, precision: str,
+                    threads: int | None) -> Any:
+    """The backbone's kept conversion on ``runtime`` (not TensorFlow); files read by the time
+    it returns."""
+    from ..runner import LiteRTRunner, ONNXRunner, OpenVINORunner
+
+    if runtime == "litert":
+        return LiteRTRunner(content=backbone_tflite(backbone, cache_root), threads=threads)
+    if runtime == "onnxruntime":
+        return ONNXRunner(backbone_onnx(backbone, cache_root).read_bytes(), threads=threads)
+    # OpenVINO runs the ONNX conversion at ``precision`` (Lite0: 10% faster in fp32 and 20% in
+    # bf16 than from the frozen graph); without tf2onnx it reads the fp32 frozen graph itself.
+    if importlib.util.find_spec("tf2onnx") is not None:
+        path = backbone_onnx(backbone, cache_root)
+    else:
+        backbone_graph(backbone, cache_root, "fp32")
+        path = graph_path(cache_root, backbone, "fp32")
+    return OpenVINORunner(path, threads=threads, precision=precision)
 
 
 def forward_graph(backbone: Any, cache_root: str | Path | None = None) -> tuple[Any, bool]:

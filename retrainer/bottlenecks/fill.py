@@ -65,11 +65,14 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     from ..backbones.factory import create_backbone, resolve_spec
     from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
+    from ..runtimes import check_runtime
+    from ..runtimes.choice import choose
     from .extractor import graphs_dir, make_forward
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
+    runtime = check_runtime(getattr(config, "runtime", "auto"), config.precision)
     dataset = dataset or load_dataset(config, split=False)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
     tta = getattr(config, "tta", "none")
@@ -79,6 +82,9 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True,
                                tta=tta)
     spec = backbone.spec  # records the TTA mode (options.tta) for the metadata
+    backbone.runtime = runtime
+    if runtime == "auto" and config.precision != "fp32":  # the runtime is part of the cache id
+        backbone.runtime = choose(backbone, graphs_dir())
     cache_root = (Path(config.bottleneck_dir) if config.bottleneck_dir
                   else default_cache_dir() / "bottlenecks")
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,

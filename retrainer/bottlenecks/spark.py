@@ -89,8 +89,20 @@ def worker_runner(broadcast: Any, digest: str, threads: int | None) -> Any:
     return runner
 
 
-def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
-    """A GraphRunner in a Spark worker, with TensorFlow kept to the worker's share of cores."""
+def load_runner(model: bytes | tuple[str, str, bytes], threads: int | None) -> Any:
+    """The model's runner in a Spark worker, kept to the worker's share of cores.
+
+    ``model``: a frozen graph's bytes (TensorFlow), or ``(runtime, precision, bytes)`` as
+    :func:`retrainer.runner.shippable` gives it for any runtime; the worker needs only that
+    runtime's package (TensorFlow is not imported for the others).
+    """
+    if not isinstance(model, bytes):
+        runtime, precision, data = model
+        if runtime != "tensorflow":
+            from ..runner import runner_from_bytes
+
+            return runner_from_bytes(runtime, data, threads=threads, precision=precision)
+        model = data
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     tf = import_tensorflow()
 
@@ -103,7 +115,7 @@ def load_runner(graph_bytes: bytes, threads: int | None) -> Any:
         except RuntimeError:  # TensorFlow already initialised in this worker
             pass
     graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(graph_bytes)
+    graph_def.ParseFromString(model)
     return GraphRunner(graph_def, threads=threads)
 
 
@@ -176,9 +188,11 @@ class SparkEngine:
                 size: tuple[int, int], resize: str, cache: BottleneckCache,
                 batch_size: int = 32) -> list[Skipped]:
         """Compute and cache bottlenecks for ``items`` (key, record); return the failures."""
-        graph_def = getattr(forward, "graph_def", None)
+        from ..runner import shippable
+
+        graph_def = shippable(forward)
         if graph_def is None:
-            raise SparkError("the spark engine needs the backbone as a frozen graph.")
+            raise SparkError("the spark engine needs a runner it can ship to its workers.")
         by_path: dict[str, ImageRecord] = {}
         shipped: list[tuple[str, ImageRecord]] = []  # not files: bytes go to Spark
         for key, rec in items:
@@ -201,9 +215,10 @@ class SparkEngine:
                  batch_size: int) -> list[Skipped]:
         from pyspark.sql import functions as F
 
-        raw = graph_def.SerializeToString()
-        graph_bytes = spark.sparkContext.broadcast(raw)
-        udf = bottleneck_udf(graph_bytes, graph_digest(raw), cache.dim, size, resize,
+        runtime, precision, raw = graph_def  # (runtime, precision, model bytes)
+        graph_bytes = spark.sparkContext.broadcast(graph_def)
+        digest = graph_digest(raw + f"|{runtime}|{precision}".encode())
+        udf = bottleneck_udf(graph_bytes, digest, cache.dim, size, resize,
                              batch_size, worker_threads(spark))
         failures: list[Skipped] = []
         chunk = chunk_size(spark)

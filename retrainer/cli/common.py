@@ -34,6 +34,21 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
+RUNTIME_CHOICES = ("auto", "tensorflow", "onnxruntime", "openvino", "litert")
+
+
+def runtime_option(help: str) -> Callable[[Callable], Callable]:
+    """--runtime: what runs the model (retrainer.runtimes; no import of any runtime here)."""
+    return click.option("--runtime", type=click.Choice(RUNTIME_CHOICES), default="auto",
+                        show_default=True, help=help)
+
+
+#: --runtime for commands that run an export (label, evaluate, serve).
+export_runtime_option = runtime_option(
+    "What runs the model: auto is the export's model.tflite on LiteRT when installed, else "
+    "TensorFlow; onnxruntime converts the graph once (kept in the cache dir).")
+
+
 def backbone_options(fn: Callable) -> Callable:
     """The backbone and its bottleneck cache: shared by train and bottlenecks, so a cache filled
     by one is found by the other with the same flags."""
@@ -56,6 +71,8 @@ def backbone_options(fn: Callable) -> Callable:
                      show_default=True,
                      help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs "
                           "with AVX512-BF16/AMX. Exports stay fp32."),
+        runtime_option("What runs the backbone: auto is the fastest installed runtime on this "
+                       "machine, measured once per backbone and kept in the cache dir."),
         click.option("--tta", type=click.Choice(["none", "flip"]), default=t.tta,
                      show_default=True,
                      help="Test-time augmentation in the backbone: 'flip' averages each "

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import echo_json, err, json_option, model_options
+from .common import echo_json, err, export_runtime_option, json_option, model_options
 
 
 @click.command()
@@ -27,11 +27,13 @@ from .common import echo_json, err, json_option, model_options
               help="Also score the images the model was fitted on (left out by default, found "
                    "by content); the accuracy is then optimistic.")
 @click.option("--print-misclassified", is_flag=True, help="List the images the model gets wrong.")
+@export_runtime_option
 @json_option
 def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | None,
              batch_size: int, output_dir: str | None, print_misclassified: bool,
              as_json: bool, db: str | None = None, where: str | None = None,
-             report_name: str | None = None, include_training_images: bool = False) -> None:
+             report_name: str | None = None, include_training_images: bool = False,
+             runtime: str = "auto") -> None:
     """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on labelled images.
 
     \b
@@ -48,11 +50,11 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         records = scan_database(db, where=where, min_classes=1).records
         report = evaluate_records(records, model_dir if not graph else None, graph=graph,
                                   labels=labels, batch_size=batch_size,
-                                  include_fitted=include_training_images)
+                                  include_fitted=include_training_images, runtime=runtime)
     else:
         report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
                                  labels=labels, batch_size=batch_size,
-                                 include_fitted=include_training_images)
+                                 include_fitted=include_training_images, runtime=runtime)
     out = output_dir or (str(Path(graph).parent) if graph else model_dir)
     name = evaluation_name(report_name or ("db" if db else Path(image_dir).resolve().name))
     try:

@@ -5,7 +5,7 @@ import click
 
 from ..config import LabelConfig
 from .bottlenecks import engine_options
-from .common import echo_json, err, json_option, model_options
+from .common import echo_json, err, export_runtime_option, json_option, model_options
 
 _L = LabelConfig()
 
@@ -22,6 +22,7 @@ _L = LabelConfig()
 @click.option("--batch-size", default=_L.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--min-confidence", type=click.FloatRange(0, 1), default=_L.min_confidence,
               help="Answer 'unknown' when the top score is below this (out-of-domain photos).")
+@export_runtime_option
 @engine_options
 @click.option("--output", type=click.Path(), default=None,
               help="With --engine spark: write the labels to this Parquet folder.")
@@ -31,7 +32,7 @@ def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: st
           top_k: int, batch_size: int, min_confidence: float | None, as_json: bool,
           db: str | None = None, where: str | None = None, engine: str = "local",
           spark_master: str | None = None, output: str | None = None,
-          overwrite: bool = False) -> None:
+          overwrite: bool = False, runtime: str = _L.runtime) -> None:
     """Label images (files, folders or globs) with a trained model.
 
     \b
@@ -62,7 +63,8 @@ def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: st
             echo_json({"path": item, "error": "no such file"})
     if not paths and missing:
         raise click.exceptions.Exit(1)
-    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels)
+    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
+                                 runtime=runtime)
     failed = len(missing)
     with bar(len(paths), "labelling") as progress:
         for result in classifier.label_paths(paths, top_k=top_k, batch_size=batch_size):

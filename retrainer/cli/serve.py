@@ -5,7 +5,7 @@ import click
 
 from ..serve.auth import API_KEY_ENV
 from ..serve.settings import ServeConfig
-from .common import echo_json, err, json_option, model_options
+from .common import echo_json, err, export_runtime_option, json_option, model_options
 
 _S = ServeConfig()
 
@@ -51,13 +51,14 @@ _S = ServeConfig()
               type=click.FloatRange(min=0),
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @json_option
+@export_runtime_option
 @click.pass_context
 def serve(ctx: click.Context, model_dir: str, graph: str | None, labels: str | None, host: str, port: int,
           api_key: str | None, max_batch_size: int, max_wait_ms: float, max_queue: int,
           max_body_mb: float, max_pixels: int, max_files: int, top_k: int,
           max_connections: int, header_timeout: float, body_timeout: float,
           graceful_timeout: float,
-          as_json: bool) -> None:
+          as_json: bool, runtime: str = "auto") -> None:
     """Serve a trained model as a REST API (FastAPI + uvicorn).
 
     \b
@@ -72,7 +73,7 @@ def serve(ctx: click.Context, model_dir: str, graph: str | None, labels: str | N
     from ..serve.server import serve as run
 
     config = ServeConfig(
-        model_dir=model_dir, graph=graph, labels=labels, host=host, port=port,
+        model_dir=model_dir, graph=graph, labels=labels, runtime=runtime, host=host, port=port,
         api_key=api_key or None, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels,
         max_files=max_files, default_top_k=top_k, graceful_timeout=graceful_timeout,

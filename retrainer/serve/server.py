@@ -53,7 +53,8 @@ def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
     from ..predict import Classifier
 
     classifier = Classifier.load(config.model_dir if not config.graph else None,
-                                 graph=config.graph, labels=config.labels)
+                                 graph=config.graph, labels=config.labels,
+                                 runtime=config.runtime)
     graph_path = Path(config.graph) if config.graph else Path(config.model_dir) / GRAPH_FILE
     digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
     meta = classifier.metadata

@@ -13,6 +13,8 @@ class ServeConfig:
     model_dir: str = DEFAULT_MODEL_DIR
     graph: str | None = None
     labels: str | None = None
+    #: What runs the model (retrainer.runtimes): auto is model.tflite on LiteRT when installed.
+    runtime: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
