@@ -3,7 +3,7 @@
 ``label`` of one image (wall, peak RSS) and of 500 images per runtime of an export.
 
 Raw rates: pre-decoded random batches of 16, pipelined over the lanes as extraction runs them,
-rounds alternating between runtimes, best of each kept (retrainer.runtimes.choice.measure).
+rounds alternating between runtimes, best of each kept (bottlenecks.runtime_choice.measure).
 Extraction: 500 JPEGs hashed, decoded and run through the local engine into a fresh cache;
 the previous path and the default one alternate, best of each kept.
 """
@@ -36,7 +36,7 @@ def main() -> None:
     from retrainer.bottlenecks.extractor import graphs_dir, make_forward
     from retrainer.config import TrainConfig
     from retrainer.runtimes import available
-    from retrainer.runtimes.choice import choose, measure
+    from retrainer.bottlenecks.runtime_choice import choose, measure
     from retrainer.sources.folder import scan_folder
 
     defaults = TrainConfig()

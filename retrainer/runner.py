@@ -291,7 +291,8 @@ def runner_from_bytes(runtime: str, data: bytes, threads: int | None = None,
 
         with tempfile.TemporaryDirectory(prefix="retrainer-") as tmp:
             # ONNX starts with its ir_version field (tag 0x08), a GraphDef with its nodes (0x0a)
-            suffix = ".tflite" if data[4:8] == b"TFL3" else ".onnx" if data[:1] == b"\x08" else ".pb"
+            suffix = (".tflite" if data[4:8] == b"TFL3" else
+                      ".onnx" if data[:1] == b"\x08" else ".pb")
             path = Path(tmp) / f"model{suffix}"
             path.write_bytes(data)
             runner = OpenVINORunner(path, threads=threads, replicas=replicas, precision=precision)

@@ -12,7 +12,7 @@ import pytest
 from retrainer.backbones.factory import create_backbone
 from retrainer.bottlenecks.extractor import make_forward
 from retrainer.runtimes import RUNTIMES, available, cache_tag, installed
-from retrainer.runtimes.choice import choice_path, choose
+from retrainer.bottlenecks.runtime_choice import choice_path, choose
 
 from conftest import TINY, make_colour_tree
 

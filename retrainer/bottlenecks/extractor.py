@@ -149,8 +149,8 @@ def make_forward(backbone: Any, cache_root: str | Path | None = None,
     :class:`retrainer.runner.LaneRunner` of the backbone on ``runtime``.
 
     ``runtime``: a name from :data:`retrainer.runtimes.RUNTIMES`, ``auto`` (the fastest here,
-    measured once and remembered: :func:`retrainer.runtimes.choice.choose`), or None: the
-    backbone's own (``backbone.runtime``, else TensorFlow). On TensorFlow the frozen graph runs
+    measured once and remembered: :func:`.runtime_choice.choose`), or None: the backbone's
+    own (``backbone.runtime``, else TensorFlow). On TensorFlow the frozen graph runs
     (kept rewritten when ``cache_root`` is given: :func:`forward_graph`); elsewhere its
     conversion, kept beside it. ``threads`` caps the cores used (a Spark worker's share).
     """
@@ -160,7 +160,7 @@ def make_forward(backbone: Any, cache_root: str | Path | None = None,
     runtime = check_runtime(runtime or getattr(backbone, "runtime", None) or "tensorflow",
                             precision)
     if runtime == "auto":
-        from ..runtimes.choice import choose
+        from .runtime_choice import choose
 
         runtime = choose(backbone, cache_root)
     if runtime == "tensorflow":

@@ -66,7 +66,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
     from ..runtimes import check_runtime
-    from ..runtimes.choice import choose
+    from .runtime_choice import choose
     from .extractor import graphs_dir, make_forward
 
     timings: dict[str, float] = {}

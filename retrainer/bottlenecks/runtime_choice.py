@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from . import RUNTIMES, available, versions
+from ..runtimes import RUNTIMES, available, versions
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ TIE = 0.10
 
 
 def choice_path(cache_root: str | Path, backbone: Any, precision: str) -> Path:
-    from ..bottlenecks.extractor import machine_tag
+    from .extractor import machine_tag
 
     return (Path(cache_root) / backbone.id_for("fp32")
             / f"runtime-choice-{precision}-{machine_tag()}.json")
@@ -37,7 +37,7 @@ def choice_path(cache_root: str | Path, backbone: Any, precision: str) -> Path:
 def choice_key(backbone: Any, precision: str) -> dict[str, Any]:
     """What a kept choice is valid for."""
     from .. import __version__
-    from ..bottlenecks.extractor import machine_tag
+    from .extractor import machine_tag
 
     return {"backbone": backbone.id_for("fp32"), "precision": precision,
             "machine": machine_tag(), "cores": os.cpu_count(), "versions": versions(),
@@ -96,7 +96,7 @@ def measure(backbone: Any, cache_root: str | Path | None, runtimes: list[str], b
     """Images per second of the backbone's forward pass on each runtime (pipelined over its
     lanes, as extraction runs it), best of ``rounds`` rounds of at least ``seconds`` and two
     batches each. A runtime that fails to build or run is left out (with a warning)."""
-    from ..bottlenecks.extractor import make_forward
+    from .extractor import make_forward
 
     runners: dict[str, Any] = {}
     for runtime in runtimes:
