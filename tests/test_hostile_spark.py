@@ -73,6 +73,7 @@ def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
     from retrainer.bottlenecks import BottleneckCache, hash_records
     from retrainer.bottlenecks.extractor import graphs_dir, make_forward
     from retrainer.bottlenecks.spark import SparkEngine
+    from retrainer.runner import shippable
     from retrainer.sources.folder import scan_folder
 
     from conftest import TINY
@@ -89,8 +90,8 @@ def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
     engine = SparkEngine(spark=spark)
     # Past the engine's own look at the files: as if deleted while the job is planned.
     by_path = {str(Path(rec.path).resolve()): rec for _, rec in items}
-    failures = engine._extract(spark, by_path, [], make_forward(backbone, graphs_dir()).graph_def,
-                               spec.input_size, spec.resize, cache, 8)
+    shipped = shippable(make_forward(backbone, graphs_dir()))
+    failures = engine._extract(spark, by_path, [], shipped, spec.input_size, spec.resize, cache, 8)
     assert sorted(f.name for f in failures) == sorted(rec.display for rec in gone)
     assert all("deleted" in f.reason for f in failures)
     assert len(cache.missing([k for k, _ in items[2:]])) == 0
