@@ -175,15 +175,16 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
     rng = np.random.default_rng(0)
     candidates = [runner]
     if getattr(runner, "replicas", 1) > 1:
-        if getattr(runner, "runtime", "tensorflow") == "litert":
-            from retrainer.runner import LiteRTRunner
-
-            candidates.append(LiteRTRunner(runner.path, replicas=1))
-        else:
+        if getattr(runner, "runtime", "tensorflow") == "tensorflow":
             from retrainer.graph import GraphRunner
 
             candidates.append(GraphRunner(runner.graph_def, replicas=1,
                                           optimized=getattr(runner, "optimized", False)))
+        else:  # the same model on one lane, as a Spark worker would rebuild it
+            from retrainer.runner import runner_from_bytes, shippable
+
+            runtime, precision, data = shippable(runner)
+            candidates.append(runner_from_bytes(runtime, data, replicas=1, precision=precision))
     best = (Rate(0.0), 0)
     for candidate in candidates:
         n = getattr(candidate, "replicas", 1)
