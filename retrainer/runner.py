@@ -220,6 +220,9 @@ class ONNXRunner(LaneRunner):
         return np.asarray(out, np.float32)
 
 
+_OPENVINO_FIRST_USE = threading.Lock()
+
+
 class OpenVINORunner(LaneRunner):
     """A model on OpenVINO's CPU plugin, one inference stream (and request) per lane.
 
@@ -251,6 +254,11 @@ class OpenVINORunner(LaneRunner):
         self._output = self._compiled.output(0)
         self.input_shape = (None, *(int(d.get_length()) for d in list(shape)[1:]))
         self.output_dim = int(self._output.get_partial_shape()[-1].get_length())
+        # OpenVINO's Python bindings set up their NumPy interface on first use behind a
+        # call-once that deadlocks when two threads get there together (two lanes' first
+        # batches): one request runs once here, on one thread, before any lane does.
+        with _OPENVINO_FIRST_USE:
+            self._requests[0].infer({0: np.zeros((1, *self.input_shape[1:]), np.float32)})
         super().__init__(n)
 
     def run_on(self, replica: int, batch: np.ndarray) -> np.ndarray:
