@@ -67,15 +67,20 @@ def tiny_builder(spec, weights):  # noqa: ANN001 - registry builder signature
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="avg_pool")(x))
 
 
+def registered_backbone(name: str, size: int, dim: int, builder, mean: float = 0.0):  # noqa: ANN001
+    """Register a test backbone (``size`` px, ``dim``-d bottleneck) while the generator lives."""
+    from retrainer.backbones import BackboneSpec, register, unregister
+
+    register(BackboneSpec(name, (size, size), mean, 255.0, dim, builder, weights="none"),
+             replace=True)
+    yield name
+    unregister(name)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tiny_backbone():
     """Registers 'tiny_test_backbone' (32x32, 3-d bottleneck) for every test."""
-    from retrainer.backbones import BackboneSpec, register, unregister
-
-    register(BackboneSpec(TINY, (32, 32), 0.0, 255.0, 3, tiny_builder, weights="none"),
-             replace=True)
-    yield TINY
-    unregister(TINY)
+    yield from registered_backbone(TINY, 32, 3, tiny_builder)
 
 
 @pytest.fixture(scope="session", autouse=True)

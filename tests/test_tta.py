@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrainer.backbones import BackboneSpec, register, unregister
+from conftest import registered_backbone
 
 ASYM = "tta_asymmetric_test_backbone"
 
@@ -29,10 +29,7 @@ def asymmetric_builder(spec, weights):  # noqa: ANN001 - registry builder signat
 
 @pytest.fixture(scope="module", autouse=True)
 def asymmetric_backbone():
-    register(BackboneSpec(ASYM, (8, 8), 0.0, 255.0, 4, asymmetric_builder, weights="none"),
-             replace=True)
-    yield ASYM
-    unregister(ASYM)
+    yield from registered_backbone(ASYM, 8, 4, asymmetric_builder)
 
 
 def _images(n: int = 3, seed: int = 0) -> np.ndarray:
