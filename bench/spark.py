@@ -78,16 +78,14 @@ def measure(spec: dict) -> dict:
 
     t = time.perf_counter()
     if spec["engine"] == "spark":
-        from retrainer.bottlenecks.spark import SparkEngine
-        from retrainer.spark_session import spark_session
+        from retrainer.spark.session import spark_session
 
         context = spark_session(spec["master"], "retrainer bench")
     else:
         context = nullcontext(None)
     with context as session:
         t_session = time.perf_counter() - t
-        engine = (SparkEngine(spark=session) if session is not None
-                  else get_engine(spec["engine"]))
+        engine = get_engine(spec["engine"], spark=session)
         times = {}
         for name, todo in (("few", few), ("all", items)):
             cache = BottleneckCache(f"{spec['cache']}-{name}", backbone.cache_id, bspec.feature_dim)

@@ -35,11 +35,7 @@ def onnx_model(graph_def: Any, labels: list[str], metadata: dict[str, Any]) -> b
         import tf2onnx
     except ImportError as exc:
         raise OnnxUnavailable(exc.name or "tf2onnx") from None
-    for name in ("tf2onnx", "tensorflow"):
-        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.WARNING))
-    proto, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[f"{INPUT_NAME}:0"], output_names=[f"{OUTPUT_NAME}:0"],
-        opset=OPSET)
+    proto = _converted(tf2onnx, graph_def)
     proto.doc_string = "retrainer image classifier: RGB 0..255 in, class probabilities out"
     described = {k: v for k, v in metadata.items() if k != "files"}
     for key, value in (("labels", json.dumps(labels, ensure_ascii=False)),
@@ -49,4 +45,38 @@ def onnx_model(graph_def: Any, labels: list[str], metadata: dict[str, Any]) -> b
     return proto.SerializeToString()
 
 
-__all__ = ["OPSET", "OnnxUnavailable", "onnx_model"]
+def graph_onnx(graph_def: Any) -> bytes:
+    """A frozen graph (``input`` -> ``final_result``) converted for a runtime to run: the model
+    only, no labels or metadata (a backbone's graph, or an export's for ONNX Runtime)."""
+    try:
+        import tf2onnx
+    except ImportError:
+        raise RetrainerError("runtime 'onnxruntime' needs the tf2onnx package to convert the "
+                             "graph, which is not installed.",
+                             "Install it (pip install tf2onnx) or use --runtime auto.") from None
+    return _converted(tf2onnx, graph_def, quiet=logging.ERROR).SerializeToString()
+
+
+def tf2onnx_version() -> str:
+    """The installed tf2onnx's version ("none" without it): kept conversions are named by it."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tf2onnx")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def _converted(tf2onnx: Any, graph_def: Any, quiet: int = logging.WARNING) -> Any:
+    from ._tf_internals import import_tensorflow
+
+    import_tensorflow()
+    for name in ("tf2onnx", "tensorflow"):
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).level, quiet))
+    proto, _ = tf2onnx.convert.from_graph_def(
+        graph_def, input_names=[f"{INPUT_NAME}:0"], output_names=[f"{OUTPUT_NAME}:0"],
+        opset=OPSET)
+    return proto
+
+
+__all__ = ["OPSET", "OnnxUnavailable", "graph_onnx", "onnx_model", "tf2onnx_version"]

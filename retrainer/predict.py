@@ -217,14 +217,14 @@ def export_onnx(graph_path: Path) -> bytes:
     import hashlib
 
     from .files import default_cache_dir
-    from .bottlenecks.extractor import _version, onnx_model
+    from .onnx_export import graph_onnx, tf2onnx_version
     from .graph import kept_file, parse_graph_def
 
     data = graph_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:24]
     kept = (default_cache_dir() / "graphs" / "exports"
-            / f"{digest}-tf2onnx{_version('tf2onnx')}.onnx")
-    return kept_file(kept, lambda: onnx_model(parse_graph_def(data)), bytes, bytes, "ONNX model")
+            / f"{digest}-tf2onnx{tf2onnx_version()}.onnx")
+    return kept_file(kept, lambda: graph_onnx(parse_graph_def(data)), bytes, bytes, "ONNX model")
 
 
 def expand_inputs(items: Iterable[str]) -> tuple[list[str], list[str]]:

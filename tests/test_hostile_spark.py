@@ -18,7 +18,7 @@ def spark():
     """The running local[2] session of test_spark when there is one; else one of our own."""
     import shutil
 
-    from retrainer.spark_session import active_session, start_session
+    from retrainer.spark.session import active_session, start_session
 
     running = active_session()
     if running is not None:
@@ -70,10 +70,9 @@ def test_spark_trains_from_a_database(spark, clean_tree, fast_config, tmp_path):
 def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
                                                          tmp_path):
     from retrainer.backbones.factory import create_backbone, resolve_spec
-    from retrainer.bottlenecks import BottleneckCache, hash_records
-    from retrainer.bottlenecks.extractor import graphs_dir, make_forward
-    from retrainer.bottlenecks.spark import SparkEngine
-    from retrainer.runner import shippable
+    from retrainer.bottlenecks import BackboneModel, BottleneckCache, hash_records
+    from retrainer.bottlenecks.engines.spark import SparkEngine
+    from retrainer.bottlenecks.extractor import graphs_dir
     from retrainer.sources.folder import scan_folder
 
     from conftest import TINY
@@ -90,7 +89,7 @@ def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
     engine = SparkEngine(spark=spark)
     # Past the engine's own look at the files: as if deleted while the job is planned.
     by_path = {str(Path(rec.path).resolve()): rec for _, rec in items}
-    shipped = shippable(make_forward(backbone, graphs_dir()))
+    shipped = BackboneModel(backbone, graphs_dir()).shippable()
     failures = engine._extract(spark, by_path, [], shipped, spec.input_size, spec.resize, cache, 8)
     assert sorted(f.name for f in failures) == sorted(rec.display for rec in gone)
     assert all("deleted" in f.reason for f in failures)

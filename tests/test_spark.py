@@ -18,9 +18,9 @@ from conftest import COLOURS, TINY, make_colour_tree
 pytest.importorskip("pyspark")
 
 from retrainer.bottlenecks.fill import fill_cache  # noqa: E402
-from retrainer.bottlenecks.spark import read_images, spark_path  # noqa: E402
 from retrainer.cli import cli  # noqa: E402
-from retrainer.spark_session import SparkError, check_master, find_java, start_session  # noqa: E402
+from retrainer.spark.session import SparkError, check_master, find_java, start_session  # noqa: E402
+from retrainer.spark.workers import read_images, spark_path  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,30 +10,10 @@ from ..decoding import default_workers
 from ..files import default_cache_dir
 from ..sources.base import ImageRecord, Skipped
 from .cache import BottleneckCache
-from .local import LocalEngine
+from .engines import BackboneModel, Engine, get_engine
 
-__all__ = ["BottleneckCache", "LocalEngine", "default_cache_dir", "get_engine", "hash_records",
-           "verified"]
-
-
-def get_engine(name: str = "local", **options: object):
-    """The extraction engine by name; every engine fills the same cache.
-
-    Options left as None are dropped, so unset CLI options never reach an engine.
-    """
-    from ..errors import RetrainerError
-
-    options = {k: v for k, v in options.items() if v is not None}
-    if name == "local":
-        if "master" in options:
-            raise RetrainerError("a Spark master applies to the spark engine only.",
-                                 "Add engine=spark.")
-        return LocalEngine(**options)  # type: ignore[arg-type]
-    if name == "spark":
-        from .spark import SparkEngine
-
-        return SparkEngine(**options)  # type: ignore[arg-type]
-    raise RetrainerError(f"unknown engine {name!r}.", "Use 'local' or 'spark'.")
+__all__ = ["BackboneModel", "BottleneckCache", "Engine", "default_cache_dir", "get_engine",
+           "hash_records", "verified"]
 
 
 def content_key(data: bytes) -> str:

@@ -34,22 +34,14 @@ def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = No
     tf = import_tensorflow()
 
     from .. import __version__
+    from ..onnx_export import tf2onnx_version
 
     ident = backbone.id_for(precision or backbone.precision)
     machine = f"-{machine_tag()}" if kind == "optimized" else ""
-    tool = f"-tf2onnx{_version('tf2onnx')}" if kind == "onnx" else ""
+    tool = f"-tf2onnx{tf2onnx_version()}" if kind == "onnx" else ""
     suffix = {"tflite": ".tflite", "onnx": ".onnx"}.get(kind, ".pb")
     return (Path(cache_root) / ident
             / f"{kind}-graph{machine}-tf{tf.__version__}{tool}-r{__version__}{suffix}")
-
-
-def _version(package: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "none"
 
 
 def machine_tag() -> str:
@@ -114,7 +106,9 @@ def backbone_onnx(backbone: Any, cache_root: str | Path) -> Path:
     path = graph_path(cache_root, backbone, "fp32", kind="onnx")
 
     def convert() -> bytes:
-        return onnx_model(backbone_graph(backbone, cache_root, "fp32"))
+        from ..onnx_export import graph_onnx
+
+        return graph_onnx(backbone_graph(backbone, cache_root, "fp32"))
 
     def load(data: bytes) -> bytes:
         if not data.startswith(b"\x08"):  # an ONNX ModelProto starts with its ir_version
@@ -123,24 +117,6 @@ def backbone_onnx(backbone: Any, cache_root: str | Path) -> Path:
 
     kept_file(path, convert, bytes, load, "ONNX backbone")
     return path
-
-
-def onnx_model(graph_def: Any) -> bytes:
-    """ONNX of a frozen graph (``input`` -> ``final_result``), as tf2onnx converts it."""
-    from ..errors import RetrainerError
-    from ..graph import INPUT_NAME, OUTPUT_NAME
-
-    try:
-        import tf2onnx
-    except ImportError:
-        raise RetrainerError("runtime 'onnxruntime' needs the tf2onnx package to convert the "
-                             "backbone, which is not installed.",
-                             "Install it (pip install tf2onnx) or use --runtime auto.") from None
-    import_tensorflow()
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    model, _ = tf2onnx.convert.from_graph_def(
-        graph_def, input_names=[f"{INPUT_NAME}:0"], output_names=[f"{OUTPUT_NAME}:0"], opset=17)
-    return model.SerializeToString()
 
 
 def make_forward(backbone: Any, cache_root: str | Path | None = None,
@@ -154,15 +130,8 @@ def make_forward(backbone: Any, cache_root: str | Path | None = None,
     (kept rewritten when ``cache_root`` is given: :func:`forward_graph`); elsewhere its
     conversion, kept beside it. ``threads`` caps the cores used (a Spark worker's share).
     """
-    from ..runtimes import check_runtime
-
     precision = backbone.precision
-    runtime = check_runtime(runtime or getattr(backbone, "runtime", None) or "tensorflow",
-                            precision)
-    if runtime == "auto":
-        from .runtime_choice import choose
-
-        runtime = choose(backbone, cache_root)
+    runtime = resolve_runtime(backbone, cache_root, runtime)
     if runtime == "tensorflow":
         from ..graph import GraphRunner
 
@@ -176,6 +145,47 @@ def make_forward(backbone: Any, cache_root: str | Path | None = None,
     return _runtime_runner(backbone, cache_root, runtime, precision, threads)
 
 
+def resolve_runtime(backbone: Any, cache_root: str | Path | None = None,
+                    runtime: str | None = None) -> str:
+    """The runtime :func:`make_forward` runs ``backbone`` on (``auto`` resolved)."""
+    from ..runtimes import check_runtime
+
+    runtime = check_runtime(runtime or getattr(backbone, "runtime", None) or "tensorflow",
+                            backbone.precision)
+    if runtime == "auto":
+        from .runtime_choice import choose
+
+        runtime = choose(backbone, cache_root)
+    return runtime
+
+
+def forward_model(backbone: Any, cache_root: str | Path, runtime: str | None = None
+                  ) -> tuple[str, str, bytes]:
+    """What :func:`make_forward` would run, as ``(runtime, precision, model bytes)`` for another
+    process (a Spark worker: :func:`retrainer.runner.runner_from_bytes`, or a
+    :class:`retrainer.graph.GraphRunner` of the graph's bytes), read from the kept files: no
+    session or runtime is started here."""
+    runtime = resolve_runtime(backbone, cache_root, runtime)
+    if runtime == "tensorflow":
+        graph_def, _ = forward_graph(backbone, cache_root)
+        return runtime, "fp32", graph_def.SerializeToString()
+    if runtime == "litert":
+        return runtime, "fp32", backbone_tflite(backbone, cache_root)
+    if runtime == "onnxruntime":
+        return runtime, "fp32", backbone_onnx(backbone, cache_root).read_bytes()
+    return runtime, backbone.precision, _openvino_source(backbone, cache_root).read_bytes()
+
+
+def _openvino_source(backbone: Any, cache_root: str | Path) -> Path:
+    # OpenVINO runs the ONNX conversion at the backbone's precision (Lite0: 10% faster in fp32
+    # and 20% in bf16 than from the frozen graph); without tf2onnx it reads the fp32 frozen
+    # graph itself.
+    if importlib.util.find_spec("tf2onnx") is not None:
+        return backbone_onnx(backbone, cache_root)
+    backbone_graph(backbone, cache_root, "fp32")
+    return graph_path(cache_root, backbone, "fp32")
+
+
 def _runtime_runner(backbone: Any, cache_root: str | Path, runtime: str, precision: str,
                     threads: int | None) -> Any:
     """The backbone's kept conversion on ``runtime`` (not TensorFlow); files read by the time
@@ -186,14 +196,8 @@ def _runtime_runner(backbone: Any, cache_root: str | Path, runtime: str, precisi
         return LiteRTRunner(content=backbone_tflite(backbone, cache_root), threads=threads)
     if runtime == "onnxruntime":
         return ONNXRunner(backbone_onnx(backbone, cache_root).read_bytes(), threads=threads)
-    # OpenVINO runs the ONNX conversion at ``precision`` (Lite0: 10% faster in fp32 and 20% in
-    # bf16 than from the frozen graph); without tf2onnx it reads the fp32 frozen graph itself.
-    if importlib.util.find_spec("tf2onnx") is not None:
-        path = backbone_onnx(backbone, cache_root)
-    else:
-        backbone_graph(backbone, cache_root, "fp32")
-        path = graph_path(cache_root, backbone, "fp32")
-    return OpenVINORunner(path, threads=threads, precision=precision)
+    return OpenVINORunner(_openvino_source(backbone, cache_root), threads=threads,
+                          precision=precision)
 
 
 def forward_graph(backbone: Any, cache_root: str | Path | None = None) -> tuple[Any, bool]:

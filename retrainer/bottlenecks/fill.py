@@ -67,7 +67,8 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
     from ..runtimes import check_runtime
     from .runtime_choice import choose
-    from .extractor import graphs_dir, make_forward
+    from .engines import BackboneModel
+    from .extractor import graphs_dir
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -106,7 +107,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     if missing:
         engine = engine or get_engine(config.engine, workers=config.workers,
                                       master=config.spark_master)
-        forward = make_forward(backbone, graphs_dir())
+        forward = BackboneModel(backbone, graphs_dir())  # each engine builds or ships it
         items = [(k, verified(r, k)) for k, r in todo.items() if k in missing]
         skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
                                   batch_size=config.extract_batch_size)

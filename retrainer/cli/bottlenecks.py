@@ -28,7 +28,7 @@ def check_engine(engine: str, spark_master: str | None) -> None:
         if spark_master:
             raise click.UsageError("--spark-master needs --engine spark.")
         return
-    from ..spark_session import DEFAULT_MASTER, check_master, import_pyspark
+    from ..spark.session import DEFAULT_MASTER, check_master, import_pyspark
 
     import_pyspark()
     check_master(spark_master or DEFAULT_MASTER)

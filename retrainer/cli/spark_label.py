@@ -16,7 +16,7 @@ def label_spark(images: tuple[str, ...], model_dir: str, graph: str | None, labe
     if not output:
         raise click.UsageError("--engine spark writes Parquet: give --output FOLDER.")
     check_engine(engine, spark_master)
-    from ..spark_label import label_to_parquet
+    from ..spark.label import label_to_parquet
 
     result = label_to_parquet(images, output, model_dir if not graph else None, graph=graph,
                               labels=labels, top_k=top_k, batch_size=batch_size,

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import RetrainerError
+from ..errors import RetrainerError
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +247,9 @@ def _log_tail(path: Path, lines: int = 8) -> str:
     except OSError:
         tail = []
     return "Spark's log ends with:\n  " + "\n  ".join(tail) if tail else f"See {path}."
+
+
+def job_failed(exc: BaseException) -> SparkError:
+    """A failed Spark job (py4j and Spark raise many kinds) as one line and what to do."""
+    return SparkError(f"the Spark job failed: {_first_line(exc)}",
+                      "Run again with --debug for Spark's full error.")

@@ -15,10 +15,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .bottlenecks.spark import (decode_batch, graph_digest, spark_path, worker_runner,
-                                worker_threads)
-from .config import DEFAULT_MODEL_DIR
-from .spark_session import SparkError, spark_session
+from ..config import DEFAULT_MODEL_DIR
+from .session import SparkError, job_failed, spark_session
+from .workers import (Shippable, decode_batch, run_on_pixels, shipped, spark_path,
+                      worker_runner, worker_threads)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def is_remote(item: str) -> bool:
     return "://" in item and not item.startswith("file://")
 
 
-def label_udf(graph_bytes: Any, digest: str, labels: list[str], size: tuple[int, int],
+def label_udf(broadcast: Any, digest: str, labels: list[str], size: tuple[int, int],
               resize: str, top_k: int, batch_size: int, threads: int | None) -> Any:
     """``predict_batch_udf``: image bytes -> label, score, top-k labels and scores, error."""
     from pyspark.ml.functions import predict_batch_udf
@@ -54,14 +54,11 @@ def label_udf(graph_bytes: Any, digest: str, labels: list[str], size: tuple[int,
     names = np.array(labels, dtype=object)
 
     def make_predict() -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-        runner = worker_runner(graph_bytes, digest, threads)  # once per Python worker
+        runner = worker_runner(broadcast, digest, threads)  # once per Python worker
 
         def predict(content: np.ndarray) -> dict[str, np.ndarray]:
             pixels, errors = decode_batch(content, size, resize)
-            probs = np.full((len(pixels), len(labels)), np.nan, dtype=np.float32)
-            ok = [i for i, p in enumerate(pixels) if p is not None]
-            if ok:
-                probs[ok] = runner(np.stack([pixels[i] for i in ok]))
+            probs = run_on_pixels(runner, pixels, len(labels), fill=np.nan)
             order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # as Classifier.top_k
             scores = np.take_along_axis(probs, order, axis=1).astype(np.float64)
             return {"label": names[order[:, 0]], "score": scores[:, 0],
@@ -80,7 +77,7 @@ def label_udf(graph_bytes: Any, digest: str, labels: list[str], size: tuple[int,
 
 def input_paths(items: Iterable[str]) -> tuple[list[str], list[str], list[str]]:
     """(local image files, as ``retrainer label`` expands them; remote URIs; missing inputs)."""
-    from .predict import expand_inputs
+    from ..predict import expand_inputs
 
     items = list(items)
     remote = [i for i in items if is_remote(i)]
@@ -94,7 +91,7 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
                      batch_size: int = 32, spark: Any = None, master: str | None = None,
                      overwrite: bool = False) -> ParquetLabels:
     """Label every image in ``inputs`` on Spark and write the predictions to ``output``."""
-    from .predict import Classifier
+    from ..predict import Classifier
 
     local, remote, missing = input_paths(inputs)
     # Spark's file sources drop empty files; they are reported here, as ``label`` does.
@@ -109,13 +106,11 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
         raise SparkError(f"'{output}' already exists.", "Remove it or pass overwrite=True.")
     classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
                                 runtime="tensorflow")  # the workers rebuild the graph
-    graph_bytes_raw = classifier.runner.graph_def.SerializeToString()
+    model = ("tensorflow", "fp32", classifier.graph_def.SerializeToString())
     if spark is not None:
-        return _label(spark, paths, empty, output, classifier, graph_bytes_raw, top_k,
-                      batch_size)
+        return _label(spark, paths, empty, output, classifier, model, top_k, batch_size)
     with spark_session(master, "retrainer label") as session:
-        return _label(session, paths, empty, output, classifier, graph_bytes_raw, top_k,
-                      batch_size)
+        return _label(session, paths, empty, output, classifier, model, top_k, batch_size)
 
 
 def _size(path: str) -> int:
@@ -126,13 +121,19 @@ def _size(path: str) -> int:
 
 
 def _label(spark: Any, paths: list[str], empty: list[str], output: str, classifier: Any,
-           graph_raw: bytes, top_k: int, batch_size: int) -> ParquetLabels:
+           model: Shippable, top_k: int, batch_size: int) -> ParquetLabels:
+    with shipped(spark, model) as (broadcast, digest):
+        udf = label_udf(broadcast, digest, classifier.labels, classifier.input_size,
+                        classifier.resize, top_k, batch_size, worker_threads(spark))
+        counts = _write(spark, paths, empty, output, udf)
+    return ParquetLabels(output=str(Path(output)) if not is_remote(output) else output,
+                         images=int(counts["n"]), failed=int(counts["failed"] or 0))
+
+
+def _write(spark: Any, paths: list[str], empty: list[str], output: str, udf: Any) -> Any:
+    """The Parquet table written (by the executors): its row count and failures."""
     from pyspark.sql import functions as F
 
-    graph_bytes = spark.sparkContext.broadcast(graph_raw)
-    udf = label_udf(graph_bytes, graph_digest(graph_raw), classifier.labels,
-                    classifier.input_size, classifier.resize, top_k, batch_size,
-                    worker_threads(spark))
     reader = spark.read.format("binaryFile")
     if any(is_remote(p) for p in paths):
         reader = reader.option("recursiveFileLookup", "true")
@@ -155,13 +156,7 @@ def _label(spark: Any, paths: list[str], empty: list[str], output: str, classifi
             schema = table.schema if paths else _SCHEMA
             spark.createDataFrame(rows, schema).write.mode("append").parquet(output)
         written = spark.read.parquet(output)
-        counts = written.agg(F.count("*").alias("n"),
-                             F.sum(F.col("error").isNotNull().cast("int")).alias("failed")).first()
+        return written.agg(F.count("*").alias("n"),
+                           F.sum(F.col("error").isNotNull().cast("int")).alias("failed")).first()
     except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
-        first = next((m for m in str(exc).splitlines() if m.strip()), type(exc).__name__)
-        raise SparkError(f"the Spark job failed: {first[:300]}",
-                         "Run again with --debug for Spark's full error.") from exc
-    finally:
-        graph_bytes.unpersist()
-    return ParquetLabels(output=str(Path(output)) if not is_remote(output) else output,
-                         images=int(counts["n"]), failed=int(counts["failed"] or 0))
+        raise job_failed(exc) from exc
