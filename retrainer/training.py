@@ -61,7 +61,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     from .bottlenecks.fill import fill
     from .export import check_formats
 
-    check_formats(config.export_formats)  # before hours of extraction, not after
+    check_formats(config.export.formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
     filled = fill(config, dataset)
     spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
@@ -110,11 +110,11 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         raise ValueError(f"unknown head search {config.head.search!r} (use 'cv' or 'off')")
     timings["head"] = time.perf_counter() - t
     probs = {VALIDATION: head.predict(x_val), TESTING: head.predict(x_te)}
-    if config.fine_tune:
+    if config.fine_tune is not None:
         probs = _fine_tune(config, spec, backbone, head, by_split, class_index, timings)
     # The validation split is held out from the fit with --head-search off and with
     # fine-tuning; otherwise the head was fitted on it and only its out-of-fold figure counts.
-    if len(x_val) and (config.head.search == "off" or config.fine_tune):
+    if len(x_val) and (config.head.search == "off" or config.fine_tune is not None):
         val_report = evaluate_predictions(y_val, probs[VALIDATION], dataset.classes, val_paths,
                                           split=VALIDATION)
         val_acc, validation_kind = val_report.accuracy, "held-out"
@@ -126,11 +126,12 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         log.info("no test images (testing percentage 0 or a tree without test/)")
 
     gate_acc = test.accuracy if test else val_acc
-    if config.assert_accuracy_at_least is not None:
-        if gate_acc is None or gate_acc < config.assert_accuracy_at_least:
+    threshold = config.export.assert_accuracy_at_least
+    if threshold is not None:
+        if gate_acc is None or gate_acc < threshold:
             shown = "no test or validation images" if gate_acc is None else f"{gate_acc:.4f}"
             raise AccuracyGateFailed(
-                f"accuracy {shown} is below the required {config.assert_accuracy_at_least}; "
+                f"accuracy {shown} is below the required {threshold}; "
                 "nothing was exported.")
 
     t = time.perf_counter()
@@ -151,14 +152,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backbone": spec.to_dict(),
         "backbone_cache_id": backbone.cache_id,
-        "precision": config.precision,
+        "precision": config.backbone.precision,
         "input": {"name": "input", "shape": [None, *spec.input_size, 3],
                   "pixels": "RGB 0..255, float32; normalisation is inside the graph"},
         "output": {"name": "final_result", "kind": "softmax"},
         "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
                      "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
                      "validation_kind": validation_kind, "cv": head.cv,
-                     "fine_tuned": config.fine_tune,
+                     "fine_tuned": config.fine_tune is not None,
                      "test_accuracy": result.test_accuracy,
                      "fitted_images": {"file": FITTED_IMAGES_FILE, "count": len(fitted),
                                        "hash": "sha256 of each image's bytes, one per line"}},
@@ -170,12 +171,12 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     # The backbone's kept frozen graph (and TFLite model) plus the head: no second freeze or
     # conversion of the whole classifier. Exports are fp32 whatever the extraction precision.
     # A fine-tuned backbone has new weights: freeze and convert it afresh instead.
-    fitted_path = write_fitted_images(config.output_dir, fitted)
-    kept = None if config.fine_tune else graphs_dir()
+    fitted_path = write_fitted_images(config.export.output_dir, fitted)
+    kept = None if config.fine_tune is not None else graphs_dir()
     frozen = backbone_graph(backbone, kept, "fp32")
     classifier = compose(frozen, dense_softmax_graph(head.kernel, head.bias))
     tflite = None
-    if kept is not None and "tflite" in config.export_formats:
+    if kept is not None and "tflite" in config.export.formats:
         tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
     from .export import representative_images
 
@@ -183,13 +184,14 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
         return representative_images([r for _, r in by_split[TRAINING]], spec.input_size,
                                      spec.resize)
 
-    result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
-                                  config.export_formats, config.output_graph, config.output_labels,
+    out = config.export
+    result.outputs = export_graph(classifier, dataset.classes, metadata, out.output_dir,
+                                  out.formats, out.output_graph, out.output_labels,
                                   tflite, representative)
     result.outputs["fitted_images"] = str(fitted_path)
     report = test or val_report
     if report is not None:
-        result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))
+        result.outputs.update(report.write(config.export.output_dir, {"backbone": spec.name}))
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
@@ -200,21 +202,20 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
              timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bottlenecks and labels of the cached augmented variants of the training images (when
     enabled), and for each variant the index in ``pairs`` of the image it was made from."""
-    from .augment import Augmentation, augmented_bottlenecks
+    from .augment import augmented_bottlenecks, variant_key
 
     none = (np.zeros((0, cache.dim), np.float32), np.zeros(0, int), np.zeros(0, np.int64))
-    aug = Augmentation(config.flip_left_right, config.random_crop, config.random_scale,
-                       config.random_brightness, config.augment_variants)
+    aug = config.augment
     if not aug.enabled:
         return none
     from .bottlenecks import get_engine
     from .bottlenecks.extractor import graphs_dir, make_forward
 
     def extract(items: list) -> list:
-        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
+        ext = config.extraction
+        engine = get_engine(ext.engine, workers=ext.workers, master=ext.spark_master)
         return engine.extract(items, make_forward(backbone, graphs_dir()), spec.input_size,
-                              spec.resize, cache,
-                              batch_size=config.extract_batch_size)
+                              spec.resize, cache, batch_size=ext.batch_size)
 
     t = time.perf_counter()
     x_aug, y_aug, computed, skipped = augmented_bottlenecks(
@@ -222,7 +223,7 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     # The variants come back in (image, variant) order, those that could be made: the same
     # walk over the keys gives each one's image, so that a fold keeps an image and its variants.
     origin = np.array([j for j, (key, _) in enumerate(pairs) for i in range(aug.variants)
-                       if aug.variant_key(key, i, spec.input_size, spec.resize) in cache],
+                       if variant_key(aug, key, i, spec.input_size, spec.resize) in cache],
                       np.int64)
     timings["augmentation"] = time.perf_counter() - t
     log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
@@ -244,7 +245,7 @@ def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, 
     from .head import fit_head_cv
 
     x_tr, y_tr, tr_paths = train
-    x_val, y_val, val_paths = val if not config.fine_tune else (
+    x_val, y_val, val_paths = val if config.fine_tune is None else (
         train[0][:0], train[1][:0], [])
     x_aug, y_aug, origin = aug
     n = len(x_tr) + len(x_val)
@@ -274,18 +275,20 @@ def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
     """Fine-tune the backbone's top with the head (in place); new validation/test probabilities."""
     from .finetune import fine_tune, load_pixels_of, predict
 
+    tuning = config.fine_tune
+    assert tuning is not None
     t = time.perf_counter()
     pixels, labels = {}, {}
     for split, pairs in by_split.items():
         pixels[split] = load_pixels_of([r for _, r in pairs], spec.input_size, spec.resize,
-                                       config.workers)
+                                       config.extraction.workers)
         labels[split] = np.array([class_index[r.label] for _, r in pairs], dtype=int)
     result = fine_tune(backbone.model, head.model, len(class_index), pixels[TRAINING],
                        labels[TRAINING], pixels[VALIDATION], labels[VALIDATION],
-                       layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
-                       learning_rate=config.fine_tune_learning_rate,
+                       layers=tuning.layers, epochs=tuning.epochs,
+                       learning_rate=tuning.learning_rate,
                        label_smoothing=config.head.label_smoothing,
-                       flip=config.flip_left_right, seed=config.head.seed)
+                       flip=config.augment.flip_left_right, seed=config.head.seed)
     head.history += [{**row, "fine_tune": 1.0} for row in result.history]
     head.kernel, head.bias = head.model.get_layer("final_layer").get_weights()
 

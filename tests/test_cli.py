@@ -201,4 +201,4 @@ def test_library_errors_speak_of_parameters(tmp_path):
     from retrainer.errors import DatasetError
 
     with pytest.raises(DatasetError, match=r"image_dir=DIR\) or a database \(db=URL"):
-        open_source(TrainConfig(image_dir=None))
+        open_source(TrainConfig())

@@ -111,7 +111,7 @@ def test_bf16_training_caches_apart_and_exports_fp32(colour_tree, fast_config, t
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
     fp32 = train(fast_config(colour_tree))
-    bf16 = train(fast_config(colour_tree, precision="bf16"))
+    bf16 = train(fast_config(colour_tree, backbone=dict(precision="bf16")))
     assert bf16.bottlenecks_computed == 36 and bf16.cache_dir != fp32.cache_dir
     graph = load_graph_def(bf16.outputs["graph"])
     assert not [n.name for n in graph.node if "T" in n.attr and n.attr["T"].type == 14]  # exported in fp32
@@ -128,14 +128,14 @@ def test_a_new_bottleneck_dir_reuses_the_kept_frozen_graph(colour_tree, fast_con
     from retrainer.training import train
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
-    train(fast_config(colour_tree, export_formats=("graph", "tflite")))
+    train(fast_config(colour_tree, export=dict(formats=("graph", "tflite"))))
     graphs = tmp_path / "cache" / "graphs"
     kept = [*graphs.glob("*/frozen-graph-*.pb"), *graphs.glob("*/optimized-graph-*.pb"),
             *graphs.glob("*/tflite-graph-*.tflite")]
     assert len(kept) == 3
     stamps = [path.stat().st_mtime_ns for path in kept]
-    again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other"),
-                              export_formats=("graph", "tflite")))
+    again = train(fast_config(colour_tree, extraction=dict(bottleneck_dir=str(tmp_path / "other")),
+                              export=dict(formats=("graph", "tflite"))))
     assert again.bottlenecks_computed == 36  # a new, empty bottleneck cache...
     assert [path.stat().st_mtime_ns for path in kept] == stamps  # ...and no graph made again
 

@@ -15,9 +15,9 @@ def backbones(pattern: str, as_json: bool) -> None:
     The default (what train uses without --architecture) is marked with '*'.
     """
     from ..backbones import get_spec, list_backbones
-    from ..config import TrainConfig
+    from ..config import BackboneConfig
 
-    default = TrainConfig().architecture
+    default = BackboneConfig().name
     specs = [get_spec(name) for name in list_backbones(pattern)]
     if as_json:
         echo_json([{**s.to_dict(), "default": s.name == default} for s in specs])
