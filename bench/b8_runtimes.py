@@ -88,7 +88,7 @@ def label_rows(args, work, fastest_raw: float) -> dict:  # noqa: ANN001
     model = work / "model"
     if not (model / "model.tflite").is_file():
         run([*retrainer_cmd(), "train", "--image-dir", str(data_root(args) / args.model_set),
-             "--architecture", "efficientnet_lite0", "--output-dir", str(model),
+             "--backbone", "efficientnet_lite0", "--output-dir", str(model),
              "--bottleneck-dir", str(work / "bn")])  # its stdout is not this one's JSON
     one = next(p for p in sorted((data_root(args) / "sample_images").rglob("*"))
                if p.suffix.lower() in {".jpg", ".jpeg", ".png"})

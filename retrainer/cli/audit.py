@@ -17,8 +17,6 @@ _S = SourceConfig()
               help="Audit a SQL database instead (see 'retrainer db import').")
 @click.option("--where", "db_where", default=None, metavar="FILTER",
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
-@click.option("--backbone", default=None, metavar="NAME",
-              help="Same as --architecture: whose cached bottlenecks to use.")
 @backbone_options
 @click.option("--validation-percentage", default=_S.validation_percentage, show_default=True,
               type=click.FloatRange(0, 100, max_open=True),
@@ -41,13 +39,13 @@ _S = SourceConfig()
               help="Text mode: rows shown per table.")
 @engine_options
 @json_option
-def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float | None,
+def audit(as_json: bool, folds: int, near_threshold: float | None,
           report_dir: str | None, relabel_csv: str | None, findings_name: str | None,
           limit: int, **options: object) -> None:
     """Find duplicates, split leakage and likely mislabelled images (changes no file).
 
     \b
-      retrainer audit --image-dir photos/ --architecture efficientnet_lite0
+      retrainer audit --image-dir photos/ --backbone efficientnet_lite0
       retrainer audit --image-dir photos/ --json --report audit/ --write-relabel fix.csv
       retrainer audit --db images.sqlite --backbone efficientnet_lite0 --write-findings weekly
     """
@@ -61,8 +59,6 @@ def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float
     if findings_name is not None and not 0 < len(findings_name) <= 64:
         raise click.BadParameter("give a name of 1 to 64 characters.",
                                  param_hint="'--write-findings'")
-    if backbone:
-        options["architecture"] = backbone
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
     source = config_group(SourceConfig, options)
     backbone, extraction = backbone_configs(options)

@@ -41,7 +41,7 @@ def check_engine(engine: str, spark_master: str | None) -> None:
 def bottlenecks(as_json: bool, **options: object) -> None:
     """Compute and cache the bottlenecks of an image folder, without training.
 
-    A later 'retrainer train' with the same --architecture and --bottleneck-dir finds them all.
+    A later 'retrainer train' with the same --backbone and --bottleneck-dir finds them all.
 
     \b
       retrainer bottlenecks --image-dir photos/ --engine spark --spark-master 'local[4]'

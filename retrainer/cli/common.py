@@ -69,8 +69,10 @@ def backbone_options(fn: Callable) -> Callable:
 
     b, e = BackboneConfig(), ExtractionConfig()
     options = [
-        click.option("--architecture", default=b.name, show_default=True,
-                     help="Backbone name (see 'retrainer backbones') or the path of a .keras model."),
+        click.option("--backbone", "--architecture", "backbone", default=b.name, show_default=True,
+                     metavar="NAME",
+                     help="Backbone name (see 'retrainer backbones') or the path of a .keras "
+                          "model (--architecture: retrain.py's name for it)."),
         click.option("--weights", default=None,
                      help="Local weights file for the backbone, or 'random' "
                           "(default: its pretrained weights)."),
@@ -104,7 +106,7 @@ def backbone_configs(options: dict[str, Any]) -> tuple[Any, Any]:
     --spark-master), taken out of ``options``."""
     from ..config import BackboneConfig, ExtractionConfig
 
-    return (config_group(BackboneConfig, options, name="architecture"),
+    return (config_group(BackboneConfig, options, name="backbone"),
             config_group(ExtractionConfig, options, batch_size="extract_batch_size"))
 
 

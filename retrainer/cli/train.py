@@ -109,7 +109,7 @@ def train(ctx: click.Context, as_json: bool, seed: int, head_search: str | None,
     """Train a new classifier head on a pretrained backbone and export it.
 
     \b
-      retrainer train --image-dir cats/ --architecture efficientnet_lite0
+      retrainer train --image-dir cats/ --backbone efficientnet_lite0
     """
     from ..training import train as run_train
 
