@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
 from .files import atomic_write, writable_dir
-from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
+from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,50 @@ def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output
     """Write a Keras ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
     return export_graph(freeze(model), labels, metadata, output_dir, formats, output_graph,
                         output_labels)
+
+
+def model_metadata(spec: Any, backbone_cache_id: str, precision: str,
+                   training: dict[str, Any]) -> dict[str, Any]:
+    """What ``metadata.json`` says of a model beside its files and labels: the backbone
+    (``spec``: a BackboneSpec), the graph's input and output, and ``training``'s figures."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    return {
+        "retrainer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": spec.to_dict(),
+        "backbone_cache_id": backbone_cache_id,
+        "precision": precision,
+        "input": {"name": INPUT_NAME, "shape": [None, *spec.input_size, 3],
+                  "pixels": "RGB 0..255, float32; normalisation is inside the graph"},
+        "output": {"name": OUTPUT_NAME, "kind": "softmax"},
+        "training": training,
+    }
+
+
+def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
+                      labels: list[str], metadata: dict[str, Any], config: ExportConfig,
+                      backbone_tflite: Callable[[], bytes] | None = None,
+                      representative: Callable[[], Iterable[np.ndarray]] | None = None
+                      ) -> dict[str, str]:
+    """Write the classifier, a backbone's frozen graph (``backbone_graph``, fp32) with the head
+    ``softmax(x @ kernel + bias)`` composed onto it, as ``config`` says (:func:`export_graph`);
+    return what went where.
+
+    No second freeze of the whole classifier; and the TFLite model, when asked for, is the
+    backbone's (``backbone_tflite()``: converted once and kept) with the head appended, or
+    converted from the composed graph without it.
+    """
+    from .graph import compose, dense_softmax_graph
+
+    classifier = compose(backbone_graph, dense_softmax_graph(kernel, bias))
+    tflite = None
+    if backbone_tflite is not None and "tflite" in config.formats:
+        tflite = tflite_with_head(backbone_tflite(), kernel, bias)
+    return export_graph(classifier, labels, metadata, config.output_dir, config.formats,
+                        config.output_graph, config.output_labels, tflite, representative)
 
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
@@ -366,23 +411,6 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
             replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def tflite_model(graph_def: Any) -> bytes:
-    """TFLite of a frozen graph (``input`` -> ``final_result``) with a free batch dimension.
-
-    The GraphDef converter is faster than converting the SavedModel's concrete function (which
-    writes and reads back a temporary SavedModel first); the two models give identical scores.
-    It names no signature: see :func:`with_signature`.
-    """
-    tf = import_tensorflow()
-
-    shape = [-1, *input_shape(graph_def, INPUT_NAME)[1:]]
-    converter = tf.compat.v1.lite.TFLiteConverter(
-        graph_def, None, None, input_arrays_with_shape=[(INPUT_NAME, shape)],
-        output_arrays=[OUTPUT_NAME])
-    converter.exclude_conversion_metadata = True  # saves a third unpack and pack of the model
-    return bytes(converter.convert())
 
 
 def with_signature(tflite: bytes, key: str = "serving_default", input_name: str = "images",

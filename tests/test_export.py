@@ -73,7 +73,8 @@ def test_tflite_head_appended_to_a_kept_backbone_equals_converting_the_whole(tin
     import tensorflow as tf
 
     from retrainer.backbones.factory import create_backbone
-    from retrainer.export import schema, tflite_model, tflite_with_head, with_signature
+    from retrainer.export import schema, tflite_with_head, with_signature
+    from retrainer.graph import tflite_model
     from retrainer.graph import compose, dense_softmax_graph, freeze
 
     rng = np.random.default_rng(5)
