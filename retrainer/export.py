@@ -22,7 +22,7 @@ import numpy as np
 from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
 from .files import atomic_write, writable_dir
-from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape, tflite_model
+from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,6 @@ FORMATS = ("graph", "saved_model", "tflite", "int8", "onnx")
 DEFAULT_FORMATS = ("graph", "saved_model", "tflite")
 #: Training images the int8 model is calibrated on (spread over the classes).
 REPRESENTATIVE_IMAGES = 100
-
-
-def build_classifier(backbone_model: Any, head_model: Any) -> Any:
-    """Backbone and head as one Keras model: RGB 0..255 in, class probabilities out."""
-    import keras
-
-    inputs = keras.Input(backbone_model.input_shape[1:], name=INPUT_NAME)
-    outputs = head_model(backbone_model(inputs))
-    return keras.Model(inputs, outputs, name="retrained")
 
 
 def check_labels(labels: list[str]) -> None:
@@ -82,14 +73,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     except UnicodeEncodeError:  # a path that is not UTF-8: escaped, so the file stays UTF-8
         blob = (json.dumps(data, indent=2) + "\n").encode("ascii")
     atomic_write(path, lambda fh: fh.write(blob))
-
-
-def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
-                 formats: tuple[str, ...] = DEFAULT_FORMATS, output_graph: str | None = None,
-                 output_labels: str | None = None) -> dict[str, str]:
-    """Write a Keras ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
-    return export_graph(freeze(model), labels, metadata, output_dir, formats, output_graph,
-                        output_labels)
 
 
 def model_metadata(spec: Any, backbone_cache_id: str, precision: str,
@@ -587,7 +570,7 @@ def _packed(model: Any) -> bytes:
     return bytes(builder.Output())
 
 
-__all__ = ["build_classifier", "check_labels", "DEFAULT_FORMATS", "export_graph", "export_model",
+__all__ = ["check_labels", "DEFAULT_FORMATS", "export_classifier", "export_graph",
            "FORMATS", "GRAPH_FILE", "INT8_FILE", "LABELS_FILE", "METADATA_FILE", "ONNX_FILE",
            "OUTPUT_NAME", "TFLITE_FILE"]
 

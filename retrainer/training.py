@@ -236,24 +236,15 @@ def _augment(config: TrainConfig, filled: Any, pairs: list[tuple[str, ImageRecor
     enabled), and for each variant the index in ``pairs`` of the image it was made from."""
     from .augment import augmented_bottlenecks, variant_key
 
-    spec, cache, backbone = filled.spec, filled.cache, filled.backbone
+    spec, cache = filled.spec, filled.cache
     none = (np.zeros((0, cache.dim), np.float32), np.zeros(0, int), np.zeros(0, np.int64))
     aug = config.augment
     if not aug.enabled:
         return none
-    from .bottlenecks import get_engine
-    from .bottlenecks.extractor import graphs_dir, make_forward
-
-    def extract(items: list) -> list:
-        ext = config.extraction
-        engine = get_engine(ext.engine, workers=ext.workers, master=ext.spark_master)
-        return engine.extract(items, make_forward(backbone, graphs_dir()), spec.input_size,
-                              spec.resize, cache, batch_size=ext.batch_size)
-
     class_index = {label: i for i, label in enumerate(filled.dataset.classes)}
     t = time.perf_counter()
     x_aug, y_aug, computed, skipped = augmented_bottlenecks(
-        aug, pairs, class_index, spec.input_size, spec.resize, cache, extract)
+        aug, pairs, class_index, spec.input_size, spec.resize, cache, filled.extract)
     # The variants come back in (image, variant) order, those that could be made: the same
     # walk over the keys gives each one's image, so that a fold keeps an image and its variants.
     origin = np.array([j for j, (key, _) in enumerate(pairs) for i in range(aug.variants)

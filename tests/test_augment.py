@@ -63,12 +63,31 @@ def test_distortions_do_what_their_names_say():
 
 
 def test_train_caches_variants_once_and_recomputes_when_settings_change(tmp_path: Path,
-                                                                        fast_config):
+                                                                        fast_config,
+                                                                        monkeypatch):
+    import retrainer.bottlenecks as bottlenecks
+    import retrainer.bottlenecks.extractor as extractor
+
+    built = []
+    real_engine, real_forward = bottlenecks.get_engine, extractor.make_forward
+
+    def get_engine(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        built.append("engine")
+        return real_engine(*args, **kw)
+
+    def make_forward(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        if not kw.get("runtime"):  # with one: measuring which runtime is fastest here
+            built.append("runner")
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(bottlenecks, "get_engine", get_engine)
+    monkeypatch.setattr(extractor, "make_forward", make_forward)
     root = make_colour_tree(tmp_path / "img", per_class=8)
     config = fast_config(root, augment=AugmentConfig(True, random_brightness=10, variants=2),
                          source=dict(validation_percentage=0, testing_percentage=0),
                          summaries_dir=str(tmp_path / "tb"))
     first = train(config)
+    assert built == ["engine", "runner"]  # one of each for the images and their variants
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     cache_dir = Path(first.cache_dir)
 

@@ -25,12 +25,14 @@ def pixels(n: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def test_composed_graph_equals_the_frozen_keras_classifier(tiny):
-    from retrainer.export import build_classifier
-    from retrainer.graph import GraphRunner, compose, freeze
+    import keras
+
+    from retrainer.graph import INPUT_NAME, GraphRunner, compose, freeze
     from retrainer.head import build_head
 
     head = build_head(3, 4)
-    whole = GraphRunner(freeze(build_classifier(tiny.model, head)))
+    inputs = keras.Input(tiny.model.input_shape[1:], name=INPUT_NAME)  # one Keras model
+    whole = GraphRunner(freeze(keras.Model(inputs, head(tiny.model(inputs)))))
     spliced = GraphRunner(compose(freeze(tiny.model), freeze(head)))
     assert spliced.input_shape == (None, 32, 32, 3) and spliced.output_dim == 4
     np.testing.assert_allclose(spliced(pixels()), whole(pixels()), atol=1e-6)

@@ -8,6 +8,8 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from ..config import DEFAULT_MODEL_DIR
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print machine-readable JSON on stdout.")
 
@@ -29,7 +31,7 @@ def model_options(fn: Callable) -> Callable:
                       help="Labels file (with --graph; default: the model dir's).")(fn)
     fn = click.option("--graph", type=click.Path(dir_okay=False),
                       help="A frozen graph file instead of --model-dir.")(fn)
-    fn = click.option("--model-dir", default="retrained", show_default=True,
+    fn = click.option("--model-dir", default=DEFAULT_MODEL_DIR, show_default=True,
                       type=click.Path(file_okay=False),
                       help="Folder written by 'retrainer train'.")(fn)
     return fn
