@@ -5,7 +5,8 @@ backbone and training took hours. Here each training image gets ``variants`` fix
 (flip, crop, scale, brightness, with retrain.py's option names and meanings:
 :class:`retrainer.config.AugmentConfig`). A variant is decided by the image content, the
 distortion settings and the variant index, and is cached under a key made of all three, so it
-is computed once and reused by every later run with the same settings. The head then trains on the originals plus their variants.
+is computed once and reused by every later run with the same settings. The head then trains
+on the originals plus their variants.
 """
 from __future__ import annotations
 

@@ -79,7 +79,8 @@ def test_fine_tune_trains_the_top_and_exports_it(tmp_path: Path, fast_config):
     tuned = [row for row in result.history if row.get("fine_tune")]
     assert len(tuned) == 3 and all("val_loss" in row for row in tuned)
     assert result.timings["fine_tune"] > 0
-    meta = json.loads((Path(config.export.output_dir) / "metadata.json").read_text(encoding="utf-8"))
+    meta_path = Path(config.export.output_dir) / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     assert meta["training"]["fine_tuned"] is True
     # The export and the reported test accuracy come from the same (fine-tuned) model.
     classifier = Classifier.load(config.export.output_dir)
