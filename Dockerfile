@@ -3,7 +3,7 @@
 # (root when root owns it), so it works with any host folder and its outputs belong to you.
 #   docker build -t retrainer .
 #   docker run --rm -v "$PWD:/data" -v retrainer-cache:/cache retrainer \
-#       train --image-dir photos --architecture efficientnet_lite0 --output-dir retrained
+#       train --image-dir photos --backbone efficientnet_lite0 --output-dir retrained
 #   docker run --rm -v "$PWD:/data" -p 8000:8000 -e RETRAINER_API_KEY=... retrainer \
 #       serve --model-dir retrained --host 0.0.0.0
 FROM python:3.11-slim

@@ -21,7 +21,7 @@ system-deps:
 demo: EXTRAS = demo
 demo: venv
 	$(PY) examples/make_demo_set.py demo/images
-	$(VENV)/bin/retrainer train --image-dir demo/images --architecture efficientnet_lite0 \
+	$(VENV)/bin/retrainer train --image-dir demo/images --backbone efficientnet_lite0 \
 		--output-dir demo/model --bottleneck-dir demo/bottlenecks
 	$(VENV)/bin/retrainer label --model-dir demo/model demo/images/*/crop_000.jpg
 

@@ -97,13 +97,16 @@ def prf(flagged: set, truth: set) -> dict:
 def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
     from retrainer.audit import audit, find_label_issues
     from retrainer.bottlenecks.fill import fill
-    from retrainer.config import TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, SourceConfig,
+                                  TrainConfig)
     from retrainer.split import normalised
 
     dirty = Path(args.work_dir) / f"dirty_{name}"
     truth = make_dirty(src, dirty, args.seed, args.flip, args.exact, args.near)
-    config = TrainConfig(image_dir=str(dirty), architecture=args.backbone,
-                         bottleneck_dir=args.bottleneck_dir, output_dir=str(Path(args.work_dir) / "o"))
+    config = TrainConfig(source=SourceConfig(image_dir=str(dirty)),
+                         backbone=BackboneConfig(args.backbone),
+                         extraction=ExtractionConfig(bottleneck_dir=args.bottleneck_dir),
+                         export=ExportConfig(output_dir=str(Path(args.work_dir) / "o")))
     t = time.perf_counter()
     audit(config, folds=args.folds)  # fills the cache
     cold = time.perf_counter() - t
@@ -206,11 +209,13 @@ def run_set(name: str, src: Path, args: argparse.Namespace) -> dict:
 def clean_set(root: Path, args: argparse.Namespace) -> dict:
     """Near-duplicate groups on a set with no planted copies (look-alike items must not chain)."""
     from retrainer.audit import audit
-    from retrainer.config import TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, SourceConfig,
+                                  TrainConfig)
 
-    config = TrainConfig(image_dir=str(root), architecture=args.backbone,
-                         bottleneck_dir=args.bottleneck_dir,
-                         output_dir=str(Path(args.work_dir) / "o"))
+    config = TrainConfig(source=SourceConfig(image_dir=str(root)),
+                         backbone=BackboneConfig(args.backbone),
+                         extraction=ExtractionConfig(bottleneck_dir=args.bottleneck_dir),
+                         export=ExportConfig(output_dir=str(Path(args.work_dir) / "o")))
     audit(config, folds=args.folds)  # fills the cache
     t = time.perf_counter()
     result = audit(config, folds=args.folds)

@@ -31,10 +31,10 @@ def main() -> None:
     from retrainer.backbones.factory import create_backbone
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import make_forward
-    from retrainer.config import TrainConfig
+    from retrainer.config import ExtractionConfig
     from retrainer.sources.folder import scan_folder
 
-    defaults = TrainConfig()
+    defaults = ExtractionConfig()
     all_records = scan_folder(images).records
     out = {}
     for name in backbones(args):
@@ -56,14 +56,14 @@ def main() -> None:
                 keys, _ = hash_records(records, defaults.workers)
                 items = list(dict(zip(keys, records)).items())
                 engine.extract(items, forward, spec.input_size, spec.resize, cache,
-                               batch_size=defaults.extract_batch_size)
+                               batch_size=defaults.batch_size)
             done = len(BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim))
             rates.append(clock.rate(done))
             shutil.rmtree(cache_root, ignore_errors=True)
         raw, rate = max(raw_rates), max(rates)
         out[name] = {"raw_img_s": round(raw.per_s, 2), "raw_batch": raw_batch,
                      "train_img_s": round(rate.per_s, 2), "images": done,
-                     "extract_batch": defaults.extract_batch_size,
+                     "extract_batch": defaults.batch_size,
                      "raw_rounds": [r.to_dict() for r in raw_rates],
                      "train_rounds": [r.to_dict() for r in rates],
                      "raw_best": raw.to_dict(), "train_best": rate.to_dict(),

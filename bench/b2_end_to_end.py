@@ -72,7 +72,7 @@ def main() -> None:
         cache_dir = base / "cache"
         graph, prepare_s = prepare_graph(name, weights, cache_dir)
         shutil.rmtree(base / "ours", ignore_errors=True)
-        cmd = [*retrainer_cmd(), "-q", "train", "--image-dir", str(images), "--architecture", name,
+        cmd = [*retrainer_cmd(), "-q", "train", "--image-dir", str(images), "--backbone", name,
                "--output-dir", str(base / "ours" / "model"),
                "--bottleneck-dir", str(base / "ours" / "bottlenecks"), "--json"]
         if weights:

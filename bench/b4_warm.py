@@ -22,7 +22,7 @@ def main() -> None:
     runs = []
     for _ in range(2):
         wall, text, rss = run([*retrainer_cmd(), "-q", "train", "--image-dir", str(images),
-                               "--architecture", "efficientnet_lite0", "--bottleneck-dir",
+                               "--backbone", "efficientnet_lite0", "--bottleneck-dir",
                                str(cache), "--output-dir", str(work / "b4-model"), "--json"])
         result = json.loads(text)
         runs.append({"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),

@@ -22,7 +22,7 @@ def main() -> None:
     images = jpeg_set_500(data_root(args), work / "jpeg500")
     model = work / "b2" / "efficientnet_lite0" / "ours" / "model"
     if not (model / "retrained_graph.pb").is_file():
-        run([*retrainer_cmd(), "-q", "train", "--image-dir", str(images), "--architecture",
+        run([*retrainer_cmd(), "-q", "train", "--image-dir", str(images), "--backbone",
              "efficientnet_lite0", "--output-dir", str(model), "--bottleneck-dir",
              str(work / "b6-bottlenecks")])
 

@@ -34,12 +34,12 @@ def main() -> None:
     from retrainer.backbones.factory import create_backbone
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import graphs_dir, make_forward
-    from retrainer.config import TrainConfig
+    from retrainer.config import ExtractionConfig
     from retrainer.runtimes import available
     from retrainer.bottlenecks.runtime_choice import choose, measure
     from retrainer.sources.folder import scan_folder
 
-    defaults = TrainConfig()
+    defaults = ExtractionConfig()
     records = scan_folder(images).records
     out: dict = {"load_before": os.getloadavg()}
     for name in backbones(args):
@@ -69,7 +69,7 @@ def main() -> None:
                         get_engine("local").extract(
                             list(dict(zip(keys, records)).items()), forward,
                             backbone.spec.input_size, backbone.spec.resize, cache,
-                            batch_size=defaults.extract_batch_size)
+                            batch_size=defaults.batch_size)
                     best[label] = max(best.get(label, 0.0), clock.rate(len(records)).per_s)
             row["extraction_img_s"] = {k: round(v, 1) for k, v in best.items()}
             default = next(v for k, v in best.items() if k.startswith("default"))
@@ -88,7 +88,7 @@ def label_rows(args, work, fastest_raw: float) -> dict:  # noqa: ANN001
     model = work / "model"
     if not (model / "model.tflite").is_file():
         run([*retrainer_cmd(), "train", "--image-dir", str(data_root(args) / args.model_set),
-             "--architecture", "efficientnet_lite0", "--output-dir", str(model),
+             "--backbone", "efficientnet_lite0", "--output-dir", str(model),
              "--bottleneck-dir", str(work / "bn")])  # its stdout is not this one's JSON
     one = next(p for p in sorted((data_root(args) / "sample_images").rglob("*"))
                if p.suffix.lower() in {".jpg", ".jpeg", ".png"})

@@ -8,7 +8,6 @@ fp32 bottlenecks is >= 0.999. Prints one JSON document; ``rule_holds`` says the 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 
@@ -29,19 +28,23 @@ def main() -> None:
     os.environ.setdefault("RETRAINER_CACHE_DIR", str(work / "cache"))
 
     from retrainer.bottlenecks import BottleneckCache, hash_records
-    from retrainer.config import TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, SourceConfig,
+                                  TrainConfig)
     from retrainer.sources.folder import scan_folder
     from retrainer.training import train
 
     out, holds = {}, True
     for name in args.sets.split(","):
-        base = TrainConfig(image_dir=str(root / name), architecture="efficientnet_lite0",
-                           bottleneck_dir=str(work / "bn"), export_formats=("graph",))
+        extraction = ExtractionConfig(bottleneck_dir=str(work / "bn"))
         row: dict = {}
         results = {}
         for precision, runtime in (("fp32", "tensorflow"), ("bf16", args.runtime)):
-            config = dataclasses.replace(base, precision=precision, runtime=runtime,
-                                         output_dir=str(work / "out" / f"{name}-{precision}"))
+            config = TrainConfig(
+                source=SourceConfig(image_dir=str(root / name)),
+                backbone=BackboneConfig("efficientnet_lite0", precision=precision, runtime=runtime),
+                extraction=extraction,
+                export=ExportConfig(output_dir=str(work / "out" / f"{name}-{precision}"),
+                                    formats=("graph",)))
             t = time.perf_counter()
             results[precision] = train(config)
             row[f"{precision}_top1"] = round(100 * results[precision].validation_accuracy, 2)

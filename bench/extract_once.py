@@ -23,7 +23,7 @@ def main() -> None:
     from retrainer.backbones.factory import create_backbone
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import make_forward
-    from retrainer.config import TrainConfig
+    from retrainer.config import ExtractionConfig
     from retrainer.sources.folder import scan_folder
 
     t = time.perf_counter()
@@ -38,7 +38,7 @@ def main() -> None:
     t_extract = time.perf_counter()
     get_engine("local").extract([(k, r) for k, r in todo.items() if k in missing], forward,
                                 spec.input_size, spec.resize, cache,
-                                batch_size=TrainConfig().extract_batch_size)
+                                batch_size=ExtractionConfig().batch_size)
     done = time.perf_counter()
     json.dump({"images": len(records), "computed": len(missing),
                "extract_img_s": round(len(missing) / max(done - t_extract, 1e-9), 2),

@@ -37,7 +37,8 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from retrainer.config import HeadConfig, TrainConfig  # noqa: E402
+from retrainer.config import (  # noqa: E402
+    BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig, SourceConfig, TrainConfig)
 
 log = logging.getLogger("bench.quality")
 
@@ -87,8 +88,9 @@ def fill_val(folder: Path, backbone: str, args: argparse.Namespace, tta: str = "
     """Cache the bottlenecks of SET/val too, for the probe."""
     from retrainer.bottlenecks.fill import fill_cache
 
-    fill_cache(TrainConfig(image_dir=str(folder), architecture=backbone,
-                           bottleneck_dir=args.cache_dir, tta=tta))
+    fill_cache(TrainConfig(source=SourceConfig(image_dir=str(folder)),
+                           backbone=BackboneConfig(backbone, tta=tta),
+                           extraction=ExtractionConfig(bottleneck_dir=args.cache_dir)))
 
 
 def probe_accuracy(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarray,
@@ -117,10 +119,11 @@ def head_run(path: Path, backbone: str, args: argparse.Namespace, head: HeadConf
     from retrainer.training import train
 
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(image_dir=str(path / "train"), output_dir=out,
-                             architecture=backbone, bottleneck_dir=args.cache_dir,
-                             testing_percentage=0, export_formats=("graph",), head=head,
-                             tta=tta)
+        config = TrainConfig(source=SourceConfig(image_dir=str(path / "train"),
+                                                 testing_percentage=0),
+                             backbone=BackboneConfig(backbone, tta=tta),
+                             extraction=ExtractionConfig(bottleneck_dir=args.cache_dir),
+                             head=head, export=ExportConfig(output_dir=out, formats=("graph",)))
         result = train(config)
         report = evaluate_folder(str(path / "val"), out)
     return {"accuracy": report.accuracy, "n_val": report.n,
@@ -206,9 +209,11 @@ def time_head(path: Path, backbone: str, n: int, args: argparse.Namespace) -> di
     from retrainer.training import train
 
     with tempfile.TemporaryDirectory() as out:  # fills the cache if needed
-        result = train(TrainConfig(image_dir=str(path / "train"), output_dir=out,
-                                   architecture=backbone, bottleneck_dir=args.cache_dir,
-                                   testing_percentage=0, export_formats=("graph",)))
+        result = train(TrainConfig(
+            source=SourceConfig(image_dir=str(path / "train"), testing_percentage=0),
+            backbone=BackboneConfig(backbone),
+            extraction=ExtractionConfig(bottleneck_dir=args.cache_dir),
+            export=ExportConfig(output_dir=out, formats=("graph",))))
     x, y = cached_features(path / "train", result.cache_dir,
                            resolve_spec(backbone).feature_dim, result.labels)
     rng = np.random.default_rng(args.seed)

@@ -85,7 +85,8 @@ def pick(folder: Path, per_class: int, skip: int = 0) -> dict[str, list[Path]]:
 
 
 def train_quick(args: argparse.Namespace, train_dir: Path, work: Path) -> Path:
-    from retrainer.config import HeadConfig, TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                                  SourceConfig, TrainConfig)
     from retrainer.training import train
 
     images = work / "images"
@@ -97,9 +98,11 @@ def train_quick(args: argparse.Namespace, train_dir: Path, work: Path) -> Path:
                 link.symlink_to(f.resolve())
     out = work / "model"
     t = time.perf_counter()
-    train(TrainConfig(image_dir=str(images), output_dir=str(out), architecture=args.architecture,
-                      bottleneck_dir=str(work / "bottlenecks"), export_formats=("graph",),
-                      head=HeadConfig(epochs=20)))
+    train(TrainConfig(source=SourceConfig(image_dir=str(images)),
+                      backbone=BackboneConfig(args.architecture),
+                      extraction=ExtractionConfig(bottleneck_dir=str(work / "bottlenecks")),
+                      head=HeadConfig(epochs=20),
+                      export=ExportConfig(output_dir=str(out), formats=("graph",))))
     log(f"trained {args.architecture} on {args.per_class} images/class in "
         f"{time.perf_counter() - t:.1f} s")
     return out

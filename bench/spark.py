@@ -63,12 +63,13 @@ def measure(spec: dict) -> dict:
     from retrainer.backbones.factory import create_backbone, resolve_spec
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import make_forward
-    from retrainer.config import TrainConfig
+    from retrainer.config import BackboneConfig, SourceConfig, TrainConfig
     from retrainer.dataset import load_dataset
 
-    config = TrainConfig(image_dir=spec["image_dir"], architecture=spec["architecture"])
+    config = TrainConfig(source=SourceConfig(image_dir=spec["image_dir"]),
+                         backbone=BackboneConfig(spec["architecture"]))
     records = sorted(load_dataset(config).records, key=lambda r: r.key)
-    bspec = resolve_spec(config.architecture)
+    bspec = resolve_spec(config.backbone.name)
     backbone = create_backbone(bspec)
     keys, _ = hash_records(records)
     items = list({k: r for k, r in zip(keys, records) if k}.items())
@@ -107,12 +108,15 @@ def run_measure(spec: dict) -> dict:
 
 
 def accuracy(image_dir: Path, architecture: str, cache_root: Path, out: Path) -> tuple[float, int]:
-    from retrainer.config import HeadConfig, TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                                  SourceConfig, TrainConfig)
     from retrainer.training import train
 
-    result = train(TrainConfig(image_dir=str(image_dir), architecture=architecture,
-                               bottleneck_dir=str(cache_root), output_dir=str(out),
-                               export_formats=("graph",), head=HeadConfig(epochs=20, seed=0)))
+    result = train(TrainConfig(source=SourceConfig(image_dir=str(image_dir)),
+                               backbone=BackboneConfig(architecture),
+                               extraction=ExtractionConfig(bottleneck_dir=str(cache_root)),
+                               head=HeadConfig(epochs=20, seed=0),
+                               export=ExportConfig(output_dir=str(out), formats=("graph",))))
     assert result.bottlenecks_computed == 0, "the engine's cache was incomplete"
     return result.test_accuracy or 0.0, result.test.n if result.test else 0
 

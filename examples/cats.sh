@@ -11,8 +11,8 @@ set -euo pipefail
 images=${1:?usage: cats.sh IMAGE_DIR PHOTOS...}
 shift
 
-# EfficientNet-Lite0 works offline; drop --architecture for Inception-v3 (downloads its weights).
-retrainer train --image-dir "$images" --architecture efficientnet_lite0 \
+# EfficientNet-Lite0 works offline; drop --backbone for Inception-v3 (downloads its weights).
+retrainer train --image-dir "$images" --backbone efficientnet_lite0 \
     --output-dir cats_model --print-misclassified
 
 # Score the model on the held-out split that train kept aside, then label new photos.

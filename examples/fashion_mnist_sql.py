@@ -81,7 +81,8 @@ def idx_dataset(folder: Path, per_class: int | None, validation_percentage: floa
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from retrainer.config import HeadConfig, TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                                  SourceConfig, TrainConfig)
     from retrainer.db.importer import import_dataset
     from retrainer.db.predictions import label_database, model_id_of
     from retrainer.predict import Classifier
@@ -101,10 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = idx_dataset(args.idx_dir, args.per_class or None)
     imported = import_dataset(args.db, dataset)
     print(f"imported {imported.added} images ({imported.existing} already there)", file=sys.stderr)
-    trained = train(TrainConfig(db=args.db, output_dir=args.output_dir,
-                                architecture=args.architecture,
-                                bottleneck_dir=args.bottleneck_dir, export_formats=("graph",),
-                                head=HeadConfig(epochs=args.epochs)))
+    trained = train(TrainConfig(source=SourceConfig(db=args.db),
+                                backbone=BackboneConfig(args.architecture),
+                                extraction=ExtractionConfig(bottleneck_dir=args.bottleneck_dir),
+                                head=HeadConfig(epochs=args.epochs),
+                                export=ExportConfig(output_dir=args.output_dir,
+                                                    formats=("graph",))))
     classifier = Classifier.load(args.output_dir)
     labelled = label_database(args.db, classifier, model_id_of(args.output_dir),
                               where="role = 'testing'")

@@ -2,7 +2,7 @@
 
     spark-submit --master spark://head:7077 --conf spark.executor.memory=4g \
         examples/spark_submit.py bottlenecks --image-dir /shared/photos --engine spark \
-        --bottleneck-dir /shared/cache --architecture efficientnet_lite0
+        --bottleneck-dir /shared/cache --backbone efficientnet_lite0
 """
 from retrainer.cli import main
 

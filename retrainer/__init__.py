@@ -4,7 +4,9 @@ The public API is imported lazily, so ``import retrainer`` (and ``retrainer --he
 TensorFlow; each name below is resolved from its module on first use::
 
     import retrainer
-    result = retrainer.train(retrainer.TrainConfig(image_dir="photos", architecture="efficientnet_lite0"))
+    from retrainer import BackboneConfig, SourceConfig, TrainConfig
+    result = retrainer.train(TrainConfig(source=SourceConfig(image_dir="photos"),
+                                         backbone=BackboneConfig("efficientnet_lite0")))
     for r in retrainer.Classifier.load("retrained").label_paths(["photo.jpg"]):
         print(r.path, r.predictions[0].label)
 """
@@ -22,7 +24,13 @@ _PUBLIC = {
     "evaluate": "retrainer.evaluation:evaluate_folder",
     "Classifier": "retrainer.predict:Classifier",
     "TrainConfig": "retrainer.config:TrainConfig",
+    "SourceConfig": "retrainer.config:SourceConfig",
+    "BackboneConfig": "retrainer.config:BackboneConfig",
+    "ExtractionConfig": "retrainer.config:ExtractionConfig",
     "HeadConfig": "retrainer.config:HeadConfig",
+    "AugmentConfig": "retrainer.config:AugmentConfig",
+    "FineTuneConfig": "retrainer.config:FineTuneConfig",
+    "ExportConfig": "retrainer.config:ExportConfig",
     "LabelConfig": "retrainer.config:LabelConfig",
     "BackboneSpec": "retrainer.backbones.registry:BackboneSpec",
     "list_backbones": "retrainer.backbones.registry:list_backbones",

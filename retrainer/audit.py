@@ -254,7 +254,8 @@ def _audit(config: TrainConfig, filled: Any, folds: int, near_threshold: float,
     # The splits train would use: copies grouped into one split.
     split_view = assign_splits(type(dataset)(classes=dataset.classes, records=records,
                                              root=dataset.root),
-                               config.validation_percentage, config.testing_percentage,
+                               config.source.validation_percentage,
+                               config.source.testing_percentage,
                                content_keys=keys, keep_conflicting=True,
                                near_pairs=[(first_record[a], first_record[b])
                                            for a, b, _ in near_pairs])

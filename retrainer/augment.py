@@ -2,73 +2,62 @@
 
 retrain.py switched its bottleneck cache off when distortions were on, so every step ran the
 backbone and training took hours. Here each training image gets ``variants`` fixed distortions
-(flip, crop, scale, brightness, with retrain.py's option names and meanings). A variant is
-decided by the image content, the distortion settings and the variant index, and is cached
-under a key made of all three, so it is computed once and reused by every later run with the
-same settings. The head then trains on the originals plus their variants.
+(flip, crop, scale, brightness, with retrain.py's option names and meanings:
+:class:`retrainer.config.AugmentConfig`). A variant is decided by the image content, the
+distortion settings and the variant index, and is cached under a key made of all three, so it
+is computed once and reused by every later run with the same settings. The head then trains
+on the originals plus their variants.
 """
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from .bottlenecks import verified
+from .config import AugmentConfig
 from .images import RESAMPLE, open_image
 from .sources.base import ImageRecord
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """The distortions (percentages as in retrain.py) and how many variants per image."""
-
-    flip_left_right: bool = False
-    random_crop: float = 0.0  # % margin cropped away at random
-    random_scale: float = 0.0  # % the image is enlarged by at most, before cropping
-    random_brightness: float = 0.0  # % the pixel values are multiplied up or down by at most
-    variants: int = 4
-
-    @property
-    def enabled(self) -> bool:
-        return self.variants > 0 and (self.flip_left_right or self.random_crop > 0
-                                      or self.random_scale > 0 or self.random_brightness > 0)
-
-    def tag(self) -> str:
-        """Every setting that changes a variant's pixels (not the count: variant i is the same
-        whatever the count)."""
-        return (f"flip={int(self.flip_left_right)};crop={self.random_crop:g};"
-                f"scale={self.random_scale:g};brightness={self.random_brightness:g}")
-
-    def variant_key(self, content_key: str, index: int, size: tuple[int, int], resize: str) -> str:
-        """The cache key of variant ``index`` of the image whose bytes hash to ``content_key``."""
-        blob = f"augment-v1|{content_key}|{self.tag()}|{index}|{size[0]}x{size[1]}|{resize}"
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def distort(self, img: Image.Image, size: tuple[int, int], resize: str,
-                rng: np.random.Generator) -> Image.Image:
-        """One random distortion of ``img``, resized to ``size`` (height, width)."""
-        width, height = img.size
-        margin = 1.0 + self.random_crop / 100.0
-        scale = 1.0 + rng.uniform(0.0, self.random_scale / 100.0)
-        keep = 1.0 / (margin * scale)  # the share of each side that stays in the crop
-        cw, ch = max(1, round(width * keep)), max(1, round(height * keep))
-        left = int(rng.integers(0, width - cw + 1))
-        top = int(rng.integers(0, height - ch + 1))
-        out = img.crop((left, top, left + cw, top + ch)).resize((size[1], size[0]), RESAMPLE[resize])
-        if self.flip_left_right and rng.random() < 0.5:
-            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if self.random_brightness:
-            factor = 1.0 + rng.uniform(-1.0, 1.0) * self.random_brightness / 100.0
-            arr = np.clip(np.asarray(out, np.float32) * factor, 0, 255).astype(np.uint8)
-            out = Image.fromarray(arr, "RGB")
-        return out
+def tag(aug: AugmentConfig) -> str:
+    """Every setting that changes a variant's pixels (not the count: variant i is the same
+    whatever the count)."""
+    return (f"flip={int(aug.flip_left_right)};crop={aug.random_crop:g};"
+            f"scale={aug.random_scale:g};brightness={aug.random_brightness:g}")
 
 
-def variant_records(aug: Augmentation, pairs: list[tuple[str, ImageRecord]],
+def variant_key(aug: AugmentConfig, content_key: str, index: int, size: tuple[int, int],
+                resize: str) -> str:
+    """The cache key of variant ``index`` of the image whose bytes hash to ``content_key``."""
+    blob = f"augment-v1|{content_key}|{tag(aug)}|{index}|{size[0]}x{size[1]}|{resize}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def distort(aug: AugmentConfig, img: Image.Image, size: tuple[int, int], resize: str,
+            rng: np.random.Generator) -> Image.Image:
+    """One random distortion of ``img``, resized to ``size`` (height, width)."""
+    width, height = img.size
+    margin = 1.0 + aug.random_crop / 100.0
+    scale = 1.0 + rng.uniform(0.0, aug.random_scale / 100.0)
+    keep = 1.0 / (margin * scale)  # the share of each side that stays in the crop
+    cw, ch = max(1, round(width * keep)), max(1, round(height * keep))
+    left = int(rng.integers(0, width - cw + 1))
+    top = int(rng.integers(0, height - ch + 1))
+    out = img.crop((left, top, left + cw, top + ch)).resize((size[1], size[0]), RESAMPLE[resize])
+    if aug.flip_left_right and rng.random() < 0.5:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if aug.random_brightness:
+        factor = 1.0 + rng.uniform(-1.0, 1.0) * aug.random_brightness / 100.0
+        arr = np.clip(np.asarray(out, np.float32) * factor, 0, 255).astype(np.uint8)
+        out = Image.fromarray(arr, "RGB")
+    return out
+
+
+def variant_records(aug: AugmentConfig, pairs: list[tuple[str, ImageRecord]],
                     size: tuple[int, int], resize: str) -> list[tuple[str, ImageRecord]]:
     """(variant key, record) for every variant of every (content key, record) pair.
 
@@ -78,7 +67,7 @@ def variant_records(aug: Augmentation, pairs: list[tuple[str, ImageRecord]],
     out = []
     for key, rec in pairs:
         for i in range(aug.variants):
-            vkey = aug.variant_key(key, i, size, resize)
+            vkey = variant_key(aug, key, i, size, resize)
             out.append((vkey, ImageRecord(key=f"{rec.key}#augment{i}", label=rec.label,
                                           read=_variant_reader(aug, verified(rec, key), vkey, size,
                                                               resize),
@@ -86,19 +75,19 @@ def variant_records(aug: Augmentation, pairs: list[tuple[str, ImageRecord]],
     return out
 
 
-def _variant_reader(aug: Augmentation, rec: ImageRecord, vkey: str, size: tuple[int, int],
+def _variant_reader(aug: AugmentConfig, rec: ImageRecord, vkey: str, size: tuple[int, int],
                     resize: str) -> Callable[[], bytes]:
     def read() -> bytes:
         img = open_image(rec.read(), rec.display)
         rng = np.random.default_rng(int(vkey[:16], 16))
         buf = io.BytesIO()
-        aug.distort(img, size, resize, rng).save(buf, format="BMP")
+        distort(aug, img, size, resize, rng).save(buf, format="BMP")
         return buf.getvalue()
 
     return read
 
 
-def augmented_bottlenecks(aug: Augmentation, pairs: list[tuple[str, ImageRecord]],
+def augmented_bottlenecks(aug: AugmentConfig, pairs: list[tuple[str, ImageRecord]],
                           class_index: dict[str, int], size: tuple[int, int], resize: str,
                           cache, extract: Callable[[list[tuple[str, ImageRecord]]], list]
                           ) -> tuple[np.ndarray, np.ndarray, int, list]:

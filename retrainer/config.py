@@ -43,51 +43,100 @@ class HeadConfig:
 
 
 @dataclass
-class TrainConfig:
-    """One ``retrainer train`` run."""
+class SourceConfig:
+    """Where the images come from, and how they are split."""
 
     image_dir: str | None = None
     db: str | None = None  # a SQL database (URL or SQLite path) instead of image_dir
     db_where: str | None = None  # which of its images to use (retrainer.db.filters)
-    output_dir: str = DEFAULT_MODEL_DIR
-    architecture: str = "inception_v3"
-    weights: str | None = None
-    feature_layer: str | None = None
-    precision: str = "fp32"
+    validation_percentage: float = 10.0
+    testing_percentage: float = 10.0
+    # Identical files under two labels are left out of training and evaluation unless kept.
+    keep_conflicting_duplicates: bool = False
+
+
+@dataclass
+class BackboneConfig:
+    """The pretrained network and how it runs: everything that decides a bottleneck's value
+    (and so its cache entry)."""
+
+    name: str = "inception_v3"  # a registered backbone (list_backbones()) or a .keras path
+    weights: str | None = None  # a local weights file, or "random"; None: the pretrained ones
+    feature_layer: str | None = None  # with a .keras model: the bottleneck layer
+    precision: str = "fp32"  # or "bf16" (extraction only: exports are fp32)
     # What runs the backbone: auto (the fastest installed here, measured once and kept),
     # tensorflow, onnxruntime, openvino or litert (retrainer.runtimes).
     runtime: str = "auto"
-    # Test-time augmentation folded into the backbone: "flip" averages each image's features
-    # with its mirror's (two backbone passes per image), at training and in every export alike.
+    # Test-time augmentation folded into the backbone: "flip" averages each image's
+    # bottleneck with its mirror's (two backbone passes per image), at training and in every
+    # export alike.
     tta: str = "none"
+
+
+@dataclass
+class ExtractionConfig:
+    """Where bottlenecks are cached and what computes them; none of it changes their values."""
+
     bottleneck_dir: str | None = None  # None: the user cache dir
-    validation_percentage: float = 10.0
-    testing_percentage: float = 10.0
-    extract_batch_size: int = 16  # measured best or equal for lite0 and inception_v3 on CPU
-    workers: int | None = None
-    engine: str = "local"
-    spark_master: str | None = None  # --engine spark: local[N], spark://HOST:PORT, yarn...
-    head: HeadConfig = field(default_factory=HeadConfig)
+    batch_size: int = 16  # measured best or equal for lite0 and inception_v3 on CPU
+    workers: int | None = None  # image decoding threads; None: one per core
+    engine: str = "local"  # or "spark"
+    spark_master: str | None = None  # engine "spark": local[N], spark://HOST:PORT, yarn...
+
+
+@dataclass
+class AugmentConfig:
+    """Cached augmentation (retrain.py's names; percentages): on when any distortion is set."""
+
+    flip_left_right: bool = False
+    random_crop: float = 0.0  # % margin cropped away at random
+    random_scale: float = 0.0  # % the image is enlarged by at most, before cropping
+    random_brightness: float = 0.0  # % the pixel values are multiplied up or down by at most
+    variants: int = 4  # distorted copies of each training image, each cached
+
+    @property
+    def enabled(self) -> bool:
+        return self.variants > 0 and (self.flip_left_right or self.random_crop > 0
+                                      or self.random_scale > 0 or self.random_brightness > 0)
+
+
+@dataclass
+class FineTuneConfig:
+    """The optional second stage: the backbone's top layers trained with the head (BatchNorm
+    stays frozen)."""
+
+    layers: int = 12  # weighted layers counted from the top
+    epochs: int = 5
+    learning_rate: float = 1e-5  # 1e-4 cost flowers 4 points on one split
+
+
+@dataclass
+class ExportConfig:
+    """What is written, where, and the accuracy it takes to write anything."""
+
+    output_dir: str = DEFAULT_MODEL_DIR
+    # graph, saved_model, tflite, int8, onnx (retrainer.export.FORMATS); int8 and onnx cost more
+    formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
     output_graph: str | None = None  # explicit retrained_graph.pb path (retrain.py users)
     output_labels: str | None = None
-    # graph, saved_model, tflite, int8, onnx (retrainer.export.FORMATS); int8 and onnx cost more
-    export_formats: tuple[str, ...] = ("graph", "saved_model", "tflite")
-    print_misclassified: bool = False
-    # Identical files under two labels are left out of training and evaluation unless kept.
-    keep_conflicting_duplicates: bool = False
+    # Below this test (else validation) accuracy, nothing is exported (AccuracyGateFailed).
     assert_accuracy_at_least: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    """One ``retrainer train`` run: source -> backbone bottlenecks -> head -> export.
+
+    ``fine_tune`` is off unless given (``FineTuneConfig()`` turns it on with its defaults)."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    fine_tune: FineTuneConfig | None = None
+    export: ExportConfig = field(default_factory=ExportConfig)
     summaries_dir: str | None = None  # TensorBoard logs of the head training
-    # Cached augmentation (retrain.py's names; percentages): on when any distortion is set.
-    flip_left_right: bool = False
-    random_crop: float = 0.0
-    random_scale: float = 0.0
-    random_brightness: float = 0.0
-    augment_variants: int = 4  # distorted copies of each training image, each cached
-    # Optional second stage: unfreeze the backbone's top layers (BatchNorm stays frozen).
-    fine_tune: bool = False
-    fine_tune_layers: int = 12  # weighted layers counted from the top
-    fine_tune_epochs: int = 5
-    fine_tune_learning_rate: float = 1e-5  # 1e-4 cost flowers 4 points on one split
 
 
 @dataclass

@@ -13,17 +13,19 @@ from .sources.base import Dataset
 def open_source(config: TrainConfig) -> Dataset:
     """The records of ``config``'s source, with only the splits the source itself gives
     (train/ val/ test/ folders, database roles)."""
-    if config.db:
+    source = config.source
+    if source.db:
         from .db.source import scan_database
 
-        return scan_database(config.db, where=config.db_where)
-    if not config.image_dir:
+        return scan_database(source.db, where=source.db_where)
+    if not source.image_dir:
         raise DatasetError("no images to train on.",
                            "Give an image folder (image_dir=DIR) or a database (db=URL).")
     from .sources.folder import scan_folder
 
-    exclude = [config.output_dir] + ([config.bottleneck_dir] if config.bottleneck_dir else [])
-    return scan_folder(config.image_dir, exclude=exclude)
+    bottleneck_dir = config.extraction.bottleneck_dir
+    exclude = [config.export.output_dir] + ([bottleneck_dir] if bottleneck_dir else [])
+    return scan_folder(source.image_dir, exclude=exclude)
 
 
 def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
@@ -34,4 +36,5 @@ def load_dataset(config: TrainConfig, split: bool = True) -> Dataset:
     dataset = open_source(config)
     if not split:
         return dataset
-    return assign_splits(dataset, config.validation_percentage, config.testing_percentage)
+    return assign_splits(dataset, config.source.validation_percentage,
+                         config.source.testing_percentage)

@@ -19,9 +19,10 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
 from .files import atomic_write, writable_dir
-from .graph import INPUT_NAME, OUTPUT_NAME, freeze, input_shape
+from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,6 @@ FORMATS = ("graph", "saved_model", "tflite", "int8", "onnx")
 DEFAULT_FORMATS = ("graph", "saved_model", "tflite")
 #: Training images the int8 model is calibrated on (spread over the classes).
 REPRESENTATIVE_IMAGES = 100
-
-
-def build_classifier(backbone_model: Any, head_model: Any) -> Any:
-    """Backbone and head as one Keras model: RGB 0..255 in, class probabilities out."""
-    import keras
-
-    inputs = keras.Input(backbone_model.input_shape[1:], name=INPUT_NAME)
-    outputs = head_model(backbone_model(inputs))
-    return keras.Model(inputs, outputs, name="retrained")
 
 
 def check_labels(labels: list[str]) -> None:
@@ -83,12 +75,48 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda fh: fh.write(blob))
 
 
-def export_model(model: Any, labels: list[str], metadata: dict[str, Any], output_dir: str | Path,
-                 formats: tuple[str, ...] = DEFAULT_FORMATS, output_graph: str | None = None,
-                 output_labels: str | None = None) -> dict[str, str]:
-    """Write a Keras ``model`` (see :func:`build_classifier`) in ``formats``; return what went where."""
-    return export_graph(freeze(model), labels, metadata, output_dir, formats, output_graph,
-                        output_labels)
+def model_metadata(spec: Any, backbone_cache_id: str, precision: str,
+                   training: dict[str, Any]) -> dict[str, Any]:
+    """What ``metadata.json`` says of a model beside its files and labels: the backbone
+    (``spec``: a BackboneSpec), the graph's input and output, and ``training``'s figures."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    return {
+        "retrainer_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": spec.to_dict(),
+        "backbone_cache_id": backbone_cache_id,
+        "precision": precision,
+        "input": {"name": INPUT_NAME, "shape": [None, *spec.input_size, 3],
+                  "pixels": "RGB 0..255, float32; normalisation is inside the graph"},
+        "output": {"name": OUTPUT_NAME, "kind": "softmax"},
+        "training": training,
+    }
+
+
+def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
+                      labels: list[str], metadata: dict[str, Any], config: ExportConfig,
+                      backbone_tflite: Callable[[], bytes] | None = None,
+                      representative: Callable[[], Iterable[np.ndarray]] | None = None
+                      ) -> dict[str, str]:
+    """Write the classifier, a backbone's frozen graph (``backbone_graph``, fp32) with the head
+    ``softmax(x @ kernel + bias)`` composed onto it, as ``config`` says (:func:`export_graph`);
+    return what went where.
+
+    No second freeze of the whole classifier; and the TFLite model, when asked for, is the
+    backbone's (``backbone_tflite()``: converted once and kept) with the head appended, or
+    converted from the composed graph without it.
+    """
+    from .graph import compose, dense_softmax_graph
+
+    classifier = compose(backbone_graph, dense_softmax_graph(kernel, bias))
+    tflite = None
+    if backbone_tflite is not None and "tflite" in config.formats:
+        tflite = tflite_with_head(backbone_tflite(), kernel, bias)
+    return export_graph(classifier, labels, metadata, config.output_dir, config.formats,
+                        config.output_graph, config.output_labels, tflite, representative)
 
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
@@ -368,23 +396,6 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def tflite_model(graph_def: Any) -> bytes:
-    """TFLite of a frozen graph (``input`` -> ``final_result``) with a free batch dimension.
-
-    The GraphDef converter is faster than converting the SavedModel's concrete function (which
-    writes and reads back a temporary SavedModel first); the two models give identical scores.
-    It names no signature: see :func:`with_signature`.
-    """
-    tf = import_tensorflow()
-
-    shape = [-1, *input_shape(graph_def, INPUT_NAME)[1:]]
-    converter = tf.compat.v1.lite.TFLiteConverter(
-        graph_def, None, None, input_arrays_with_shape=[(INPUT_NAME, shape)],
-        output_arrays=[OUTPUT_NAME])
-    converter.exclude_conversion_metadata = True  # saves a third unpack and pack of the model
-    return bytes(converter.convert())
-
-
 def with_signature(tflite: bytes, key: str = "serving_default", input_name: str = "images",
                    output_name: str = "scores") -> bytes:
     """A one-input, one-output TFLite model with its signature ``key`` set to these names."""
@@ -559,7 +570,7 @@ def _packed(model: Any) -> bytes:
     return bytes(builder.Output())
 
 
-__all__ = ["build_classifier", "check_labels", "DEFAULT_FORMATS", "export_graph", "export_model",
+__all__ = ["check_labels", "DEFAULT_FORMATS", "export_classifier", "export_graph",
            "FORMATS", "GRAPH_FILE", "INT8_FILE", "LABELS_FILE", "METADATA_FILE", "ONNX_FILE",
            "OUTPUT_NAME", "TFLITE_FILE"]
 

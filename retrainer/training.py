@@ -4,12 +4,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .config import TrainConfig
 from .errors import AccuracyGateFailed, DatasetError
 from .evaluation import FITTED_IMAGES_FILE, EvaluationReport, evaluate_predictions, write_fitted_images
@@ -61,168 +59,196 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     from .bottlenecks.fill import fill
     from .export import check_formats
 
-    check_formats(config.export_formats)  # before hours of extraction, not after
+    check_formats(config.export.formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
-    filled = fill(config, dataset)
-    spec, dataset, backbone, cache = filled.spec, filled.dataset, filled.backbone, filled.cache
-    keys, skipped = filled.keys, filled.skipped
-    n_cached, n_computed = filled.cached, filled.computed
+    filled = fill(config, dataset)  # source -> split -> bottlenecks
     timings = {"setup": filled.timings["setup"],
                "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
-
-    usable = [(k, r) for k, r in zip(keys, dataset.records) if k is not None and k in cache]
-    class_index = {label: i for i, label in enumerate(dataset.classes)}
-    by_split = {s: [(k, r) for k, r in usable if r.split == s] for s in (TRAINING, VALIDATION, TESTING)}
-    _check_classes(dataset.classes, usable, by_split[TRAINING])
-
-    def arrays(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        pairs = by_split[split]
-        x = cache.load([k for k, _ in pairs]) if pairs else np.zeros((0, spec.feature_dim), np.float32)
-        y = np.array([class_index[r.label] for _, r in pairs], dtype=int)
-        return x, y, [r.display for _, r in pairs]
-
-    x_tr, y_tr, tr_paths = arrays(TRAINING)
-    x_val, y_val, val_paths = arrays(VALIDATION)
-    x_te, y_te, te_paths = arrays(TESTING)
-    counts = {s: {label: sum(1 for _, r in pairs if r.label == label) for label in dataset.classes}
-              for s, pairs in by_split.items()}
-    x_aug, y_aug, aug_groups = _augment(config, spec, cache, backbone, by_split[TRAINING],
-                                        class_index, timings)
-
+    splits = _splits(filled)
+    augmented = _augment(config, filled, splits[TRAINING].pairs, timings)
+    fitted = _fit(config, filled, splits, augmented, timings)
+    _check_accuracy(fitted, config.export.assert_accuracy_at_least)
     t = time.perf_counter()
-    val_acc = None
-    val_report = None
-    validation_kind = None
-    if config.head.search == "cv":
-        head, val_report = _cv_head(config, dataset.classes, (x_tr, y_tr, tr_paths),
-                                    (x_val, y_val, val_paths), (x_aug, y_aug, aug_groups))
-        if val_report is not None:
-            val_acc, validation_kind = val_report.accuracy, "out-of-fold"
-    elif config.head.search == "off":
-        from .head import train_head
-
-        log.info("training on %d, validating on %d, testing on %d images",
-                 len(x_tr) + len(x_aug), len(x_val), len(x_te))
-        head = train_head(np.concatenate([x_tr, x_aug]), np.concatenate([y_tr, y_aug]),
-                          len(dataset.classes), config.head, x_val, y_val,
-                          summaries_dir=config.summaries_dir)
-    else:
-        raise ValueError(f"unknown head search {config.head.search!r} (use 'cv' or 'off')")
-    timings["head"] = time.perf_counter() - t
-    probs = {VALIDATION: head.predict(x_val), TESTING: head.predict(x_te)}
-    if config.fine_tune:
-        probs = _fine_tune(config, spec, backbone, head, by_split, class_index, timings)
-    # The validation split is held out from the fit with --head-search off and with
-    # fine-tuning; otherwise the head was fitted on it and only its out-of-fold figure counts.
-    if len(x_val) and (config.head.search == "off" or config.fine_tune):
-        val_report = evaluate_predictions(y_val, probs[VALIDATION], dataset.classes, val_paths,
-                                          split=VALIDATION)
-        val_acc, validation_kind = val_report.accuracy, "held-out"
-    test = None
-    if len(x_te):
-        test = evaluate_predictions(y_te, probs[TESTING], dataset.classes, te_paths,
-                                    split=TESTING)
-    else:
-        log.info("no test images (testing percentage 0 or a tree without test/)")
-
-    gate_acc = test.accuracy if test else val_acc
-    if config.assert_accuracy_at_least is not None:
-        if gate_acc is None or gate_acc < config.assert_accuracy_at_least:
-            shown = "no test or validation images" if gate_acc is None else f"{gate_acc:.4f}"
-            raise AccuracyGateFailed(
-                f"accuracy {shown} is below the required {config.assert_accuracy_at_least}; "
-                "nothing was exported.")
-
-    t = time.perf_counter()
-    result = TrainResult(
-        labels=dataset.classes, counts=counts, bottlenecks_cached=n_cached,
-        bottlenecks_computed=n_computed, skipped=skipped, history=head.history,
-        best_epoch=head.best_epoch, validation_accuracy=val_acc, test=test, outputs={},
-        backbone=spec.name, cache_dir=str(cache.dir), timings=timings,
-        duplicates=filled.grouping.to_dict() if filled.grouping else {},
-        validation_kind=validation_kind, cv=head.cv)
-    # Every image the head was fitted on or chosen with (training and validation: the refit
-    # uses both; the Adam fit and fine-tuning choose their epoch on validation): 'evaluate'
-    # leaves these out by content.
-    fitted = sorted({k for s in (TRAINING, VALIDATION) for k, _ in by_split[s]})
-    result.fitted_images = len(fitted)
-    metadata = {
-        "retrainer_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": spec.to_dict(),
-        "backbone_cache_id": backbone.cache_id,
-        "precision": config.precision,
-        "input": {"name": "input", "shape": [None, *spec.input_size, 3],
-                  "pixels": "RGB 0..255, float32; normalisation is inside the graph"},
-        "output": {"name": "final_result", "kind": "softmax"},
-        "training": {"image_source": dataset.root, "counts": counts, "head": asdict(config.head),
-                     "best_epoch": head.best_epoch, "validation_accuracy": val_acc,
-                     "validation_kind": validation_kind, "cv": head.cv,
-                     "fine_tuned": config.fine_tune,
-                     "test_accuracy": result.test_accuracy,
-                     "fitted_images": {"file": FITTED_IMAGES_FILE, "count": len(fitted),
-                                       "hash": "sha256 of each image's bytes, one per line"}},
-    }
-    from .bottlenecks.extractor import backbone_graph, backbone_tflite, graphs_dir
-    from .export import export_graph, tflite_with_head
-    from .graph import compose, dense_softmax_graph
-
-    # The backbone's kept frozen graph (and TFLite model) plus the head: no second freeze or
-    # conversion of the whole classifier. Exports are fp32 whatever the extraction precision.
-    # A fine-tuned backbone has new weights: freeze and convert it afresh instead.
-    fitted_path = write_fitted_images(config.output_dir, fitted)
-    kept = None if config.fine_tune else graphs_dir()
-    frozen = backbone_graph(backbone, kept, "fp32")
-    classifier = compose(frozen, dense_softmax_graph(head.kernel, head.bias))
-    tflite = None
-    if kept is not None and "tflite" in config.export_formats:
-        tflite = tflite_with_head(backbone_tflite(backbone, kept, frozen), head.kernel, head.bias)
-    from .export import representative_images
-
-    def representative() -> list[np.ndarray]:  # for the int8 model: training images only
-        return representative_images([r for _, r in by_split[TRAINING]], spec.input_size,
-                                     spec.resize)
-
-    result.outputs = export_graph(classifier, dataset.classes, metadata, config.output_dir,
-                                  config.export_formats, config.output_graph, config.output_labels,
-                                  tflite, representative)
-    result.outputs["fitted_images"] = str(fitted_path)
-    report = test or val_report
-    if report is not None:
-        result.outputs.update(report.write(config.output_dir, {"backbone": spec.name}))
+    result = _result(filled, splits, fitted, timings)
+    result.outputs = _export(config, filled, splits, fitted, result)
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
 
 
-def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
-             pairs: list[tuple[str, ImageRecord]], class_index: dict[str, int],
+@dataclass
+class _Split:
+    """One split's images that have a bottleneck: (content key, record), bottlenecks, class
+    indices and display paths, in the same order."""
+
+    pairs: list[tuple[str, ImageRecord]]
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+
+
+@dataclass
+class _Fitted:
+    """The head and how it scored: the validation figure reported (``validation_kind``:
+    "out-of-fold" or "held-out") and the test split's report."""
+
+    head: Any
+    validation: EvaluationReport | None
+    validation_kind: str | None
+    test: EvaluationReport | None
+
+    @property
+    def validation_accuracy(self) -> float | None:
+        return self.validation.accuracy if self.validation is not None else None
+
+
+def _splits(filled: Any) -> dict[str, _Split]:
+    """The cached bottlenecks of each split; every class must have some, training ones too."""
+    dataset, cache = filled.dataset, filled.cache
+    usable = [(k, r) for k, r in zip(filled.keys, dataset.records)
+              if k is not None and k in cache]
+    by_split = {s: [(k, r) for k, r in usable if r.split == s]
+                for s in (TRAINING, VALIDATION, TESTING)}
+    _check_classes(dataset.classes, usable, by_split[TRAINING])
+    class_index = {label: i for i, label in enumerate(dataset.classes)}
+
+    def split(pairs: list[tuple[str, ImageRecord]]) -> _Split:
+        x = (cache.load([k for k, _ in pairs]) if pairs
+             else np.zeros((0, filled.spec.feature_dim), np.float32))
+        y = np.array([class_index[r.label] for _, r in pairs], dtype=int)
+        return _Split(pairs, x, y, [r.display for _, r in pairs])
+
+    return {s: split(pairs) for s, pairs in by_split.items()}
+
+
+def _fit(config: TrainConfig, filled: Any, splits: dict[str, _Split], augmented: tuple,
+         timings: dict[str, float]) -> _Fitted:
+    """The head on the training bottlenecks (and their augmented variants), fine-tuned with
+    the backbone when asked; its validation and test reports."""
+    classes = filled.dataset.classes
+    train, val, test = splits[TRAINING], splits[VALIDATION], splits[TESTING]
+    t = time.perf_counter()
+    validation, kind = None, None
+    if config.head.search == "cv":
+        head, validation = _cv_head(config, classes, train, val, augmented)
+        kind = "out-of-fold" if validation is not None else None
+    elif config.head.search == "off":
+        from .head import train_head
+
+        x_aug, y_aug, _ = augmented
+        log.info("training on %d, validating on %d, testing on %d images",
+                 len(train.x) + len(x_aug), len(val.x), len(test.x))
+        head = train_head(np.concatenate([train.x, x_aug]), np.concatenate([train.y, y_aug]),
+                          len(classes), config.head, val.x, val.y,
+                          summaries_dir=config.summaries_dir)
+    else:
+        raise ValueError(f"unknown head search {config.head.search!r} (use 'cv' or 'off')")
+    timings["head"] = time.perf_counter() - t
+    probs = {VALIDATION: head.predict(val.x), TESTING: head.predict(test.x)}
+    if config.fine_tune is not None:
+        probs = _fine_tune(config, filled, head, splits, timings)
+    # The validation split is held out from the fit with head search "off" and with
+    # fine-tuning; otherwise the head was fitted on it and only its out-of-fold figure counts.
+    if len(val.x) and (config.head.search == "off" or config.fine_tune is not None):
+        validation = evaluate_predictions(val.y, probs[VALIDATION], classes, val.paths,
+                                          split=VALIDATION)
+        kind = "held-out"
+    tested = None
+    if len(test.x):
+        tested = evaluate_predictions(test.y, probs[TESTING], classes, test.paths, split=TESTING)
+    else:
+        log.info("no test images (testing percentage 0 or a tree without test/)")
+    return _Fitted(head, validation, kind, tested)
+
+
+def _check_accuracy(fitted: _Fitted, threshold: float | None) -> None:
+    """The accuracy gate: the test (else validation) accuracy must reach ``threshold``."""
+    if threshold is None:
+        return
+    accuracy = fitted.test.accuracy if fitted.test else fitted.validation_accuracy
+    if accuracy is None or accuracy < threshold:
+        shown = "no test or validation images" if accuracy is None else f"{accuracy:.4f}"
+        raise AccuracyGateFailed(f"accuracy {shown} is below the required {threshold}; "
+                                 "nothing was exported.")
+
+
+def _result(filled: Any, splits: dict[str, _Split], fitted: _Fitted,
+            timings: dict[str, float]) -> TrainResult:
+    classes = filled.dataset.classes
+    counts = {s: {label: sum(1 for _, r in split.pairs if r.label == label) for label in classes}
+              for s, split in splits.items()}
+    head = fitted.head
+    return TrainResult(
+        labels=classes, counts=counts, bottlenecks_cached=filled.cached,
+        bottlenecks_computed=filled.computed, skipped=filled.skipped, history=head.history,
+        best_epoch=head.best_epoch, validation_accuracy=fitted.validation_accuracy,
+        test=fitted.test, outputs={}, backbone=filled.spec.name, cache_dir=str(filled.cache.dir),
+        timings=timings, duplicates=filled.grouping.to_dict() if filled.grouping else {},
+        validation_kind=fitted.validation_kind, cv=head.cv)
+
+
+def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted: _Fitted,
+            result: TrainResult) -> dict[str, str]:
+    """Write the model (:func:`retrainer.export.export_classifier`), the hashes of the images
+    it was fitted on and its evaluation report; what went where."""
+    from .bottlenecks.extractor import backbone_graph, backbone_tflite, graphs_dir
+    from .export import export_classifier, model_metadata, representative_images
+
+    spec, out, head = filled.spec, config.export, fitted.head
+    # Every image the head was fitted on or chosen with (training and validation: the refit
+    # uses both; the Adam fit and fine-tuning choose their epoch on validation): 'evaluate'
+    # leaves these out by content.
+    fitted_keys = sorted({k for s in (TRAINING, VALIDATION) for k, _ in splits[s].pairs})
+    result.fitted_images = len(fitted_keys)
+    metadata = model_metadata(spec, filled.backbone.cache_id, config.backbone.precision, training={
+        "image_source": filled.dataset.root, "counts": result.counts,
+        "head": asdict(config.head), "best_epoch": head.best_epoch,
+        "validation_accuracy": result.validation_accuracy,
+        "validation_kind": result.validation_kind, "cv": head.cv,
+        "fine_tuned": config.fine_tune is not None, "test_accuracy": result.test_accuracy,
+        "fitted_images": {"file": FITTED_IMAGES_FILE, "count": len(fitted_keys),
+                          "hash": "sha256 of each image's bytes, one per line"}})
+    fitted_path = write_fitted_images(out.output_dir, fitted_keys)
+
+    def representative() -> list[np.ndarray]:  # for the int8 model: training images only
+        return representative_images([r for _, r in splits[TRAINING].pairs], spec.input_size,
+                                     spec.resize)
+
+    # The backbone's kept frozen graph and TFLite model take the head; a fine-tuned backbone
+    # has new weights: frozen afresh, and converted to TFLite with its head.
+    backbone = filled.backbone
+    kept = None if config.fine_tune is not None else graphs_dir()
+    frozen = backbone_graph(backbone, kept, "fp32")
+    outputs = export_classifier(
+        frozen, head.kernel, head.bias, filled.dataset.classes, metadata, out,
+        backbone_tflite=(lambda: backbone_tflite(backbone, kept, frozen)) if kept else None,
+        representative=representative)
+    outputs["fitted_images"] = str(fitted_path)
+    report = fitted.test or fitted.validation
+    if report is not None:
+        outputs.update(report.write(out.output_dir, {"backbone": spec.name}))
+    return outputs
+
+
+def _augment(config: TrainConfig, filled: Any, pairs: list[tuple[str, ImageRecord]],
              timings: dict[str, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bottlenecks and labels of the cached augmented variants of the training images (when
     enabled), and for each variant the index in ``pairs`` of the image it was made from."""
-    from .augment import Augmentation, augmented_bottlenecks
+    from .augment import augmented_bottlenecks, variant_key
 
+    spec, cache = filled.spec, filled.cache
     none = (np.zeros((0, cache.dim), np.float32), np.zeros(0, int), np.zeros(0, np.int64))
-    aug = Augmentation(config.flip_left_right, config.random_crop, config.random_scale,
-                       config.random_brightness, config.augment_variants)
+    aug = config.augment
     if not aug.enabled:
         return none
-    from .bottlenecks import get_engine
-    from .bottlenecks.extractor import graphs_dir, make_forward
-
-    def extract(items: list) -> list:
-        engine = get_engine(config.engine, workers=config.workers, master=config.spark_master)
-        return engine.extract(items, make_forward(backbone, graphs_dir()), spec.input_size,
-                              spec.resize, cache,
-                              batch_size=config.extract_batch_size)
-
+    class_index = {label: i for i, label in enumerate(filled.dataset.classes)}
     t = time.perf_counter()
     x_aug, y_aug, computed, skipped = augmented_bottlenecks(
-        aug, pairs, class_index, spec.input_size, spec.resize, cache, extract)
+        aug, pairs, class_index, spec.input_size, spec.resize, cache, filled.extract)
     # The variants come back in (image, variant) order, those that could be made: the same
     # walk over the keys gives each one's image, so that a fold keeps an image and its variants.
     origin = np.array([j for j, (key, _) in enumerate(pairs) for i in range(aug.variants)
-                       if aug.variant_key(key, i, spec.input_size, spec.resize) in cache],
+                       if variant_key(aug, key, i, spec.input_size, spec.resize) in cache],
                       np.int64)
     timings["augmentation"] = time.perf_counter() - t
     log.info("augmentation: %d variants of %d training images (%d computed now, %d skipped)",
@@ -233,7 +259,7 @@ def _augment(config: TrainConfig, spec: Any, cache: Any, backbone: Any,
     return x_aug, y_aug, origin
 
 
-def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, aug: tuple
+def _cv_head(config: TrainConfig, classes: list[str], train: _Split, val: _Split, aug: tuple
              ) -> tuple[Any, EvaluationReport | None]:
     """The head chosen by cross-validation and refitted; the out-of-fold report.
 
@@ -243,9 +269,9 @@ def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, 
     """
     from .head import fit_head_cv
 
-    x_tr, y_tr, tr_paths = train
-    x_val, y_val, val_paths = val if not config.fine_tune else (
-        train[0][:0], train[1][:0], [])
+    x_tr, y_tr, tr_paths = train.x, train.y, train.paths
+    x_val, y_val, val_paths = (val.x, val.y, val.paths) if config.fine_tune is None else (
+        x_tr[:0], y_tr[:0], [])
     x_aug, y_aug, origin = aug
     n = len(x_tr) + len(x_val)
     x = np.concatenate([x_tr, x_val, x_aug])
@@ -268,24 +294,23 @@ def _cv_head(config: TrainConfig, classes: list[str], train: tuple, val: tuple, 
     return head, report
 
 
-def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
-               by_split: dict[str, list[tuple[str, ImageRecord]]], class_index: dict[str, int],
+def _fine_tune(config: TrainConfig, filled: Any, head: Any, splits: dict[str, _Split],
                timings: dict[str, float]) -> dict[str, np.ndarray]:
     """Fine-tune the backbone's top with the head (in place); new validation/test probabilities."""
     from .finetune import fine_tune, load_pixels_of, predict
 
+    tuning = config.fine_tune
+    assert tuning is not None
+    spec, backbone, n_classes = filled.spec, filled.backbone, len(filled.dataset.classes)
     t = time.perf_counter()
-    pixels, labels = {}, {}
-    for split, pairs in by_split.items():
-        pixels[split] = load_pixels_of([r for _, r in pairs], spec.input_size, spec.resize,
-                                       config.workers)
-        labels[split] = np.array([class_index[r.label] for _, r in pairs], dtype=int)
-    result = fine_tune(backbone.model, head.model, len(class_index), pixels[TRAINING],
-                       labels[TRAINING], pixels[VALIDATION], labels[VALIDATION],
-                       layers=config.fine_tune_layers, epochs=config.fine_tune_epochs,
-                       learning_rate=config.fine_tune_learning_rate,
+    pixels = {s: load_pixels_of([r for _, r in split.pairs], spec.input_size, spec.resize,
+                                config.extraction.workers) for s, split in splits.items()}
+    result = fine_tune(backbone.model, head.model, n_classes, pixels[TRAINING],
+                       splits[TRAINING].y, pixels[VALIDATION], splits[VALIDATION].y,
+                       layers=tuning.layers, epochs=tuning.epochs,
+                       learning_rate=tuning.learning_rate,
                        label_smoothing=config.head.label_smoothing,
-                       flip=config.flip_left_right, seed=config.head.seed)
+                       flip=config.augment.flip_left_right, seed=config.head.seed)
     head.history += [{**row, "fine_tune": 1.0} for row in result.history]
     head.kernel, head.bias = head.model.get_layer("final_layer").get_weights()
 
@@ -293,7 +318,7 @@ def _fine_tune(config: TrainConfig, spec: Any, backbone: Any, head: Any,
         return head.model(backbone.model(x, training=False), training=False)
 
     out = {split: predict(model, pixels[split]) if len(pixels[split]) else
-           np.zeros((0, len(class_index)), np.float32) for split in (VALIDATION, TESTING)}
+           np.zeros((0, n_classes), np.float32) for split in (VALIDATION, TESTING)}
     timings["fine_tune"] = time.perf_counter() - t
     return out
 

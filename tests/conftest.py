@@ -1,6 +1,7 @@
 """Shared fixtures: generated images and a tiny backbone, so tests need no downloads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,15 +47,33 @@ def loaded_after_help(commands: list[list[str]], modules: tuple[str, ...]) -> li
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tiny_config(image_dir: Path | str | None, output_dir: Path | str, bottleneck_dir: Path | str,
+                **groups):  # noqa: ANN003, ANN201
+    """A TrainConfig for the tiny backbone that trains in a second or two, exporting the graph
+    only (SavedModel/TFLite are tested on their own). Each of ``groups`` is a TrainConfig
+    field: a config group as it is, or a dict of fields changed in this helper's group."""
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                                  SourceConfig, TrainConfig)
+
+    config = TrainConfig(
+        source=SourceConfig(image_dir=None if image_dir is None else str(image_dir)),
+        backbone=BackboneConfig(TINY),
+        extraction=ExtractionConfig(bottleneck_dir=str(bottleneck_dir)),
+        head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0),
+        export=ExportConfig(output_dir=str(output_dir), formats=("graph",)))
+    for name, value in groups.items():
+        if isinstance(value, dict):
+            value = dataclasses.replace(getattr(config, name), **value)
+        setattr(config, name, value)
+    return config
+
+
 def train_tiny_model(root: Path) -> Path:
     """A colour classifier on the tiny backbone, exported (graph only) to root/model."""
-    from retrainer.config import HeadConfig, TrainConfig
     from retrainer.training import train
 
     images = make_colour_tree(root / "images", per_class=8)
-    train(TrainConfig(image_dir=str(images), output_dir=str(root / "model"), architecture=TINY,
-                      bottleneck_dir=str(root / "bn"), export_formats=("graph",),
-                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0)))
+    train(tiny_config(images, root / "model", root / "bn"))
     return root / "model"
 
 
@@ -100,14 +119,9 @@ def colour_tree(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def fast_config(tmp_path: Path):
-    """A TrainConfig for the tiny backbone that trains in a second or two."""
-    from retrainer.config import HeadConfig, TrainConfig
+    """:func:`tiny_config` exporting to tmp_path/out, caching in tmp_path/bottlenecks."""
 
-    def make(image_dir: Path, **kw):
-        kw.setdefault("export_formats", ("graph",))  # SavedModel/TFLite are tested on their own
-        kw.setdefault("bottleneck_dir", str(tmp_path / "bottlenecks"))
-        head = kw.pop("head", HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0))
-        return TrainConfig(image_dir=str(image_dir), output_dir=str(tmp_path / "out"),
-                           architecture=TINY, head=head, **kw)
+    def make(image_dir: Path | None, **groups):  # noqa: ANN003, ANN202
+        return tiny_config(image_dir, tmp_path / "out", tmp_path / "bottlenecks", **groups)
 
     return make

@@ -62,11 +62,27 @@ def test_bad_percentage_is_a_usage_error(colour_tree):
 @pytest.fixture
 def trained(colour_tree, tmp_path):
     out = tmp_path / "model"
-    result = run("-q", "train", "--image-dir", str(colour_tree), "--architecture", TINY,
+    result = run("-q", "train", "--image-dir", str(colour_tree), "--backbone", TINY,
                  "--output-dir", str(out), "--bottleneck-dir", str(tmp_path / "bn"),
                  "--epochs", "12", "--learning-rate", "0.3", "--testing-percentage", "25", "--json")
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("command", ["train", "bottlenecks", "audit"])
+def test_help_names_backbone_first_and_architecture_as_its_alias(command):
+    assert "--backbone, --architecture NAME" in run(command, "--help").output
+
+
+def test_architecture_is_the_same_option_as_backbone(trained, colour_tree, tmp_path):
+    """train --backbone filled the cache; bottlenecks --architecture finds all of it."""
+    out, summary = trained
+    assert summary["backbone"] == TINY
+    again = run("-q", "bottlenecks", "--image-dir", str(colour_tree), "--architecture", TINY,
+                "--bottleneck-dir", str(tmp_path / "bn"), "--json")
+    assert again.exit_code == 0, again.output
+    filled = json.loads(again.stdout)
+    assert (filled["computed"], filled["cached"]) == (0, 36)
 
 
 def test_train_json_then_label_and_evaluate(trained, colour_tree, tmp_path):
@@ -201,4 +217,4 @@ def test_library_errors_speak_of_parameters(tmp_path):
     from retrainer.errors import DatasetError
 
     with pytest.raises(DatasetError, match=r"image_dir=DIR\) or a database \(db=URL"):
-        open_source(TrainConfig(image_dir=None))
+        open_source(TrainConfig())

@@ -5,11 +5,10 @@ import io
 
 import numpy as np
 import pytest
-from conftest import COLOURS, TINY, make_colour_tree, make_image
+from conftest import COLOURS, TINY, make_colour_tree, make_image, tiny_config
 from ai_edge_litert.interpreter import Interpreter  # LiteRT, tf.lite.Interpreter's successor
 from PIL import Image
 
-from retrainer.config import HeadConfig, TrainConfig
 from retrainer.predict import Classifier
 from retrainer.training import train
 
@@ -18,9 +17,8 @@ from retrainer.training import train
 def export(tmp_path_factory, tiny_backbone):
     base = tmp_path_factory.mktemp("export")
     root = make_colour_tree(base / "images")
-    config = TrainConfig(image_dir=str(root), output_dir=str(base / "model"), architecture=TINY,
-                         bottleneck_dir=str(base / "bn"),
-                         head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0))
+    config = tiny_config(root, base / "model", base / "bn",
+                         export=dict(formats=("graph", "saved_model", "tflite")))
     train(config)
     probes = [make_image(base / "probe" / f"{name}.png", rgb, seed=7) for name, rgb in COLOURS.items()]
     return base / "model", probes
@@ -75,7 +73,8 @@ def test_tflite_head_appended_to_a_kept_backbone_equals_converting_the_whole(tin
     import tensorflow as tf
 
     from retrainer.backbones.factory import create_backbone
-    from retrainer.export import schema, tflite_model, tflite_with_head, with_signature
+    from retrainer.export import schema, tflite_with_head, with_signature
+    from retrainer.graph import tflite_model
     from retrainer.graph import compose, dense_softmax_graph, freeze
 
     rng = np.random.default_rng(5)

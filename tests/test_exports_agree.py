@@ -8,11 +8,11 @@ import zipfile
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import COLOURS, TINY, make_colour_tree
+from conftest import COLOURS, TINY, make_colour_tree, tiny_config
 from PIL import Image
 
 from retrainer.cli import cli
-from retrainer.config import HeadConfig, TrainConfig
+from retrainer.config import HeadConfig
 from retrainer.predict import Classifier
 from retrainer.training import train
 
@@ -44,9 +44,7 @@ def _encoded(rgb, size, fmt, orientation=None, alpha=False, seed=0):
 def exported(tmp_path_factory, tiny_backbone):
     base = tmp_path_factory.mktemp("exports")
     images = make_colour_tree(base / "images", per_class=8)
-    train(TrainConfig(image_dir=str(images), output_dir=str(base / "model"), architecture=TINY,
-                      bottleneck_dir=str(base / "bn"), export_formats=ALL,
-                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0)))
+    train(tiny_config(images, base / "model", base / "bn", export=dict(formats=ALL)))
     probes = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         for j, (size, fmt, kw) in enumerate([((90, 70), "JPEG", {"orientation": 6}),
@@ -232,9 +230,7 @@ def test_export_adds_formats_to_a_trained_model_and_keeps_the_rest(tmp_path, tin
 def test_export_refuses_unknown_formats_and_int8_without_images(tmp_path, tiny_backbone):
     images = make_colour_tree(tmp_path / "images", per_class=4)
     model = tmp_path / "model"
-    train(TrainConfig(image_dir=str(images), output_dir=str(model), architecture=TINY,
-                      bottleneck_dir=str(tmp_path / "bn"), export_formats=("graph",),
-                      head=HeadConfig(epochs=2)))
+    train(tiny_config(images, model, tmp_path / "bn", head=HeadConfig(epochs=2)))
     result = CliRunner().invoke(cli, ["export", "--model-dir", str(model), "--format", "onnx,pt"])
     assert result.exit_code == 2 and "unknown format 'pt'" in result.output
     images.rename(tmp_path / "moved")

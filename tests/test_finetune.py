@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import COLOURS, make_colour_tree
 
+from retrainer.config import BackboneConfig, FineTuneConfig
 from retrainer.training import train
 
 CONV = "tiny_conv_test_backbone"
@@ -72,17 +72,18 @@ def test_fine_tune_trains_the_top_and_exports_it(tmp_path: Path, fast_config):
     from retrainer.predict import Classifier
 
     root = make_colour_tree(tmp_path / "img", per_class=10)
-    config = replace(fast_config(root, fine_tune=True, fine_tune_layers=1, fine_tune_epochs=3,
-                                 fine_tune_learning_rate=0.01, validation_percentage=20,
-                                 testing_percentage=20), architecture=CONV)
+    config = fast_config(root, fine_tune=FineTuneConfig(layers=1, epochs=3, learning_rate=0.01),
+                         source=dict(validation_percentage=20, testing_percentage=20),
+                         backbone=BackboneConfig(CONV))
     result = train(config)
     tuned = [row for row in result.history if row.get("fine_tune")]
     assert len(tuned) == 3 and all("val_loss" in row for row in tuned)
     assert result.timings["fine_tune"] > 0
-    meta = json.loads((Path(config.output_dir) / "metadata.json").read_text(encoding="utf-8"))
+    meta_path = Path(config.export.output_dir) / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
     assert meta["training"]["fine_tuned"] is True
     # The export and the reported test accuracy come from the same (fine-tuned) model.
-    classifier = Classifier.load(config.output_dir)
+    classifier = Classifier.load(config.export.output_dir)
     test_paths = [m for m in (root / c for c in sorted(COLOURS))]
     records = [p for d in test_paths for p in sorted(d.iterdir())]
     labels = [classifier.labels.index(p.parent.name) for p in records]

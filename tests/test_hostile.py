@@ -121,7 +121,7 @@ def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_p
     import retrainer.bottlenecks as bn
     from conftest import COLOURS, TINY, make_colour_tree, make_image
     from retrainer.bottlenecks.fill import fill
-    from retrainer.config import TrainConfig
+    from retrainer.config import BackboneConfig, ExtractionConfig, SourceConfig, TrainConfig
 
     images = make_colour_tree(tmp_path / "images", per_class=3)
     victim = images / "red" / "img000.png"
@@ -134,8 +134,9 @@ def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_p
         return out
 
     monkeypatch.setattr(bn, "hash_records", hash_then_replace)
-    config = TrainConfig(image_dir=str(images), architecture=TINY,
-                         bottleneck_dir=str(tmp_path / "bn"), workers=2)
+    config = TrainConfig(source=SourceConfig(image_dir=str(images)), backbone=BackboneConfig(TINY),
+                         extraction=ExtractionConfig(bottleneck_dir=str(tmp_path / "bn"),
+                                                     workers=2))
     done = fill(config)
     assert old_key not in done.cache
     assert any("changed" in s.reason and s.name.endswith("img000.png") for s in done.skipped)

@@ -144,9 +144,9 @@ def test_a_password_in_the_query_string_is_masked(postgresql_server, tmp_path,  
     assert imported.exit_code == 0, imported.output
     secret_forms = {PASSWORD, url.split("password=", 1)[1]}
     assert not any(s in imported.output for s in secret_forms)
-    config = fast_config(None, db=url)
+    config = fast_config(None, source=dict(db=url))
     train(config)
-    metadata = (Path(config.output_dir) / "metadata.json").read_text()
+    metadata = (Path(config.export.output_dir) / "metadata.json").read_text()
     assert not any(s in metadata for s in secret_forms) and "***" in metadata
     wrong = url.replace("password=", "password=wrong")
     with pytest.raises(DatabaseError) as err:

@@ -2,7 +2,6 @@
 are not files), and files deleted between the scan and the Spark job. Real local[2] Spark."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,8 @@ from conftest import make_colour_tree
 pytest.importorskip("pyspark")
 
 from test_spark import _all_rows  # noqa: E402
+
+from retrainer.config import AugmentConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,8 @@ def test_spark_trains_with_augmentation(spark, clean_tree, fast_config, tmp_path
     from retrainer.training import train
 
     def config(engine: str):
-        return dataclasses.replace(
-            fast_config(clean_tree, engine=engine, flip_left_right=True, augment_variants=2),
-            bottleneck_dir=str(tmp_path / "bn"))
+        return fast_config(clean_tree, augment=AugmentConfig(flip_left_right=True, variants=2),
+                           extraction=dict(engine=engine, bottleneck_dir=str(tmp_path / "bn")))
 
     on_spark = train(config("spark"))
     assert on_spark.bottlenecks_computed == 18 and not on_spark.skipped
@@ -61,7 +61,7 @@ def test_spark_trains_from_a_database(spark, clean_tree, fast_config, tmp_path):
 
     db = str(tmp_path / "images.db")
     import_folder(db, clean_tree)
-    on_spark = train(fast_config(None, db=db, engine="spark"))
+    on_spark = train(fast_config(None, source=dict(db=db), extraction=dict(engine="spark")))
     assert on_spark.bottlenecks_computed == 18 and not on_spark.skipped
     local = train(fast_config(clean_tree))  # same contents, same cache entries
     assert (local.bottlenecks_computed, local.bottlenecks_cached) == (0, 18)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from retrainer.bottlenecks.cache import BottleneckCache
-from retrainer.config import HeadConfig, TrainConfig
+from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                              SourceConfig, TrainConfig)
 from retrainer.demo import SOURCES, crops, make_demo_set
 from retrainer.predict import Classifier
 from retrainer.training import train
@@ -41,9 +42,11 @@ def test_killed_extraction_resumes_then_trains_exports_and_labels(photos, tmp_pa
     done = len(BottleneckCache(bn, cache_dir.name, 1280))
     assert 0 < done < 180
 
-    config = TrainConfig(image_dir=str(photos), output_dir=str(out), architecture="efficientnet_lite0",
-                         bottleneck_dir=str(bn), testing_percentage=20,
-                         export_formats=("graph",), head=HeadConfig(epochs=30))
+    config = TrainConfig(source=SourceConfig(image_dir=str(photos), testing_percentage=20),
+                         backbone=BackboneConfig("efficientnet_lite0"),
+                         extraction=ExtractionConfig(bottleneck_dir=str(bn)),
+                         head=HeadConfig(epochs=30),
+                         export=ExportConfig(output_dir=str(out), formats=("graph",)))
     result = train(config)
     assert (result.bottlenecks_cached, result.bottlenecks_computed) == (done, 180 - done)
     assert result.test_accuracy is not None and result.test_accuracy >= 0.9

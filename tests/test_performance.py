@@ -25,12 +25,14 @@ def pixels(n: int = 4, seed: int = 0) -> np.ndarray:
 
 
 def test_composed_graph_equals_the_frozen_keras_classifier(tiny):
-    from retrainer.export import build_classifier
-    from retrainer.graph import GraphRunner, compose, freeze
+    import keras
+
+    from retrainer.graph import INPUT_NAME, GraphRunner, compose, freeze
     from retrainer.head import build_head
 
     head = build_head(3, 4)
-    whole = GraphRunner(freeze(build_classifier(tiny.model, head)))
+    inputs = keras.Input(tiny.model.input_shape[1:], name=INPUT_NAME)  # one Keras model
+    whole = GraphRunner(freeze(keras.Model(inputs, head(tiny.model(inputs)))))
     spliced = GraphRunner(compose(freeze(tiny.model), freeze(head)))
     assert spliced.input_shape == (None, 32, 32, 3) and spliced.output_dim == 4
     np.testing.assert_allclose(spliced(pixels()), whole(pixels()), atol=1e-6)
@@ -111,7 +113,7 @@ def test_bf16_training_caches_apart_and_exports_fp32(colour_tree, fast_config, t
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
     fp32 = train(fast_config(colour_tree))
-    bf16 = train(fast_config(colour_tree, precision="bf16"))
+    bf16 = train(fast_config(colour_tree, backbone=dict(precision="bf16")))
     assert bf16.bottlenecks_computed == 36 and bf16.cache_dir != fp32.cache_dir
     graph = load_graph_def(bf16.outputs["graph"])
     assert not [n.name for n in graph.node if "T" in n.attr and n.attr["T"].type == 14]  # exported in fp32
@@ -128,14 +130,14 @@ def test_a_new_bottleneck_dir_reuses_the_kept_frozen_graph(colour_tree, fast_con
     from retrainer.training import train
 
     monkeypatch.setenv("RETRAINER_CACHE_DIR", str(tmp_path / "cache"))
-    train(fast_config(colour_tree, export_formats=("graph", "tflite")))
+    train(fast_config(colour_tree, export=dict(formats=("graph", "tflite"))))
     graphs = tmp_path / "cache" / "graphs"
     kept = [*graphs.glob("*/frozen-graph-*.pb"), *graphs.glob("*/optimized-graph-*.pb"),
             *graphs.glob("*/tflite-graph-*.tflite")]
     assert len(kept) == 3
     stamps = [path.stat().st_mtime_ns for path in kept]
-    again = train(fast_config(colour_tree, bottleneck_dir=str(tmp_path / "other"),
-                              export_formats=("graph", "tflite")))
+    again = train(fast_config(colour_tree, extraction=dict(bottleneck_dir=str(tmp_path / "other")),
+                              export=dict(formats=("graph", "tflite"))))
     assert again.bottlenecks_computed == 36  # a new, empty bottleneck cache...
     assert [path.stat().st_mtime_ns for path in kept] == stamps  # ...and no graph made again
 

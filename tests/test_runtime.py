@@ -19,17 +19,15 @@ pytest.importorskip("ai_edge_litert")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from retrainer.config import HeadConfig, TrainConfig
+    from conftest import tiny_config
     from retrainer.training import train
 
     from conftest import make_colour_tree
 
     root = tmp_path_factory.mktemp("runtime")
     images = make_colour_tree(root / "images", per_class=8)
-    train(TrainConfig(image_dir=str(images), output_dir=str(root / "model"),
-                      architecture="tiny_test_backbone", bottleneck_dir=str(root / "bn"),
-                      export_formats=("graph", "tflite"),
-                      head=HeadConfig(epochs=12, learning_rate=0.3, dropout=0.0, l2=0.0)))
+    train(tiny_config(images, root / "model", root / "bn",
+                      export=dict(formats=("graph", "tflite"))))
     return root / "model"
 
 

@@ -34,7 +34,7 @@ def image(value: float) -> np.ndarray:
 
 
 async def submit_all(batcher: MicroBatcher, n: int) -> list[np.ndarray]:
-    return await asyncio.wait_for(asyncio.gather(*(batcher.submit(image(i)) for i in range(n))),
+    return await asyncio.wait_for(asyncio.gather(*(batcher.enqueue(image(i)) for i in range(n))),
                                   timeout=20)
 
 
@@ -68,7 +68,7 @@ def test_the_batch_waits_for_an_announced_request():
 
     async def main() -> list[np.ndarray]:
         with batcher.incoming() as ticket:  # as if this request's image were still decoding
-            first = asyncio.ensure_future(batcher.submit(image(0)))
+            first = asyncio.ensure_future(batcher.enqueue(image(0)))
             await asyncio.sleep(0.2)
             assert not first.done()
             second = batcher.enqueue(image(1), ticket)
@@ -106,9 +106,9 @@ def test_requests_queue_while_the_model_is_busy():
     batcher.start()
 
     async def main() -> list[np.ndarray]:
-        first = asyncio.ensure_future(batcher.submit(image(0)))
+        first = asyncio.ensure_future(batcher.enqueue(image(0)))
         await asyncio.sleep(0.05)  # the first pass is now running (held by the gate)
-        rest = [asyncio.ensure_future(batcher.submit(image(i))) for i in range(1, 6)]
+        rest = [asyncio.ensure_future(batcher.enqueue(image(i))) for i in range(1, 6)]
         await asyncio.sleep(0.05)
         gate.set()
         return await asyncio.gather(first, *rest)
@@ -140,12 +140,12 @@ def test_a_full_queue_refuses_instead_of_growing():
     batcher.start()
 
     async def main() -> None:
-        held = [asyncio.ensure_future(batcher.submit(image(0)))]
+        held = [asyncio.ensure_future(batcher.enqueue(image(0)))]
         await asyncio.sleep(0.05)  # in the model, held there by the gate
-        held += [asyncio.ensure_future(batcher.submit(image(i))) for i in (1, 2)]
+        held += [asyncio.ensure_future(batcher.enqueue(image(i))) for i in (1, 2)]
         await asyncio.sleep(0.05)  # two queued
         with pytest.raises(QueueFull):
-            await batcher.submit(image(9))
+            batcher.enqueue(image(9))
         gate.set()
         await asyncio.gather(*held)
 

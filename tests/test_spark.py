@@ -1,7 +1,6 @@
 """The Spark engine on a real local[2] Spark: same cache, same features, same labels."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import socket
@@ -58,8 +57,8 @@ def test_spark_fills_the_cache_local_train_uses_with_the_same_features(
     from retrainer.training import train
 
     def config(cache: str, **kw):
-        return dataclasses.replace(fast_config(tree, testing_percentage=25, **kw),
-                                   bottleneck_dir=str(tmp_path / cache))
+        return fast_config(tree, source=dict(testing_percentage=25),
+                           extraction=dict(bottleneck_dir=str(tmp_path / cache), **kw))
 
     on_spark = train(config("spark", engine="spark"))
     assert (on_spark.bottlenecks_computed, on_spark.bottlenecks_cached) == (30, 0)
@@ -134,7 +133,7 @@ def test_parquet_labels_match_retrainer_label(spark, tree, fast_config, tmp_path
     config = fast_config(tree)
     train(config)
     out = tmp_path / "labels.parquet"
-    args = ["label", "--engine", "spark", "--model-dir", config.output_dir, "--top-k", "2",
+    args = ["label", "--engine", "spark", "--model-dir", config.export.output_dir, "--top-k", "2",
             "--output", str(out), str(tree)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output  # the three broken files
@@ -143,7 +142,7 @@ def test_parquet_labels_match_retrainer_label(spark, tree, fast_config, tmp_path
     assert list(table.columns) == ["label", "score", "top_k", "error"]
 
     paths, _ = expand_inputs([str(tree)])
-    expected = list(Classifier.load(config.output_dir).label_paths(paths, top_k=2))
+    expected = list(Classifier.load(config.export.output_dir).label_paths(paths, top_k=2))
     assert sorted(table.index) == sorted(r.path for r in expected) and len(expected) == 33
     for want in expected:
         row = table.loc[want.path]

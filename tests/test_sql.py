@@ -116,7 +116,7 @@ def test_train_and_label_from_the_database(db_url, tmp_path, fast_config):
 
     tree = split_tree(tmp_path / "tree", {"train": 6, "val": 2, "test": 3})
     import_folder(db_url, tree)
-    config = fast_config(None, db=db_url)
+    config = fast_config(None, source=dict(db=db_url))
     result = train(config)
     assert result.counts == {"training": {c: 6 for c in COLOURS},
                              "validation": {c: 2 for c in COLOURS},
@@ -125,13 +125,13 @@ def test_train_and_label_from_the_database(db_url, tmp_path, fast_config):
     if "://" not in db_url:  # the folder's images hit the same cache entries (content keys)
         assert train(fast_config(tree)).bottlenecks_cached == 33
 
-    classifier = Classifier.load(config.output_dir)
-    model_id = model_id_of(config.output_dir)
+    classifier = Classifier.load(config.export.output_dir)
+    model_id = model_id_of(config.export.output_dir)
     done = label_database(db_url, classifier, model_id, where="role = 'testing'", batch_size=4)
     assert (done.selected, done.labelled, done.already, done.failed) == (9, 9, 0, 0)
     with connect(db_url).connect() as conn:
         acc, n = conn.execute(text(ACCURACY_SQL), {"model_id": model_id, "role": "testing"}).one()
-    report = evaluate_folder(str(tree), config.output_dir)  # scores test/
+    report = evaluate_folder(str(tree), config.export.output_dir)  # scores test/
     assert n == report.n == 9 and float(acc) == pytest.approx(report.accuracy) == done.accuracy
 
     again = label_database(db_url, classifier, model_id, where="role = 'testing'")

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 from conftest import COLOURS, make_colour_tree, make_image
 
-from retrainer.config import HeadConfig
+from retrainer.config import AugmentConfig, HeadConfig
 from retrainer.errors import AccuracyGateFailed, DatasetError
 from retrainer.training import train
 
 
 def test_train_exports_everything_and_learns_the_colours(colour_tree, fast_config):
-    config = fast_config(colour_tree, testing_percentage=25,
-                         export_formats=("graph", "saved_model", "tflite"))
+    config = fast_config(colour_tree, source=dict(testing_percentage=25),
+                         export=dict(formats=("graph", "saved_model", "tflite")))
     result = train(config)
     assert result.labels == sorted(COLOURS)
     assert result.bottlenecks_computed == 36 and result.bottlenecks_cached == 0
     assert result.test is not None and result.test.n > 0 and result.test_accuracy == 1.0
-    out = config.output_dir
+    out = config.export.output_dir
     for name in ("retrained_graph.pb", "retrained_labels.txt", "model.tflite", "metadata.json",
                  "saved_model/saved_model.pb"):
         assert (result_path := __import__("pathlib").Path(out) / name).exists(), result_path
@@ -68,8 +68,8 @@ def test_accuracy_gate_fails_and_exports_nothing(tmp_path, fast_config):
     for label in ("a", "b", "c"):  # labels unrelated to the pixels: nothing to learn
         for i in range(15):
             make_image(tmp_path / "noise" / label / f"{i}.png", tuple(rng.integers(0, 255, 3)), seed=i)
-    config = fast_config(tmp_path / "noise", assert_accuracy_at_least=0.999,
-                         validation_percentage=20, testing_percentage=20)
+    config = fast_config(tmp_path / "noise", export=dict(assert_accuracy_at_least=0.999),
+                         source=dict(validation_percentage=20, testing_percentage=20))
     with pytest.raises(AccuracyGateFailed) as info:
         train(config)
     assert info.value.exit_code == 3
@@ -80,7 +80,8 @@ def test_steps_and_tiny_classes_do_not_crash(tmp_path, fast_config):
     root = make_colour_tree(tmp_path / "img", per_class=8)
     make_image(root / "single" / "only.png", (128, 0, 128))
     head = HeadConfig(search="off", steps=5, batch_size=4, learning_rate=0.05, dropout=0, l2=0)
-    result = train(fast_config(root, head=head, validation_percentage=40, testing_percentage=40))
+    result = train(fast_config(root, head=head,
+                               source=dict(validation_percentage=40, testing_percentage=40)))
     assert "single" in result.labels and result.counts["training"]["single"] == 1
     n_train = sum(result.counts["training"].values())
     steps_per_epoch = -(-n_train // 4)
@@ -88,8 +89,9 @@ def test_steps_and_tiny_classes_do_not_crash(tmp_path, fast_config):
 
 
 def test_explicit_output_graph_and_labels_paths(colour_tree, fast_config, tmp_path):
-    config = fast_config(colour_tree, output_graph=str(tmp_path / "g" / "my.pb"),
-                         output_labels=str(tmp_path / "g" / "my.txt"), export_formats=("graph",))
+    config = fast_config(colour_tree, export=dict(output_graph=str(tmp_path / "g" / "my.pb"),
+                                                  output_labels=str(tmp_path / "g" / "my.txt"),
+                                                  formats=("graph",)))
     result = train(config)
     assert result.outputs["graph"].endswith("my.pb") and (tmp_path / "g" / "my.pb").is_file()
     assert (tmp_path / "g" / "my.txt").read_text(encoding="utf-8").splitlines() == sorted(COLOURS)
@@ -99,8 +101,8 @@ def test_a_single_image_class_skips_cross_validation_with_a_warning(tmp_path, fa
                                                                      caplog):
     root = make_colour_tree(tmp_path / "img", per_class=8)
     make_image(root / "single" / "only.png", (128, 0, 128))
-    result = train(fast_config(root, head=HeadConfig(), validation_percentage=40,
-                               testing_percentage=40))
+    result = train(fast_config(root, head=HeadConfig(),
+                               source=dict(validation_percentage=40, testing_percentage=40)))
     assert result.cv["folds"] == 0 and result.cv["C"] == 1.0
     assert "smallest class has 1 image" in result.cv["skipped"]
     assert "without cross-validation" in caplog.text
@@ -113,8 +115,8 @@ def test_cv_head_refits_on_training_and_validation_and_reports_out_of_fold(tmp_p
     from retrainer.evaluation import FITTED_IMAGES_FILE
 
     root = make_colour_tree(tmp_path / "img", per_class=15)
-    config = fast_config(root, head=HeadConfig(), validation_percentage=20,
-                         testing_percentage=0)
+    config = fast_config(root, head=HeadConfig(),
+                         source=dict(validation_percentage=20, testing_percentage=0))
     result = train(config)
     n_train = sum(result.counts["training"].values())
     n_val = sum(result.counts["validation"].values())
@@ -150,8 +152,9 @@ def test_augmented_variants_stay_in_their_images_fold(tmp_path, fast_config, mon
 
     monkeypatch.setattr(head_module, "_fit_head_cv", spy)
     root = make_colour_tree(tmp_path / "img", per_class=10)
-    result = train(fast_config(root, head=HeadConfig(), flip_left_right=True,
-                               augment_variants=2, testing_percentage=0))
+    result = train(fast_config(root, head=HeadConfig(),
+                               augment=AugmentConfig(flip_left_right=True, variants=2),
+                               source=dict(testing_percentage=0)))
     n = result.cv["images"]
     assert seen["n"] == 3 * n - 2 * sum(result.counts["validation"].values())
     groups, scored = seen["groups"], seen["scored"]

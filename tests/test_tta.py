@@ -97,15 +97,19 @@ def _asymmetric_tree(root: Path) -> Path:
 
 def test_train_with_flip_exports_a_graph_label_agrees_with(tmp_path):
     from retrainer.backbones.factory import create_backbone
-    from retrainer.config import HeadConfig, TrainConfig
+    from retrainer.config import (BackboneConfig, ExportConfig, ExtractionConfig, HeadConfig,
+                                  SourceConfig, TrainConfig)
     from retrainer.predict import Classifier
     from retrainer.training import train
 
     images = _asymmetric_tree(tmp_path / "images")
-    config = TrainConfig(image_dir=str(images), output_dir=str(tmp_path / "model"),
-                         architecture=ASYM, bottleneck_dir=str(tmp_path / "bn"), tta="flip",
-                         export_formats=("graph", "tflite", "onnx"), validation_percentage=0,
-                         testing_percentage=0, head=HeadConfig(search="off", epochs=5))
+    config = TrainConfig(
+        source=SourceConfig(image_dir=str(images), validation_percentage=0, testing_percentage=0),
+        backbone=BackboneConfig(ASYM, tta="flip"),
+        extraction=ExtractionConfig(bottleneck_dir=str(tmp_path / "bn")),
+        head=HeadConfig(search="off", epochs=5),
+        export=ExportConfig(output_dir=str(tmp_path / "model"),
+                            formats=("graph", "tflite", "onnx")))
     result = train(config)
     meta = json.loads((tmp_path / "model" / "metadata.json").read_text())
     flip = create_backbone(ASYM, tta="flip")

@@ -53,7 +53,7 @@ def build(spec: Any, weights: str | None) -> Any:
         raise WeightsUnavailable(
             f"cannot download the ImageNet weights for {spec.name} (offline?): {reason}",
             f"Pass weights=FILE with a local copy of {spec.source.file}, or use "
-            f"architecture=efficientnet_lite0, whose weights ship with retrainer.",
+            f"backbone=efficientnet_lite0, whose weights ship with retrainer.",
         ) from None
     outputs = base(x)
     return keras.Model(inputs, outputs, name=f"{spec.name}_features")

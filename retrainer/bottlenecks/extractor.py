@@ -78,12 +78,11 @@ def backbone_graph(backbone: Any, cache_root: str | Path | None = None,
 
 
 def backbone_tflite(backbone: Any, cache_root: str | Path, frozen: Any = None) -> bytes:
-    """The fp32 backbone as TFLite (:func:`retrainer.export.tflite_model`), converted once and
+    """The fp32 backbone as TFLite (:func:`retrainer.graph.tflite_model`), converted once and
     kept under ``cache_root``; exports append their head to it
     (:func:`retrainer.export.tflite_with_head`). ``frozen``: its fp32 frozen graph, when the
     caller has it loaded already."""
-    from ..export import tflite_model
-    from ..graph import kept_file
+    from ..graph import kept_file, tflite_model
 
     def load(data: bytes) -> bytes:
         if data[4:8] != b"TFL3":

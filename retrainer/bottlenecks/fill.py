@@ -52,49 +52,83 @@ class Filled:
     engine: str
     timings: dict[str, float]
     grouping: Any = None  # split.Grouping: the copies found while splitting
+    extract: Any = None  # Extractor: more bottlenecks (augmented variants) the same way
+
+
+class Extractor:
+    """Computes bottlenecks into ``cache`` with one run's engine and backbone runner, each
+    built once, on first use (``engine``: one given by the caller, e.g. on a running session).
+    """
+
+    def __init__(self, config: TrainConfig, backbone: Any, cache: Any, engine: Any = None
+                 ) -> None:
+        self.config, self.backbone, self.cache = config.extraction, backbone, cache
+        self.engine, self.forward = engine, None
+
+    @property
+    def name(self) -> str:
+        return getattr(self.engine, "name", self.config.engine)
+
+    def __call__(self, items: list[tuple[str, ImageRecord]]) -> list[Skipped]:
+        """Compute and cache the bottlenecks of ``items`` (key, record); the ones skipped."""
+        from . import get_engine
+        from .engines import BackboneModel
+        from .extractor import graphs_dir
+
+        if self.engine is None:
+            self.engine = get_engine(self.config.engine, workers=self.config.workers,
+                                     master=self.config.spark_master)
+        if self.forward is None:
+            # Built where it runs (the local engine, once: the model keeps its runner) or
+            # shipped as bytes (Spark): no runner on the driver for nothing.
+            self.forward = BackboneModel(self.backbone, graphs_dir())
+        spec = self.backbone.spec
+        return self.engine.extract(items, self.forward, spec.input_size, spec.resize,
+                                   self.cache, batch_size=self.config.batch_size)
 
 
 def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None,
          split: bool = True) -> Filled:
     """Compute the bottlenecks ``train(config)`` needs that are not cached yet.
 
-    ``engine`` overrides ``config.engine`` (e.g. a SparkEngine on a running session). With
-    ``split`` the records get their splits once their contents (and bottlenecks) are known, so
-    copies of one image land in one split (see :func:`retrainer.split.assign_splits`).
+    ``engine`` overrides ``config.extraction.engine`` (e.g. a SparkEngine on a running
+    session). With ``split`` the records get their splits once their contents (and
+    bottlenecks) are known, so copies of one image land in one split (see
+    :func:`retrainer.split.assign_splits`).
     """
     from ..backbones.factory import create_backbone, resolve_spec
     from ..dataset import load_dataset
-    from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
+    from . import BottleneckCache, default_cache_dir, hash_records, verified
     from ..runtimes import check_runtime
     from .runtime_choice import choose
-    from .engines import BackboneModel
     from .extractor import graphs_dir
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    spec = resolve_spec(config.architecture, config.feature_layer)  # fails before TF loads
-    runtime = check_runtime(getattr(config, "runtime", "auto"), config.precision)
+    wanted = config.backbone
+    spec = resolve_spec(wanted.name, wanted.feature_layer)  # fails before TF loads
+    runtime = check_runtime(wanted.runtime, wanted.precision)
     dataset = dataset or load_dataset(config, split=False)
     log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
-    tta = getattr(config, "tta", "none")
-    if tta != "none" and getattr(config, "fine_tune", False):
+    if wanted.tta != "none" and config.fine_tune is not None:
         raise RetrainerError("fine-tuning with test-time augmentation is not supported.",
-                             "Use --tta none with --fine-tune, or leave --fine-tune off.")
-    backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True,
-                               tta=tta)
+                             "Use tta=none with fine-tuning, or leave fine-tuning off.")
+    backbone = create_backbone(spec, wanted.weights, precision=wanted.precision, lazy=True,
+                               tta=wanted.tta)
     spec = backbone.spec  # records the TTA mode (options.tta) for the metadata
     backbone.runtime = runtime
-    if runtime == "auto" and config.precision != "fp32":  # the runtime is part of the cache id
+    if runtime == "auto" and wanted.precision != "fp32":  # the runtime is part of the cache id
         backbone.runtime = choose(backbone, graphs_dir())
-    cache_root = (Path(config.bottleneck_dir) if config.bottleneck_dir
-                  else default_cache_dir() / "bottlenecks")
+    bottleneck_dir = config.extraction.bottleneck_dir
+    cache_root = Path(bottleneck_dir) if bottleneck_dir else default_cache_dir() / "bottlenecks"
     cache = BottleneckCache(cache_root, backbone.cache_id, spec.feature_dim,
-                            info={"backbone": spec.to_dict(), "precision": config.precision,
-                                  "tta": tta, "weights_sha256": backbone.weights_digest})
+                            info={"backbone": spec.to_dict(), "precision": wanted.precision,
+                                  "tta": wanted.tta, "weights_sha256": backbone.weights_digest})
+    extract = Extractor(config, backbone, cache, engine)
     timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    keys, skipped = hash_records(dataset.records, config.workers)
+    keys, skipped = hash_records(dataset.records, config.extraction.workers)
     todo: dict[str, ImageRecord] = {}
     for key, rec in zip(keys, dataset.records):
         if key is not None and key not in todo:
@@ -105,12 +139,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
              len(todo) - len(missing), len(missing), cache.dir)
     t = time.perf_counter()
     if missing:
-        engine = engine or get_engine(config.engine, workers=config.workers,
-                                      master=config.spark_master)
-        forward = BackboneModel(backbone, graphs_dir())  # each engine builds or ships it
-        items = [(k, verified(r, k)) for k, r in todo.items() if k in missing]
-        skipped += engine.extract(items, forward, spec.input_size, spec.resize, cache,
-                                  batch_size=config.extract_batch_size)
+        skipped += extract([(k, verified(r, k)) for k, r in todo.items() if k in missing])
     timings["extract"] = time.perf_counter() - t
     computed = len(missing) - len(cache.missing(missing))
     if skipped:
@@ -123,8 +152,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     return Filled(spec=spec, dataset=dataset, backbone=backbone, cache=cache,
                   keys=keys, skipped=skipped,
                   cached=len(todo) - len(missing), computed=computed,
-                  engine=getattr(engine, "name", config.engine), timings=timings,
-                  grouping=grouping)
+                  engine=extract.name, timings=timings, grouping=grouping, extract=extract)
 
 
 def _split(config: TrainConfig, dataset: Dataset, keys: list[str | None], cache: Any,
@@ -142,10 +170,10 @@ def _split(config: TrainConfig, dataset: Dataset, keys: list[str | None], cache:
             vectors[known] = cache.load([keys[i] for i in known])
     grouping = Grouping()
     content = {rec.key: k for rec, k in zip(dataset.records, keys)}
-    dataset = assign_splits(dataset, config.validation_percentage, config.testing_percentage,
+    source = config.source
+    dataset = assign_splits(dataset, source.validation_percentage, source.testing_percentage,
                             content_keys=keys, vectors=vectors, grouping=grouping,
-                            keep_conflicting=getattr(config, "keep_conflicting_duplicates",
-                                                     False))
+                            keep_conflicting=source.keep_conflicting_duplicates)
     keys = [content[rec.key] for rec in dataset.records]
     found = grouping.exact_groups or grouping.near_groups or grouping.straddling
     (log.warning if grouping.conflicting or grouping.straddling else log.info)(

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import click
 
-from ..config import TrainConfig
+from ..config import SourceConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_options, echo_json, err, json_option
+from .common import backbone_configs, backbone_options, config_group, echo_json, err, json_option
 
-_T = TrainConfig()
+_S = SourceConfig()
 
 
 @click.command()
@@ -17,13 +17,11 @@ _T = TrainConfig()
               help="Audit a SQL database instead (see 'retrainer db import').")
 @click.option("--where", "db_where", default=None, metavar="FILTER",
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
-@click.option("--backbone", default=None, metavar="NAME",
-              help="Same as --architecture: whose cached bottlenecks to use.")
 @backbone_options
-@click.option("--validation-percentage", default=_T.validation_percentage, show_default=True,
+@click.option("--validation-percentage", default=_S.validation_percentage, show_default=True,
               type=click.FloatRange(0, 100, max_open=True),
               help="As in train: the splits shown for duplicate groups.")
-@click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
+@click.option("--testing-percentage", default=_S.testing_percentage, show_default=True,
               type=click.FloatRange(0, 100, max_open=True))
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds for the out-of-fold probabilities.")
@@ -41,13 +39,13 @@ _T = TrainConfig()
               help="Text mode: rows shown per table.")
 @engine_options
 @json_option
-def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float | None,
+def audit(as_json: bool, folds: int, near_threshold: float | None,
           report_dir: str | None, relabel_csv: str | None, findings_name: str | None,
           limit: int, **options: object) -> None:
     """Find duplicates, split leakage and likely mislabelled images (changes no file).
 
     \b
-      retrainer audit --image-dir photos/ --architecture efficientnet_lite0
+      retrainer audit --image-dir photos/ --backbone efficientnet_lite0
       retrainer audit --image-dir photos/ --json --report audit/ --write-relabel fix.csv
       retrainer audit --db images.sqlite --backbone efficientnet_lite0 --write-findings weekly
     """
@@ -61,10 +59,11 @@ def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float
     if findings_name is not None and not 0 < len(findings_name) <= 64:
         raise click.BadParameter("give a name of 1 to 64 characters.",
                                  param_hint="'--write-findings'")
-    if backbone:
-        options["architecture"] = backbone
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
-    config = TrainConfig(**options)  # type: ignore[arg-type]
+    source = config_group(SourceConfig, options)
+    backbone, extraction = backbone_configs(options)
+    assert not options, f"options in no config group: {sorted(options)}"
+    config = TrainConfig(source=source, backbone=backbone, extraction=extraction)
     result = run_audit(config, folds=folds,
                        near_threshold=NEAR_DUPLICATE_SIMILARITY if near_threshold is None
                        else near_threshold)
@@ -76,12 +75,12 @@ def audit(as_json: bool, backbone: str | None, folds: int, near_threshold: float
     if findings_name is not None:
         from ..db.audit_table import write_findings
 
-        n = write_findings(options["db"], result, findings_name)
+        n = write_findings(source.db, result, findings_name)
         err(f"Wrote {n} finding(s) to the audit_findings table as '{findings_name}'")
     if as_json:
         echo_json(result.to_dict())
         return
-    _print_text(result, limit, options.get("image_dir"))  # type: ignore[arg-type]
+    _print_text(result, limit, source.image_dir)
 
 
 def _print_text(result, limit: int, root: str | None = None) -> None:  # noqa: ANN001

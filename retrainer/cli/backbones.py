@@ -10,14 +10,14 @@ from .common import echo_json, json_option
 @click.argument("pattern", default="*")
 @json_option
 def backbones(pattern: str, as_json: bool) -> None:
-    """List the backbones --architecture accepts (PATTERN filters, e.g. 'eff*').
+    """List the backbones --backbone accepts (PATTERN filters, e.g. 'eff*').
 
-    The default (what train uses without --architecture) is marked with '*'.
+    The default (what train uses without --backbone) is marked with '*'.
     """
     from ..backbones import get_spec, list_backbones
-    from ..config import TrainConfig
+    from ..config import BackboneConfig
 
-    default = TrainConfig().architecture
+    default = BackboneConfig().name
     specs = [get_spec(name) for name in list_backbones(pattern)]
     if as_json:
         echo_json([{**s.to_dict(), "default": s.name == default} for s in specs])
@@ -30,5 +30,5 @@ def backbones(pattern: str, as_json: bool) -> None:
         click.echo(f"{mark} {s.name:<20} {size:>7} {s.feature_dim:>5} {s.gflops:>6.2f}  "
                    f"{s.source.describe() if s.source.kind != 'none' else s.weights}")
     if any(s.name == default for s in specs):
-        click.echo(f"* default (train --architecture {default}); GFLOPs per image at the input "
+        click.echo(f"* default (train --backbone {default}); GFLOPs per image at the input "
                    "size; 'retrainer backbones --json' gives each one's preprocessing and licence.")

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import click
 
-from ..config import TrainConfig
-from .common import backbone_options, echo_json, json_option
-
-_T = TrainConfig()
+from ..config import ExtractionConfig, SourceConfig, TrainConfig
+from .common import backbone_configs, backbone_options, echo_json, json_option
 
 ENGINES = ("local", "spark")
 
@@ -16,7 +14,7 @@ def engine_options(fn):  # noqa: ANN001, ANN201 - click decorator
     fn = click.option("--spark-master", default=None, metavar="URL",
                       help="With --engine spark: local[N], spark://HOST:PORT, yarn... "
                            "(default: the running session, else local[*]).")(fn)
-    fn = click.option("--engine", default=_T.engine, show_default=True,
+    fn = click.option("--engine", default=ExtractionConfig().engine, show_default=True,
                       type=click.Choice(ENGINES),
                       help="Where images go through the backbone: here, or on Spark.")(fn)
     return fn
@@ -43,7 +41,7 @@ def check_engine(engine: str, spark_master: str | None) -> None:
 def bottlenecks(as_json: bool, **options: object) -> None:
     """Compute and cache the bottlenecks of an image folder, without training.
 
-    A later 'retrainer train' with the same --architecture and --bottleneck-dir finds them all.
+    A later 'retrainer train' with the same --backbone and --bottleneck-dir finds them all.
 
     \b
       retrainer bottlenecks --image-dir photos/ --engine spark --spark-master 'local[4]'
@@ -53,7 +51,10 @@ def bottlenecks(as_json: bool, **options: object) -> None:
     from ..bottlenecks.fill import fill_cache
 
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
-    result = fill_cache(TrainConfig(**options))  # type: ignore[arg-type]
+    source = SourceConfig(image_dir=options.pop("image_dir"))  # type: ignore[arg-type]
+    backbone, extraction = backbone_configs(options)
+    assert not options, f"options in no config group: {sorted(options)}"
+    result = fill_cache(TrainConfig(source=source, backbone=backbone, extraction=extraction))
     if as_json:
         echo_json(result.to_dict())
         return

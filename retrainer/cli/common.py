@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from dataclasses import fields
+from typing import Any, Callable, TypeVar
 
 import click
+
+from ..config import DEFAULT_MODEL_DIR
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print machine-readable JSON on stdout.")
@@ -28,7 +31,7 @@ def model_options(fn: Callable) -> Callable:
                       help="Labels file (with --graph; default: the model dir's).")(fn)
     fn = click.option("--graph", type=click.Path(dir_okay=False),
                       help="A frozen graph file instead of --model-dir.")(fn)
-    fn = click.option("--model-dir", default="retrained", show_default=True,
+    fn = click.option("--model-dir", default=DEFAULT_MODEL_DIR, show_default=True,
                       type=click.Path(file_okay=False),
                       help="Folder written by 'retrainer train'.")(fn)
     return fn
@@ -49,15 +52,29 @@ export_runtime_option = runtime_option(
     "TensorFlow; onnxruntime converts the graph once (kept in the cache dir).")
 
 
+G = TypeVar("G")
+
+
+def config_group(cls: type[G], options: dict[str, Any], **renamed: str) -> G:
+    """The config dataclass ``cls`` made of the command's ``options`` named as its fields
+    (``renamed``: field=option name where they differ); those options are taken out of
+    ``options``, so what a command has left over is its own."""
+    names = {f.name: renamed.get(f.name, f.name) for f in fields(cls)}  # type: ignore[arg-type]
+    given = {field: options.pop(name) for field, name in names.items() if name in options}
+    return cls(**given)
+
+
 def backbone_options(fn: Callable) -> Callable:
     """The backbone and its bottleneck cache: shared by train and bottlenecks, so a cache filled
     by one is found by the other with the same flags."""
-    from ..config import TrainConfig
+    from ..config import BackboneConfig, ExtractionConfig
 
-    t = TrainConfig()
+    b, e = BackboneConfig(), ExtractionConfig()
     options = [
-        click.option("--architecture", default=t.architecture, show_default=True,
-                     help="Backbone name (see 'retrainer backbones') or the path of a .keras model."),
+        click.option("--backbone", "--architecture", "backbone", default=b.name, show_default=True,
+                     metavar="NAME",
+                     help="Backbone name (see 'retrainer backbones') or the path of a .keras "
+                          "model (--architecture: retrain.py's name for it)."),
         click.option("--weights", default=None,
                      help="Local weights file for the backbone, or 'random' "
                           "(default: its pretrained weights)."),
@@ -65,15 +82,15 @@ def backbone_options(fn: Callable) -> Callable:
                      help="With a .keras model: the layer whose output is the bottleneck."),
         click.option("--bottleneck-dir", type=click.Path(file_okay=False), default=None,
                      help="Bottleneck cache folder (default: the user cache dir)."),
-        click.option("--extract-batch-size", default=t.extract_batch_size, show_default=True,
+        click.option("--extract-batch-size", default=e.batch_size, show_default=True,
                      type=click.IntRange(min=1), help="Images per backbone forward pass."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=t.precision,
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=b.precision,
                      show_default=True,
                      help="Backbone arithmetic during extraction; bf16 is ~1.6x faster on CPUs "
                           "with AVX512-BF16/AMX. Exports stay fp32."),
         runtime_option("What runs the backbone: auto is the fastest installed runtime on this "
                        "machine, measured once per backbone and kept in the cache dir."),
-        click.option("--tta", type=click.Choice(["none", "flip"]), default=t.tta,
+        click.option("--tta", type=click.Choice(["none", "flip"]), default=b.tta,
                      show_default=True,
                      help="Test-time augmentation in the backbone: 'flip' averages each "
                           "image's bottleneck with its left-right mirror's (2x extraction "
@@ -84,6 +101,15 @@ def backbone_options(fn: Callable) -> Callable:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def backbone_configs(options: dict[str, Any]) -> tuple[Any, Any]:
+    """The BackboneConfig and ExtractionConfig of :func:`backbone_options` (and --engine,
+    --spark-master), taken out of ``options``."""
+    from ..config import BackboneConfig, ExtractionConfig
+
+    return (config_group(BackboneConfig, options, name="backbone"),
+            config_group(ExtractionConfig, options, batch_size="extract_batch_size"))
 
 
 def err(message: str) -> None:

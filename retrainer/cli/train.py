@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import click
 
-from ..config import HeadConfig, TrainConfig
+from ..config import (AugmentConfig, ExportConfig, FineTuneConfig, HeadConfig, SourceConfig,
+                      TrainConfig)
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_options, echo_json, json_option
+from .common import backbone_configs, backbone_options, config_group, echo_json, json_option
 from .export import FORMAT_NAMES, parse_formats
 
-_T = TrainConfig()
+_S = SourceConfig()
 _H = HeadConfig()
+_A = AugmentConfig()
+_F = FineTuneConfig()
+_E = ExportConfig()
 
 
 def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -26,12 +30,12 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
                    "SQLite file path. Its roles are the split.")
 @click.option("--where", "db_where", default=None, metavar="FILTER",
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
-@click.option("--output-dir", default=_T.output_dir, show_default=True, type=click.Path(file_okay=False),
+@click.option("--output-dir", default=_E.output_dir, show_default=True, type=click.Path(file_okay=False),
               help="Where the model, labels and metadata are written.")
 @backbone_options
-@click.option("--validation-percentage", default=_T.validation_percentage, show_default=True,
+@click.option("--validation-percentage", default=_S.validation_percentage, show_default=True,
               type=float, callback=_percentage, help="Share of images used for validation.")
-@click.option("--testing-percentage", default=_T.testing_percentage, show_default=True,
+@click.option("--testing-percentage", default=_S.testing_percentage, show_default=True,
               type=float, callback=_percentage, help="Share of images used for the final test.")
 @click.option("--head-search", type=click.Choice(["cv", "off"]), default=None,
               help="cv (default): choose the head's L2 strength by 5-fold cross-validation on "
@@ -50,7 +54,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               help="Explicit path for the frozen graph (retrain.py's --output_graph).")
 @click.option("--output-labels", type=click.Path(dir_okay=False), default=None,
               help="Explicit path for the labels file (retrain.py's --output_labels).")
-@click.option("--export-formats", callback=parse_formats, default=",".join(_T.export_formats),
+@click.option("--export-formats", callback=parse_formats, default=",".join(_E.formats),
               show_default=True, metavar="LIST",
               help=f"What to write, comma-separated: {', '.join(FORMAT_NAMES)}, or 'all' "
                    "(int8 and onnx: see 'retrainer export').")
@@ -76,23 +80,23 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
               help="Write TensorBoard logs of the head training here.")
 @click.option("--flip-left-right", is_flag=True,
               help="Augment: mirror half of the variants horizontally.")
-@click.option("--random-crop", default=_T.random_crop, type=click.FloatRange(0, 100),
+@click.option("--random-crop", default=_A.random_crop, type=click.FloatRange(0, 100),
               help="Augment: percentage of margin cropped away at random.")
-@click.option("--random-scale", default=_T.random_scale, type=click.FloatRange(0, 100),
+@click.option("--random-scale", default=_A.random_scale, type=click.FloatRange(0, 100),
               help="Augment: percentage the image is enlarged by at most before cropping.")
-@click.option("--random-brightness", default=_T.random_brightness, type=click.FloatRange(0, 100),
+@click.option("--random-brightness", default=_A.random_brightness, type=click.FloatRange(0, 100),
               help="Augment: percentage the brightness is changed by at most.")
-@click.option("--augment-variants", default=_T.augment_variants, show_default=True,
+@click.option("--augment-variants", default=_A.variants, show_default=True,
               type=click.IntRange(min=1),
               help="Distorted variants per training image (each computed once and cached).")
 @click.option("--fine-tune", is_flag=True,
               help="After the head converges, fine-tune the backbone's top layers with it "
                    "(slower: runs the backbone on every epoch).")
-@click.option("--fine-tune-layers", default=_T.fine_tune_layers, show_default=True,
+@click.option("--fine-tune-layers", default=_F.layers, show_default=True,
               type=click.IntRange(min=0), help="Weighted backbone layers to unfreeze, from the top.")
-@click.option("--fine-tune-epochs", default=_T.fine_tune_epochs, show_default=True,
+@click.option("--fine-tune-epochs", default=_F.epochs, show_default=True,
               type=click.IntRange(min=1))
-@click.option("--fine-tune-learning-rate", default=_T.fine_tune_learning_rate, show_default=True,
+@click.option("--fine-tune-learning-rate", default=_F.learning_rate, show_default=True,
               type=click.FloatRange(min=0, min_open=True))
 @engine_options
 @json_option
@@ -100,11 +104,12 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 def train(ctx: click.Context, as_json: bool, seed: int, head_search: str | None,
           learning_rate: float, epochs: int, steps: int | None, batch_size: int, dropout: float,
           l2: float, label_smoothing: float, patience: int, class_weight: str,
+          print_misclassified: bool, fine_tune: bool, summaries_dir: str | None,
           **options: object) -> None:
     """Train a new classifier head on a pretrained backbone and export it.
 
     \b
-      retrainer train --image-dir cats/ --architecture efficientnet_lite0
+      retrainer train --image-dir cats/ --backbone efficientnet_lite0
     """
     from ..training import train as run_train
 
@@ -115,12 +120,21 @@ def train(ctx: click.Context, as_json: bool, seed: int, head_search: str | None,
                       epochs=epochs, steps=steps, batch_size=batch_size, seed=seed,
                       dropout=dropout, l2=l2, label_smoothing=label_smoothing,
                       patience=patience, class_weight=class_weight)
-    config = TrainConfig(head=head, **options)  # type: ignore[arg-type]
+    backbone, extraction = backbone_configs(options)
+    tuning = config_group(FineTuneConfig, options, layers="fine_tune_layers",
+                          epochs="fine_tune_epochs", learning_rate="fine_tune_learning_rate")
+    config = TrainConfig(
+        source=config_group(SourceConfig, options), backbone=backbone, extraction=extraction,
+        head=head, augment=config_group(AugmentConfig, options, variants="augment_variants"),
+        fine_tune=tuning if fine_tune else None,
+        export=config_group(ExportConfig, options, formats="export_formats"),
+        summaries_dir=summaries_dir)
+    assert not options, f"options in no config group: {sorted(options)}"
     result = run_train(config)
     if as_json:
         echo_json(result.to_dict())
         return
-    _print_summary(result, config)
+    _print_summary(result, config.export.output_dir, print_misclassified)
 
 
 #: Options of the single Adam fit: giving any of them means --head-search off.
@@ -140,7 +154,7 @@ def _head_search(ctx: click.Context, head_search: str | None) -> str:
     return head_search or ("off" if given else "cv")
 
 
-def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
+def _print_summary(result, output_dir: str, print_misclassified: bool) -> None:  # noqa: ANN001
     echo = click.echo
     if result.skipped:
         echo(f"Skipped {len(result.skipped)} unusable file(s):")
@@ -164,9 +178,9 @@ def _print_summary(result, config: TrainConfig) -> None:  # noqa: ANN001
     if test and test.n:
         echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")
         echo(test.table())
-        if config.print_misclassified:
+        if print_misclassified:
             echo("Misclassified test images:")
             for m in test.misclassified:
                 echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
-    echo(f"Exported to {config.output_dir}: " + ", ".join(
+    echo(f"Exported to {output_dir}: " + ", ".join(
         f"{k}={v}" for k, v in sorted(result.outputs.items())))

@@ -154,10 +154,6 @@ class MicroBatcher:
         self._queue.put((pixels, future, loop, counted))
         return future
 
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
-        """Queue one (H, W, 3) image; resolve to its (classes,) probabilities."""
-        return await self.enqueue(pixels)
-
     def _gather(self, first: tuple) -> tuple[list[tuple], bool]:
         """``first`` plus what is queued, and what arrives by the deadline while more is
         announced or the batch is below what it waits for; (batch, whether a stop came)."""

@@ -6,7 +6,7 @@ building one on the driver. Nothing downstream knows which engine ran.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -16,21 +16,26 @@ from ..cache import BottleneckCache
 __all__ = ["BackboneModel", "Engine", "Forward", "get_engine"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class BackboneModel:
     """A backbone's forward pass as an engine receives it: built into a runner where it runs.
 
     ``cache_root``: where its frozen graph and conversions are kept (built once, read after).
+    The runner is built on first use and kept, so one run's extractions share it.
     """
 
     backbone: Any
     cache_root: str | Path | None = None
+    _runners: dict[int | None, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def runner(self, threads: int | None = None) -> Any:
         """(N, H, W, 3) RGB 0..255 -> (N, dim) float32, in this process."""
-        from ..extractor import make_forward
+        if threads not in self._runners:
+            from ..extractor import make_forward
 
-        return make_forward(self.backbone, self.cache_root, threads=threads)
+            self._runners[threads] = make_forward(self.backbone, self.cache_root,
+                                                  threads=threads)
+        return self._runners[threads]
 
     def shippable(self) -> tuple[str, str, bytes]:
         """``(runtime, precision, model bytes)`` for another process, read from the kept files:
