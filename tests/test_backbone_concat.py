@@ -116,6 +116,11 @@ def test_unknown_part_or_weights_file_is_a_one_line_error(tmp_path):
     with pytest.raises(RetrainerError, match="not supported with the composite"):
         create_backbone(COMPOSITE, weights=str(weights))
 
+    shown = CliRunner().invoke(cli, ["backbones", COMPOSITE, "--json"])
+    assert shown.exit_code == 0, shown.output
+    (listed,) = json.loads(shown.output)
+    assert (listed["name"], listed["feature_dim"], listed["input_size"]) == (COMPOSITE, 7, [32, 32])
+
     images = make_colour_tree(tmp_path / "images", per_class=3)
     for extra, words in (([], "unknown backbone 'nope'"),
                          (["--weights", str(weights)], "--weights FILE is not supported")):

@@ -57,7 +57,8 @@ def backbone_options(fn: Callable) -> Callable:
     t = TrainConfig()
     options = [
         click.option("--architecture", default=t.architecture, show_default=True,
-                     help="Backbone name (see 'retrainer backbones') or the path of a .keras model."),
+                     help="Backbone name (see 'retrainer backbones'), names joined by '+' (their "
+                          "bottlenecks concatenated), or the path of a .keras model."),
         click.option("--weights", default=None,
                      help="Local weights file for the backbone, or 'random' "
                           "(default: its pretrained weights)."),
