@@ -130,6 +130,12 @@ def test_unknown_part_or_weights_file_is_a_one_line_error(tmp_path):
                                           "--bottleneck-dir", str(tmp_path / "bn")])
         assert result.exit_code == 1, result.output
         assert words in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["train", "--image-dir", str(images), "--architecture",
+                                      COMPOSITE, "--fine-tune", "--output-dir",
+                                      str(tmp_path / "o"), "--bottleneck-dir",
+                                      str(tmp_path / "bn")])
+    assert result.exit_code == 1 and "fine-tuning the composite backbone" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_train_and_label_a_composite_end_to_end(tmp_path):

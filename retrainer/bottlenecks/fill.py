@@ -62,6 +62,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     ``split`` the records get their splits once their contents (and bottlenecks) are known, so
     copies of one image land in one split (see :func:`retrainer.split.assign_splits`).
     """
+    from ..backbones.composite import is_composite
     from ..backbones.factory import create_backbone, resolve_spec
     from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, get_engine, hash_records, verified
@@ -79,6 +80,9 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     if tta != "none" and getattr(config, "fine_tune", False):
         raise RetrainerError("fine-tuning with test-time augmentation is not supported.",
                              "Use --tta none with --fine-tune, or leave --fine-tune off.")
+    if getattr(config, "fine_tune", False) and is_composite(spec):
+        raise RetrainerError(f"fine-tuning the composite backbone {spec.name!r} is not "
+                             "supported.", "Fine-tune one backbone, or leave --fine-tune off.")
     backbone = create_backbone(spec, config.weights, precision=config.precision, lazy=True,
                                tta=tta)
     spec = backbone.spec  # records the TTA mode (options.tta) for the metadata
