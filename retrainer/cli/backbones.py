@@ -12,13 +12,17 @@ from .common import echo_json, json_option
 def backbones(pattern: str, as_json: bool) -> None:
     """List the backbones --backbone accepts (PATTERN filters, e.g. 'eff*').
 
-    The default (what train uses without --backbone) is marked with '*'.
+    The default (what train uses without --backbone) is marked with '*'. Names joined by
+    '+' (--backbone efficientnet_lite0+efficientnet_lite2) make one backbone whose
+    bottleneck is theirs concatenated; they are not listed.
     """
     from ..backbones import get_spec, list_backbones
     from ..config import BackboneConfig
 
     default = BackboneConfig().name
     specs = [get_spec(name) for name in list_backbones(pattern)]
+    if not specs and "+" in pattern:  # a composite, shown when asked for by name
+        specs = [get_spec(pattern)]
     if as_json:
         echo_json([{**s.to_dict(), "default": s.name == default} for s in specs])
         return

@@ -73,8 +73,9 @@ def backbone_options(fn: Callable) -> Callable:
     options = [
         click.option("--backbone", "--architecture", "backbone", default=b.name, show_default=True,
                      metavar="NAME",
-                     help="Backbone name (see 'retrainer backbones') or the path of a .keras "
-                          "model (--architecture: retrain.py's name for it)."),
+                     help="Backbone name (see 'retrainer backbones'), names joined by '+' (their "
+                          "bottlenecks concatenated), or the path of a .keras model "
+                          "(--architecture: retrain.py's name for it)."),
         click.option("--weights", default=None,
                      help="Local weights file for the backbone, or 'random' "
                           "(default: its pretrained weights)."),
