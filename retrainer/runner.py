@@ -100,10 +100,11 @@ class LaneRunner:
                     future.cancel()
             wait([f for _, parts in pending for f in parts])
 
-    def stream_made(self, jobs: Iterable[Callable[[], tuple[T, np.ndarray]]], depth: int = 2
-                    ) -> Iterator[tuple[T, np.ndarray]]:
+    def stream_made(self, jobs: Iterable[Callable[[], tuple[T, np.ndarray]]], depth: int = 2,
+                    step: int | None = None) -> Iterator[tuple[T, np.ndarray]]:
         """(tag, output) for each job, in order: a job makes ``(tag, batch)`` (reads and
-        decodes its images) on a lane's own thread, which then runs that batch at once.
+        decodes its images) on a lane's own thread, which then runs that batch at once, in
+        runs of ``step`` images (default: all at once).
 
         Decoding on separate threads kept more threads runnable than cores, and the lanes'
         batches waited in queues; here each of the ``replicas`` threads alternates between
@@ -114,7 +115,7 @@ class LaneRunner:
         if not self._lanes:
             for job in jobs:
                 tag, batch = job()
-                yield tag, self._run_made(0, batch)
+                yield tag, self._run_made(0, batch, step)
             return
         free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for lane in range(self._n):
@@ -124,7 +125,7 @@ class LaneRunner:
             lane = free.get()  # as many threads as lanes: never waits
             try:
                 tag, batch = job()
-                return tag, self._run_made(lane, batch)
+                return tag, self._run_made(lane, batch, step)
             finally:
                 free.put(lane)
 
@@ -141,10 +142,13 @@ class LaneRunner:
                 for future in pending:
                     future.cancel()
 
-    def _run_made(self, lane: int, batch: np.ndarray) -> np.ndarray:
+    def _run_made(self, lane: int, batch: np.ndarray, step: int | None) -> np.ndarray:
         if not len(batch):  # every image of the job failed
             return np.zeros((0, self.output_dim), np.float32)
-        return self.run_on(lane, batch)
+        if not step or len(batch) <= step:
+            return self.run_on(lane, batch)
+        return np.concatenate([self.run_on(lane, batch[i:i + step])
+                               for i in range(0, len(batch), step)])
 
     def close(self) -> None:
         for lane in self._lanes:

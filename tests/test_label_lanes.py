@@ -28,7 +28,7 @@ class ChannelMeans(LaneRunner):
         self.input_shape = (None, size, size, 3)
         self.output_dim = 3
         self.threads: set[str] = set()
-        self.running = self.most_running = 0
+        self.running = self.most_running = self.largest = 0
         self._count = threading.Lock()
         super().__init__(replicas)
 
@@ -37,6 +37,7 @@ class ChannelMeans(LaneRunner):
             self.running += 1
             self.most_running = max(self.most_running, self.running)
             self.threads.add(threading.current_thread().name)
+            self.largest = max(self.largest, len(batch))
         try:
             logits = batch.mean(axis=(1, 2)) / 50.0
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -67,7 +68,8 @@ def test_lanes_give_the_decoding_pools_results_in_input_order(paths: list[str],
                                                               batch_size: int) -> None:
     model = classifier()
     on_lanes = list(model.label_paths(paths, top_k=2, batch_size=batch_size))
-    lane_threads, most_running = set(model.runner.threads), model.runner.most_running
+    runner = model.runner
+    lane_threads, most_running, largest = set(runner.threads), runner.most_running, runner.largest
     on_pool = list(model.label_paths(paths, top_k=2, batch_size=batch_size, workers=2))
     assert [r.path for r in on_lanes] == paths
     assert [r.to_dict() for r in on_lanes] == [r.to_dict() for r in on_pool]
@@ -79,7 +81,19 @@ def test_lanes_give_the_decoding_pools_results_in_input_order(paths: list[str],
             assert len(a.predictions) == 2
     # each lane decoded and ran its own shares: no more threads at once than lanes
     assert most_running <= 2
+    assert largest <= 2  # each share runs two images at a time (LANE_STEP)
     assert lane_threads and all(name.startswith("numpy-made") for name in lane_threads)
+
+
+def test_a_share_run_in_steps_scores_as_in_one_run() -> None:
+    runner = ChannelMeans()
+    batch = np.random.default_rng(1).uniform(0, 255, (7, 24, 24, 3)).astype(np.float32)
+    jobs = [lambda i=i: (i, batch[i:i + 3]) for i in range(0, 7, 3)]
+    whole = dict(runner.stream_made(iter(jobs)))
+    stepped = dict(runner.stream_made(iter(jobs), step=2))
+    assert list(stepped) == [0, 3, 6] and runner.largest == 3
+    for tag in whole:
+        assert np.array_equal(whole[tag], stepped[tag])
 
 
 def test_one_lane_labels_on_the_calling_thread(paths: list[str]) -> None:
