@@ -211,24 +211,38 @@ def raw_forward_rate(runner: Any, size: tuple[int, int], batches: tuple[int, ...
     return best
 
 
+#: Starts the measured command from a small Python process and writes its wall time and peak
+#: RSS to a file. Linux counts the memory of the process a child was forked from into the
+#: child's peak RSS, so a command started straight from a benchmark that has loaded
+#: TensorFlow reported that benchmark's GBs; from this launcher it carries ~10 MB.
+_LAUNCHER = """\
+import os, subprocess, sys, time
+t = time.perf_counter()
+p = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(p.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{time.perf_counter() - t} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status) & 255)
+"""
+
+
 def run(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, str, float]:
     """Run a command; return (wall seconds, stdout, peak RSS of that child in MB)."""
     import tempfile
 
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=full_env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".txt") as measured:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, measured.name, *cmd],
+                              stdout=out, stderr=err, text=True, env=full_env)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
+        wall, rss = (float(v) for v in (measured.read().split() or ["0", "0"]))
     if proc.returncode != 0:
         sys.stderr.write(stderr[-4000:])
         raise SystemExit(f"error: {' '.join(cmd[:6])} ... failed with exit code {proc.returncode}")
-    return wall, stdout, usage.ru_maxrss / 1024
+    return wall, stdout, rss / 1024
 
 
 def peak_rss_mb() -> float:

@@ -6,9 +6,10 @@ of images in flight (and with it the memory) is bounded the same everywhere.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -26,18 +27,10 @@ def decode_stream(
     workers: int, window: int,
 ) -> Iterator[tuple[str, ImageRecord, np.ndarray | None, str | None]]:
     """Decode records in parallel, in order, with at most ``window`` images in flight."""
-
-    def work(rec: ImageRecord) -> np.ndarray:
-        try:
-            data = rec.read()
-        except OSError as exc:
-            raise ImageError(rec.display, f"cannot read ({exc.strerror or exc})") from None
-        return load_pixels(data, size, resize, name=rec.display)
-
     pending: deque[tuple[str, ImageRecord, Future]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
         for key, rec in items:
-            pending.append((key, rec, pool.submit(work, rec)))
+            pending.append((key, rec, pool.submit(_load, rec, size, resize)))
             if len(pending) >= window:
                 yield _result(*pending.popleft())
         while pending:
@@ -67,6 +60,51 @@ def decoded_batches(
             pairs, pixels, made = [], [], made + 1
     if pairs:
         yield pairs, np.stack(pixels)
+
+
+def decode_batch(records: Sequence[ImageRecord], size: tuple[int, int], resize: str
+                 ) -> tuple[np.ndarray, list[str | None]]:
+    """Read and decode ``records`` on this thread: (pixels of those that decoded, in order;
+    for each record None, or why it could not be decoded).
+
+    The pixels are written straight into a batch buffer that this thread keeps: valid until
+    this thread's next call (:meth:`retrainer.runner.LaneRunner.stream_made` runs a batch
+    before its thread makes the next one).
+    """
+    batch = _batch_buffer((len(records), *size, 3))
+    errors: list[str | None] = []
+    done = 0
+    for rec in records:
+        try:
+            _load(rec, size, resize, out=batch[done])
+        except ImageError as exc:
+            errors.append(exc.reason)
+            continue
+        errors.append(None)
+        done += 1
+    return batch[:done], errors
+
+
+_BATCH = threading.local()
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array of ``shape`` in this thread's batch buffer (reused: a fresh one per
+    batch costs a page fault every 4 KB)."""
+    size = int(np.prod(shape))
+    buf = getattr(_BATCH, "buffer", None)
+    if buf is None or buf.size < size:
+        buf = _BATCH.buffer = np.empty(size, np.float32)
+    return buf[:size].reshape(shape)
+
+
+def _load(rec: ImageRecord, size: tuple[int, int], resize: str,
+          out: np.ndarray | None = None) -> np.ndarray:
+    try:
+        data = rec.read()
+    except OSError as exc:
+        raise ImageError(rec.display, f"cannot read ({exc.strerror or exc})") from None
+    return load_pixels(data, size, resize, name=rec.display, out=out)
 
 
 def _result(key: str, rec: ImageRecord, fut: Future):

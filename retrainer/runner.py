@@ -10,11 +10,12 @@ runs a batch. Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -98,6 +99,56 @@ class LaneRunner:
                 for future in parts:
                     future.cancel()
             wait([f for _, parts in pending for f in parts])
+
+    def stream_made(self, jobs: Iterable[Callable[[], tuple[T, np.ndarray]]], depth: int = 2,
+                    step: int | None = None) -> Iterator[tuple[T, np.ndarray]]:
+        """(tag, output) for each job, in order: a job makes ``(tag, batch)`` (reads and
+        decodes its images) on a lane's own thread, which then runs that batch at once, in
+        runs of ``step`` images (default: all at once).
+
+        Decoding on separate threads kept more threads runnable than cores, and the lanes'
+        batches waited in queues; here each of the ``replicas`` threads alternates between
+        making a batch and running it, and takes the next job as soon as it is free. Up to
+        ``depth`` jobs per lane are queued ahead. A batch is not used after its job's output
+        comes back, so a job may build it in a buffer of its thread's own.
+        """
+        if not self._lanes:
+            for job in jobs:
+                tag, batch = job()
+                yield tag, self._run_made(0, batch, step)
+            return
+        free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for lane in range(self._n):
+            free.put(lane)
+
+        def work(job: Callable[[], tuple[T, np.ndarray]]) -> tuple[T, np.ndarray]:
+            lane = free.get()  # as many threads as lanes: never waits
+            try:
+                tag, batch = job()
+                return tag, self._run_made(lane, batch, step)
+            finally:
+                free.put(lane)
+
+        pending: deque[Future] = deque()
+        with ThreadPoolExecutor(self._n, thread_name_prefix=f"{self.runtime}-made") as pool:
+            try:
+                for job in jobs:
+                    pending.append(pool.submit(work, job))
+                    if len(pending) >= max(1, depth) * self._n:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # stopped early: drop the jobs not started, let the running ones end
+                for future in pending:
+                    future.cancel()
+
+    def _run_made(self, lane: int, batch: np.ndarray, step: int | None) -> np.ndarray:
+        if not len(batch):  # every image of the job failed
+            return np.zeros((0, self.output_dim), np.float32)
+        if not step or len(batch) <= step:
+            return self.run_on(lane, batch)
+        return np.concatenate([self.run_on(lane, batch[i:i + step])
+                               for i in range(0, len(batch), step)])
 
     def close(self) -> None:
         for lane in self._lanes:
