@@ -86,6 +86,25 @@ def tiny_builder(spec, weights):  # noqa: ANN001 - registry builder signature
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="avg_pool")(x))
 
 
+def pixel_dense_builder(seed: int):  # noqa: ANN201
+    """A registry builder whose bottleneck is a fixed linear map (weights drawn with ``seed``)
+    of every normalised pixel: resizing or mirroring the image changes it."""
+
+    def build(spec, weights):  # noqa: ANN001, ANN202 - registry builder signature
+        import keras
+
+        inputs = keras.Input((*spec.input_size, 3), name="input")
+        x = keras.layers.Rescaling(1.0 / spec.std, offset=-spec.mean / spec.std,
+                                   name="preprocess")(inputs)
+        x = keras.layers.Flatten()(x)
+        dense = keras.layers.Dense(spec.feature_dim, name="features",
+                                   kernel_initializer=keras.initializers.RandomNormal(seed=seed),
+                                   bias_initializer="zeros")
+        return keras.Model(inputs, dense(x))
+
+    return build
+
+
 def registered_backbone(name: str, size: int, dim: int, builder, mean: float = 0.0):  # noqa: ANN001
     """Register a test backbone (``size`` px, ``dim``-d bottleneck) while the generator lives."""
     from retrainer.backbones import BackboneSpec, register, unregister

@@ -9,29 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, make_colour_tree, registered_backbone
+from conftest import TINY, make_colour_tree, pixel_dense_builder, registered_backbone
 
 SMALL = "concat_small_test_backbone"  # 8 px, 4-d: a fixed linear map of every pixel
 COMPOSITE = f"{TINY}+{SMALL}"  # 32 px (the larger), 3 + 4 = 7-d
 
 
-def small_builder(spec, weights):  # noqa: ANN001 - registry builder signature
-    """Every pixel counts with its own weight: resizing the input changes the output."""
-    import keras
-
-    inputs = keras.Input((*spec.input_size, 3), name="input")
-    x = keras.layers.Rescaling(1.0 / spec.std, offset=-spec.mean / spec.std,
-                               name="preprocess")(inputs)
-    x = keras.layers.Flatten()(x)
-    dense = keras.layers.Dense(spec.feature_dim, name="features",
-                               kernel_initializer=keras.initializers.RandomNormal(seed=11),
-                               bias_initializer="zeros")
-    return keras.Model(inputs, dense(x))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def small_backbone():
-    yield from registered_backbone(SMALL, 8, 4, small_builder, mean=100.0)
+    yield from registered_backbone(SMALL, 8, 4, pixel_dense_builder(seed=11), mean=100.0)
 
 
 def _images(n: int = 5, size: int = 32, seed: int = 0) -> np.ndarray:

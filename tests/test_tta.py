@@ -9,27 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import registered_backbone
+from conftest import pixel_dense_builder, registered_backbone
 
 ASYM = "tta_asymmetric_test_backbone"
 
 
-def asymmetric_builder(spec, weights):  # noqa: ANN001 - registry builder signature
-    """A fixed linear map of every pixel: its output changes when the image is mirrored."""
-    import keras
-
-    inputs = keras.Input((*spec.input_size, 3), name="input")
-    x = keras.layers.Rescaling(1.0 / 255.0, name="preprocess")(inputs)
-    x = keras.layers.Flatten()(x)
-    dense = keras.layers.Dense(spec.feature_dim, name="features",
-                               kernel_initializer=keras.initializers.RandomNormal(seed=7),
-                               bias_initializer="zeros")
-    return keras.Model(inputs, dense(x))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def asymmetric_backbone():
-    yield from registered_backbone(ASYM, 8, 4, asymmetric_builder)
+    yield from registered_backbone(ASYM, 8, 4, pixel_dense_builder(seed=7))
 
 
 def _images(n: int = 3, seed: int = 0) -> np.ndarray:
