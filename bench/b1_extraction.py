@@ -1,9 +1,11 @@
 """1. Extraction throughput of ``train`` vs the fastest raw forward pass, in the same process.
 
-The raw pass runs the backbone's frozen graph on pre-decoded random tensors at batch 16/32/64
-and keeps the best; ``train``'s path hashes, reads, decodes and resizes real JPEGs (500 for
-Lite0, 160 for Inception-v3) on the thread pool while the same graph runs on full batches, and
-writes the bottleneck cache. Raw and train rounds alternate; the best of each is kept, since
+Both run on the runtime ``train`` picks by default (``--runtime auto``; ``--runtime`` here sets
+another). The raw pass runs the backbone on pre-decoded random tensors at each of
+``--raw-batches`` (2 to 64: on 2 cores the small ones are the fastest) and keeps the best;
+``train``'s path hashes, reads, decodes and resizes real JPEGs (500 for Lite0, 160 for
+Inception-v3) on the runner's lanes (each decodes its share and runs it two images at a time),
+and writes the bottleneck cache. Raw and train rounds alternate; the best of each is kept, since
 other work on the machine skews single measurements. Each round also records the CPU-ms per
 image (all threads) and the share of the cores kept busy: where the train path's time goes.
 """
@@ -24,7 +26,13 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=2,
                    help="Alternate raw and train rounds this many times; keep the best of each.")
+    p.add_argument("--runtime", default="auto", help="The runtime both paths run on.")
+    p.add_argument("--raw-batches", default="2,4,8,16,32,64",
+                   help="Comma-separated batch sizes the raw pass is timed at (best counts).")
+    p.add_argument("--raw-seconds", type=float, default=4.0,
+                   help="Seconds each raw-pass candidate is timed.")
     args = p.parse_args()
+    raw_batches = tuple(int(b) for b in args.raw_batches.split(",") if b)
     work = work_dir(args)
     images = jpeg_set_500(data_root(args), work / "jpeg500")
 
@@ -40,12 +48,13 @@ def main() -> None:
     for name in backbones(args):
         backbone = create_backbone(name, WEIGHTS[name])
         spec = backbone.spec
-        forward = make_forward(backbone, work / "graphs")
+        forward = make_forward(backbone, work / "graphs", runtime=args.runtime)
         records = all_records[:: max(1, len(all_records) // ROUND_IMAGES.get(name, 500))]
         raw_rates, raw_batch, rates = [], 0, []
         by_sessions: dict[int, float] = {}
         for _ in range(args.rounds):
-            rate, bs = raw_forward_rate(forward, spec.input_size, by_sessions=by_sessions)
+            rate, bs = raw_forward_rate(forward, spec.input_size, batches=raw_batches,
+                                        seconds=args.raw_seconds, by_sessions=by_sessions)
             raw_rates.append(rate)
             raw_batch = bs if rate >= max(raw_rates) else raw_batch
             cache_root = work / "b1-cache"
@@ -61,7 +70,7 @@ def main() -> None:
             rates.append(clock.rate(done))
             shutil.rmtree(cache_root, ignore_errors=True)
         raw, rate = max(raw_rates), max(rates)
-        out[name] = {"raw_img_s": round(raw.per_s, 2), "raw_batch": raw_batch,
+        out[name] = {"runtime": forward.runtime, "raw_img_s": round(raw.per_s, 2), "raw_batch": raw_batch,
                      "train_img_s": round(rate.per_s, 2), "images": done,
                      "extract_batch": defaults.batch_size,
                      "raw_rounds": [r.to_dict() for r in raw_rates],

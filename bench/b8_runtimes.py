@@ -2,10 +2,13 @@
 ``train``'s extraction with default settings vs the previous path (TensorFlow, same run); and
 ``label`` of one image (wall, peak RSS) and of 500 images per runtime of an export.
 
-Raw rates: pre-decoded random batches of 16, pipelined over the lanes as extraction runs them,
-rounds alternating between runtimes, best of each kept (bottlenecks.runtime_choice.measure).
-Extraction: 500 JPEGs hashed, decoded and run through the local engine into a fresh cache;
-the previous path and the default one alternate, best of each kept.
+Raw rates: pre-decoded random pixels run as extraction runs them (each lane its share of a
+batch of 16, two images at a time), rounds alternating between runtimes, best of each kept
+(bottlenecks.runtime_choice.measure); and, for Lite0, the fastest runtime's raw pass at its best
+batch (2 to 64, called batch by batch or pipelined: bench/common.raw_forward_rate), the fairest
+baseline. Extraction: 500 JPEGs hashed, decoded and run through the local engine into a fresh
+cache; the previous path (TensorFlow on batches of 16 decoded by a thread pool) and the default
+one (``auto``, lanes decoding their own shares) alternate, best of each kept.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import shutil
 import sys
 
 from common import (
-    WEIGHTS, Clock, backbones, data_root, emit, jpeg_set_500, parser, retrainer_cmd, run,
-    work_dir,
+    WEIGHTS, Clock, backbones, data_root, emit, jpeg_set_500, parser, raw_forward_rate,
+    retrainer_cmd, run, work_dir,
 )
 
 
@@ -24,6 +27,9 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--raw-batches", default="2,4,8,16,32,64",
+                   help="Batch sizes the fastest runtime's raw pass is timed at (best counts).")
+    p.add_argument("--no-label", action="store_true", help="Skip the label rows.")
     p.add_argument("--model-set", default="hymenoptera_data",
                    help="The set a Lite0 model is trained on for the label rows.")
     args = p.parse_args()
@@ -35,6 +41,7 @@ def main() -> None:
     from retrainer.bottlenecks import BottleneckCache, get_engine, hash_records
     from retrainer.bottlenecks.extractor import graphs_dir, make_forward
     from retrainer.config import ExtractionConfig
+    from retrainer.decoding import default_workers
     from retrainer.runtimes import available
     from retrainer.bottlenecks.runtime_choice import choose, measure
     from retrainer.sources.folder import scan_folder
@@ -55,18 +62,20 @@ def main() -> None:
         if name == "efficientnet_lite0":
             backbone = create_backbone(name, WEIGHTS[name])
             backbone.runtime = choose(backbone, graphs_dir())
-            paths = {"previous (tensorflow)": make_forward(backbone, graphs_dir(), "tensorflow"),
-                     f"default (auto: {backbone.runtime})": make_forward(backbone, graphs_dir())}
+            paths = {"previous (tensorflow)": (make_forward(backbone, graphs_dir(), "tensorflow"),
+                                               default_workers()),
+                     f"default (auto: {backbone.runtime})": (make_forward(backbone, graphs_dir()),
+                                                             defaults.workers)}
             best: dict[str, float] = {}
             for _ in range(args.rounds):
-                for label, forward in paths.items():
+                for label, (forward, workers) in paths.items():
                     cache_root = work / "cache-b8"
                     shutil.rmtree(cache_root, ignore_errors=True)
                     cache = BottleneckCache(cache_root, backbone.cache_id,
                                             backbone.spec.feature_dim)
                     with Clock() as clock:
                         keys, _ = hash_records(records, defaults.workers)
-                        get_engine("local").extract(
+                        get_engine("local", workers=workers).extract(
                             list(dict(zip(keys, records)).items()), forward,
                             backbone.spec.input_size, backbone.spec.resize, cache,
                             batch_size=defaults.batch_size)
@@ -76,7 +85,18 @@ def main() -> None:
             row["extraction_default_x_previous"] = round(
                 default / best["previous (tensorflow)"], 2)
             row["extraction_default_x_fastest_raw_fp32"] = round(default / fastest, 2)
-            row["label"] = label_rows(args, work, fastest)
+            fastest_runner = make_forward(backbone, graphs_dir(), row["fp32_fastest"])
+            raw, bs = raw_forward_rate(
+                fastest_runner, backbone.spec.input_size, seconds=args.seconds,
+                batches=tuple(int(b) for b in args.raw_batches.split(",") if b))
+            fastest_runner.close()
+            row["fastest_raw_best_batch"] = {"runtime": row["fp32_fastest"], "batch": bs,
+                                             "img_s": round(raw.per_s, 1)}
+            row["extraction_default_x_fastest_raw_best_batch"] = round(default / raw.per_s, 2)
+            for _, (forward, _) in paths.items():
+                forward.close()
+            if not args.no_label:
+                row["label"] = label_rows(args, work, fastest)
         out[name] = row
     out["load_after"] = os.getloadavg()
     emit({"benchmark": "runtimes", "results": out})

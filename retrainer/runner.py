@@ -24,6 +24,12 @@ T = TypeVar("T")
 #: What ``--runtime`` accepts (see :mod:`retrainer.runtimes`).
 RUNTIMES = ("auto", "tensorflow", "onnxruntime", "openvino", "litert")
 
+#: Images a lane runs at once when it decodes its own share (``label``, extraction): on a
+#: 2-core CPU every runtime's forward pass is fastest at batches of 2 to 8, and at 2 the
+#: activations stay in the caches while decoding runs beside them (docs/performance.md). A
+#: model's outputs do not depend on the batch they run in.
+LANE_STEP = 2
+
 
 def default_replicas(cores: int) -> int:
     """Lanes a runner spreads a batch over: two whenever there are two cores."""

@@ -1,8 +1,9 @@
 """``--runtime auto``: the runtime that runs this backbone fastest on this machine.
 
-Each installed runtime that runs the backbone's precision is timed on a few batches of random
-pixels (rounds alternating between runtimes, best of each kept, since other work on the machine
-skews single measurements). The choice is kept as a small JSON file in the cache dir, keyed by
+Each installed runtime that runs the backbone's precision is timed on random pixels, run the
+way the local engine runs extraction (each lane its share of a batch, a few images at a time:
+:func:`_rate`), in rounds alternating between runtimes, the best of each kept (other work on
+the machine skews single measurements). The choice is kept as a small JSON file in the cache dir, keyed by
 the backbone, the precision, the machine (:func:`retrainer.bottlenecks.extractor.machine_tag`,
 core count) and the runtimes' versions: it is measured again only when one of those changes.
 Where TensorFlow sees a GPU, TensorFlow runs it (the other runtimes here run on the CPU).
@@ -35,13 +36,15 @@ def choice_path(cache_root: str | Path, backbone: Any, precision: str) -> Path:
 
 
 def choice_key(backbone: Any, precision: str) -> dict[str, Any]:
-    """What a kept choice is valid for."""
+    """What a kept choice is valid for (``measured``: how, so a choice timed another way is
+    measured again)."""
     from .. import __version__
+    from ..runner import LANE_STEP
     from .extractor import machine_tag
 
     return {"backbone": backbone.id_for("fp32"), "precision": precision,
             "machine": machine_tag(), "cores": os.cpu_count(), "versions": versions(),
-            "retrainer": __version__}
+            "retrainer": __version__, "measured": f"lane shares, {LANE_STEP} at a time"}
 
 
 def kept_choice(cache_root: str | Path, backbone: Any, precision: str) -> dict[str, Any] | None:
@@ -93,8 +96,8 @@ def choose(backbone: Any, cache_root: str | Path | None, batch: int = 16,
 
 def measure(backbone: Any, cache_root: str | Path | None, runtimes: list[str], batch: int = 16,
             seconds: float = 0.5, rounds: int = 2) -> dict[str, float]:
-    """Images per second of the backbone's forward pass on each runtime (pipelined over its
-    lanes, as extraction runs it), best of ``rounds`` rounds of at least ``seconds`` and two
+    """Images per second of the backbone's forward pass on each runtime (over its lanes, as
+    extraction runs it: :func:`_rate`), best of ``rounds`` rounds of at least ``seconds`` and two
     batches each. A runtime that fails to build or run is left out (with a warning)."""
     from .extractor import make_forward
 
@@ -124,7 +127,24 @@ def measure(backbone: Any, cache_root: str | Path | None, runtimes: list[str], b
 
 
 def _rate(runner: Any, x: np.ndarray, seconds: float) -> float:
+    """Images per second of ``runner`` on ``x``, run as the local engine runs extraction: on
+    the CPU each lane takes its share of the batch and runs it
+    :data:`retrainer.runner.LANE_STEP` images at a time (where the runtimes differ most: some
+    gain more than others from small runs); on a GPU whole batches, pipelined over the lanes."""
+    from ..runner import LANE_STEP
+    from .engines.local import on_lanes
+
     done, t = 0, time.perf_counter()
+    if on_lanes(runner):
+        share = x[:max(1, -(-len(x) // runner.replicas))]
+
+        def jobs():
+            while done < 2 * runner.replicas or time.perf_counter() - t < seconds:
+                yield lambda: (None, share)
+
+        for _ in runner.stream_made(jobs(), step=LANE_STEP):
+            done += 1
+        return done * len(share) / (time.perf_counter() - t)
 
     def feed():
         while done < 2 or time.perf_counter() - t < seconds:
