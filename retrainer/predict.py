@@ -52,12 +52,6 @@ class LabelResult:
 
 UNKNOWN = "unknown"
 
-#: ``label`` runs each lane's share of a batch this many images at a time: on the 2-core
-#: machine the backbone's activations then stay in the caches, and decoding beside it costs
-#: less (EfficientNet-Lite0, 500 photos: +7 to +15 % images/s on every runtime against
-#: running the whole share, docs/performance.md). A model's scores do not depend on the batch
-#: it runs in.
-LANE_STEP = 2
 
 
 def apply_min_confidence(result: LabelResult, min_confidence: float) -> LabelResult:
@@ -230,6 +224,8 @@ class Classifier:
         def job(part: list[ImageRecord]) -> tuple[Any, np.ndarray]:
             pixels, errors = decode_batch(part, size, resize)
             return (part, errors), pixels
+
+        from .runner import LANE_STEP
 
         for (part, errors), probs in self.runner.stream_made(jobs(), step=LANE_STEP):
             rows = iter(probs)

@@ -97,7 +97,8 @@ def backbone_options(fn: Callable) -> Callable:
                           "image's bottleneck with its left-right mirror's (2x extraction "
                           "cost); exports apply it too, so 'label' needs no flag."),
         click.option("--workers", default=None, type=click.IntRange(min=1),
-                     help="Image decoding threads on this machine."),
+                     help="Image decoding threads on this machine (default: each runner lane "
+                          "decodes its own share of a batch; N: a pool of N decoding threads)."),
     ]
     for option in reversed(options):
         fn = option(fn)
