@@ -8,8 +8,10 @@ bottleneck cache. ``retrainer train`` runs with its defaults; the baseline
 Both start with the backbone's frozen graph ready, as retrain.py is handed its downloaded
 ``classify_image_graph_def.pb`` and retrainer keeps a backbone's graphs in its cache dir (apart
 from any bottleneck dir) after the first run: the frozen graph, the optimized graph its
-extraction runs and the backbone's TFLite conversion its exports append a head to. The time
-retrainer takes to make them once is reported on its own (``prepare_s``), and the baseline
+extraction runs, the backbone's TFLite conversion its exports append a head to, the other
+installed runtimes' conversions and the ``--runtime auto`` choice measured on them (kept per
+machine). The time retrainer takes to make them once is reported on its own (``prepare_s``,
+as the first run on a machine pays it), and the baseline
 reads the same frozen graph file. Inception-v3's ImageNet weights need a download, so a fixed
 set of random weights saved to a file stands in for them, as a local weights file does for an
 offline user.
@@ -42,16 +44,17 @@ def weights_file(name: str, work: Path) -> str | None:
 
 
 def prepare_graph(name: str, weights: str | None, cache_dir: Path) -> tuple[str, float]:
-    """Build, freeze, optimize and convert the backbone into ``cache_dir`` as ``retrainer train``
-    does on its first run; (frozen graph file, seconds). The baseline reads the frozen graph
-    (retrain.py reads a .pb too)."""
+    """Build, freeze, optimize and convert the backbone into ``cache_dir`` and choose its
+    runtime, as ``retrainer train`` does on its first run on a machine; (frozen graph file,
+    seconds). The baseline reads the frozen graph (retrain.py reads a .pb too)."""
     code = ("import sys; from retrainer.backbones.factory import create_backbone; "
             "from retrainer.bottlenecks.extractor import "
             "backbone_tflite, forward_graph, graph_path, graphs_dir; "
+            "from retrainer.bottlenecks.runtime_choice import choose; "
             "w = None if sys.argv[2] == '-' else sys.argv[2]; "
             "b = create_backbone(sys.argv[1], w, lazy=True); "
             "forward_graph(b, graphs_dir()); backbone_tflite(b, graphs_dir()); "
-            "print(graph_path(graphs_dir(), b))")
+            "choose(b, graphs_dir()); print(graph_path(graphs_dir(), b))")
     shutil.rmtree(cache_dir, ignore_errors=True)
     wall, out, _ = run([sys.executable, "-c", code, name, weights or "-"],
                        env={"RETRAINER_CACHE_DIR": str(cache_dir)})
