@@ -9,7 +9,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -83,6 +83,33 @@ def decode_batch(records: Sequence[ImageRecord], size: tuple[int, int], resize: 
         errors.append(None)
         done += 1
     return batch[:done], errors
+
+
+T = TypeVar("T")
+
+
+def run_on_lanes(runner: Any, items: Iterable[T], record: Callable[[T], ImageRecord],
+                 size: tuple[int, int], resize: str, batch_size: int, step: int
+                 ) -> Iterator[tuple[list[T], list[str | None], np.ndarray]]:
+    """(items, per item None or why it failed, outputs of those that decoded), in order: each
+    of ``runner``'s lanes reads and decodes its share of a batch (``batch_size / lanes``
+    items; ``record(item)`` is the image) on its own thread and runs it ``step`` images at a
+    time (:meth:`retrainer.runner.LaneRunner.stream_made`): no more threads than cores."""
+    from itertools import islice
+
+    share = max(1, -(-batch_size // runner.replicas))
+
+    def job(part: list[T]) -> tuple[Any, np.ndarray]:
+        pixels, errors = decode_batch([record(item) for item in part], size, resize)
+        return (part, errors), pixels
+
+    def jobs() -> Iterator[Callable[[], tuple[Any, np.ndarray]]]:
+        it = iter(items)
+        while part := list(islice(it, share)):
+            yield lambda part=part: job(part)
+
+    for (part, errors), outputs in runner.stream_made(jobs(), step=step):
+        yield part, errors, outputs
 
 
 _BATCH = threading.local()

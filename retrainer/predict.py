@@ -10,7 +10,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -51,7 +51,6 @@ class LabelResult:
 
 
 UNKNOWN = "unknown"
-
 
 
 def apply_min_confidence(result: LabelResult, min_confidence: float) -> LabelResult:
@@ -209,25 +208,12 @@ class Classifier:
 
     def _label_on_lanes(self, records: Iterable[ImageRecord], top_k: int, batch_size: int
                         ) -> Iterator[LabelResult]:
-        from itertools import islice
-
-        from .decoding import decode_batch
-
-        share = max(1, -(-batch_size // self.runner.replicas))
-        size, resize = self.input_size, self.resize
-
-        def jobs() -> Iterator[Callable[[], tuple[Any, np.ndarray]]]:
-            it = iter(records)
-            while part := list(islice(it, share)):
-                yield functools.partial(job, part)
-
-        def job(part: list[ImageRecord]) -> tuple[Any, np.ndarray]:
-            pixels, errors = decode_batch(part, size, resize)
-            return (part, errors), pixels
-
+        from .decoding import run_on_lanes
         from .runner import LANE_STEP
 
-        for (part, errors), probs in self.runner.stream_made(jobs(), step=LANE_STEP):
+        for part, errors, probs in run_on_lanes(self.runner, records, lambda rec: rec,
+                                                self.input_size, self.resize, batch_size,
+                                                LANE_STEP):
             rows = iter(probs)
             for rec, error in zip(part, errors):
                 if error is not None:

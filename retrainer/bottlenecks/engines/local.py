@@ -2,14 +2,10 @@
 images, a few at a time (or, with ``workers``, decoding on a thread pool beside the lanes)."""
 from __future__ import annotations
 
-import functools
 import logging
-from itertools import islice
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
-
-from ...decoding import decode_batch, decoded_batches
+from ...decoding import decoded_batches, run_on_lanes
 from ...progress import bar
 from ...runner import LANE_STEP, LaneRunner
 from ...sources.base import ImageRecord, Skipped
@@ -74,18 +70,8 @@ class LocalEngine:
                           size: tuple[int, int], resize: str, cache: BottleneckCache,
                           batch_size: int, skip: Callable[[ImageRecord, str], None],
                           progress: Any) -> None:
-        share = max(1, -(-batch_size // runner.replicas))
-
-        def jobs() -> Iterator[Callable[[], tuple[Any, np.ndarray]]]:
-            it = iter(items)
-            while part := list(islice(it, share)):
-                yield functools.partial(job, part)
-
-        def job(part: list[tuple[str, ImageRecord]]) -> tuple[Any, np.ndarray]:
-            pixels, errors = decode_batch([rec for _, rec in part], size, resize)
-            return (part, errors), pixels
-
-        for (part, errors), features in runner.stream_made(jobs(), step=LANE_STEP):
+        for part, errors, features in run_on_lanes(runner, items, lambda item: item[1], size,
+                                                   resize, batch_size, LANE_STEP):
             keys = []
             for (key, rec), error in zip(part, errors):
                 if error is None:
