@@ -363,6 +363,7 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
     height, width = input_shape(graph_def, INPUT_NAME)[1:3]
     method = metadata.get("backbone", {}).get("resize", "bilinear")
 
+    @tf.autograph.experimental.do_not_convert
     def decode_one(data: Any) -> Any:
         return decode_and_resize(data, (height, width), method)
 
