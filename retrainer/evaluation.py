@@ -94,20 +94,23 @@ class EvaluationReport:
         return "\n".join(rows)
 
     def write(self, output_dir: str | Path, extra: dict[str, Any] | None = None,
-              name: str | None = None) -> dict[str, str]:
+              name: str | None = None, png: bytes | None = None) -> dict[str, str]:
         """``report.json`` and ``confusion_matrix.png`` in ``output_dir`` (or, given a
-        ``name``, ``evaluation-<name>.json`` and ``.png``); returns their paths."""
+        ``name``, ``evaluation-<name>.json`` and ``.png``); returns their paths. ``png``: the
+        picture :func:`confusion_png` made already."""
         from .export import write_json
+        from .files import atomic_write
 
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report, png = ((REPORT_FILE, CONFUSION_PNG) if name is None
-                       else (f"evaluation-{name}.json", f"evaluation-{name}.png"))
+        report, picture = ((REPORT_FILE, CONFUSION_PNG) if name is None
+                           else (f"evaluation-{name}.json", f"evaluation-{name}.png"))
         written = {"report": str(out / report)}
         write_json(out / report, {**self.to_dict(), **(extra or {})})
         if self.confusion:
-            plot_confusion(self, out / png)
-            written["confusion_png"] = str(out / png)
+            data = png if png is not None else confusion_png(self)
+            atomic_write(out / picture, lambda fh: fh.write(data))
+            written["confusion_png"] = str(out / picture)
         return written
 
 
@@ -144,14 +147,18 @@ def read_fitted_images(folder: str | Path, metadata: dict[str, Any]) -> set[str]
         return None
 
 
-def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
-    """A confusion-matrix heat map: colour is the share of each true class, text the count."""
+def confusion_png(report: EvaluationReport) -> bytes:
+    """A confusion-matrix heat map (PNG): colour is the share of each true class, text the
+    count. An empty matrix gives no picture (b"")."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import atomic_write
+    if not report.confusion:
+        return b""
 
     cm = np.asarray(report.confusion, dtype=float)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -174,8 +181,10 @@ def plot_confusion(report: EvaluationReport, path: str | Path) -> None:
                     ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=9,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.tight_layout()
-    atomic_write(Path(path), lambda fh: fig.savefig(fh, format="png", dpi=100))
+    data = io.BytesIO()
+    fig.savefig(data, format="png", dpi=100)
     plt.close(fig)
+    return data.getvalue()
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -165,7 +165,8 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
 
         put("labels", labels_path, "".join(f"{label}\n" for label in labels).encode("utf-8"))
         if "graph" in formats:
-            put("graph", graph_path, graph_def.SerializeToString())
+            # deterministic: one model, one byte string (maps in a fixed order)
+            put("graph", graph_path, graph_def.SerializeToString(deterministic=True))
         if "saved_model" in formats:
             write_saved_model(graph_def, metadata, stage / SAVED_MODEL_DIR)
             written["saved_model"] = str(out / SAVED_MODEL_DIR)

@@ -61,19 +61,59 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
 
     check_formats(config.export.formats)  # before hours of extraction, not after
     t0 = time.perf_counter()
-    filled = fill(config, dataset)  # source -> split -> bottlenecks
-    timings = {"setup": filled.timings["setup"],
-               "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
-    splits = _splits(filled)
-    augmented = _augment(config, filled, splits[TRAINING].pairs, timings)
-    fitted = _fit(config, filled, splits, augmented, timings)
-    _check_accuracy(fitted, config.export.assert_accuracy_at_least)
-    t = time.perf_counter()
-    result = _result(filled, splits, fitted, timings)
-    result.outputs = _export(config, filled, splits, fitted, result)
+    helper: list[Any] = []  # the export helper, once the backbone is known (where it helps)
+
+    def start_helper(backbone: Any) -> None:
+        worker = _export_helper(config, backbone)
+        if worker is not None:
+            helper.append(worker)
+
+    try:
+        filled = fill(config, dataset, on_backbone=start_helper)  # source -> split -> bottlenecks
+        timings = {"setup": filled.timings["setup"],
+                   "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
+        splits = _splits(filled)
+        augmented = _augment(config, filled, splits[TRAINING].pairs, timings)
+        fitted = _fit(config, filled, splits, augmented, timings)
+        _check_accuracy(fitted, config.export.assert_accuracy_at_least)
+        t = time.perf_counter()
+        result = _result(filled, splits, fitted, timings)
+        result.outputs = _export(config, filled, splits, fitted, result,
+                                 helper[0] if helper else None)
+    finally:
+        for worker in helper:
+            worker.close()
     timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return result
+
+
+def _export_helper(config: TrainConfig, backbone: Any) -> Any:
+    """An :class:`retrainer.export_worker.ExportWorker` started now, or None where it would
+    not help: when this process has not started TensorFlow and extraction and the head will
+    not need it, only the export does, and a helper process can start it meanwhile."""
+    import sys
+
+    from .bottlenecks.extractor import forward_files, graph_path, graphs_dir
+    from .bottlenecks.runtime_choice import kept_choice
+
+    if ("tensorflow" in sys.modules or config.fine_tune is not None
+            or config.head.search != "cv" or "int8" in config.export.formats
+            or not {"graph", "saved_model", "tflite"} & set(config.export.formats)):
+        return None
+    runtime = backbone.runtime or "tensorflow"
+    if runtime == "auto":  # not measured yet: measuring converts the backbone with TensorFlow
+        kept = kept_choice(graphs_dir(), backbone, backbone.precision)
+        runtime = kept["runtime"] if kept else "tensorflow"
+    if runtime == "tensorflow":
+        return None
+    files = [graph_path(graphs_dir(), backbone, "fp32"),
+             *forward_files(backbone, graphs_dir(), runtime)]
+    if not all(path.is_file() for path in files):  # converting them starts TensorFlow here
+        return None
+    from .export_worker import ExportWorker
+
+    return ExportWorker.start()
 
 
 @dataclass
@@ -188,10 +228,11 @@ def _result(filled: Any, splits: dict[str, _Split], fitted: _Fitted,
 
 
 def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted: _Fitted,
-            result: TrainResult) -> dict[str, str]:
-    """Write the model (:func:`retrainer.export.export_classifier`), the hashes of the images
+            result: TrainResult, helper: Any = None) -> dict[str, str]:
+    """Write the model (:func:`retrainer.export.export_classifier`; in ``helper``, an
+    :class:`retrainer.export_worker.ExportWorker`, where it can), the hashes of the images
     it was fitted on and its evaluation report; what went where."""
-    from .bottlenecks.extractor import backbone_graph, backbone_tflite, graphs_dir
+    from .bottlenecks.extractor import backbone_graph, backbone_tflite, graph_path, graphs_dir
     from .export import export_classifier, model_metadata, representative_images
 
     spec, out, head = filled.spec, config.export, fitted.head
@@ -218,15 +259,27 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
     # has new weights: frozen afresh, and converted to TFLite with its head.
     backbone = filled.backbone
     kept = None if config.fine_tune is not None else graphs_dir()
-    frozen = backbone_graph(backbone, kept, "fp32")
-    outputs = export_classifier(
-        frozen, head.kernel, head.bias, filled.dataset.classes, metadata, out,
-        backbone_tflite=(lambda: backbone_tflite(backbone, kept, frozen)) if kept else None,
-        representative=representative)
-    outputs["fitted_images"] = str(fitted_path)
     report = fitted.test or fitted.validation
+    outputs, png = None, None
+    if helper is not None and kept is not None:
+        from .evaluation import confusion_png
+        from .export_worker import ExportJob
+
+        helper.submit(ExportJob(
+            str(graph_path(kept, backbone, "fp32")),
+            str(graph_path(kept, backbone, "fp32", kind="tflite")), head.kernel, head.bias,
+            filled.dataset.classes, metadata, out, log.getEffectiveLevel()))
+        png = confusion_png(report) if report is not None else None  # while the model is written
+        outputs = helper.result()
+    if outputs is None:
+        frozen = backbone_graph(backbone, kept, "fp32")
+        outputs = export_classifier(
+            frozen, head.kernel, head.bias, filled.dataset.classes, metadata, out,
+            backbone_tflite=(lambda: backbone_tflite(backbone, kept, frozen)) if kept else None,
+            representative=representative)
+    outputs["fitted_images"] = str(fitted_path)
     if report is not None:
-        outputs.update(report.write(out.output_dir, {"backbone": spec.name}))
+        outputs.update(report.write(out.output_dir, {"backbone": spec.name}, png=png))
     return outputs
 
 

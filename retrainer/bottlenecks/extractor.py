@@ -2,6 +2,7 @@
 TensorFlow or on another runtime (:mod:`retrainer.runtimes`) from a conversion kept beside it."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -31,8 +32,6 @@ def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = No
     ``frozen`` (what exports build on), ``tflite`` (its TFLite conversion), ``onnx`` (its
     tf2onnx conversion) or ``optimized`` (what extraction runs on TensorFlow; its name carries
     the machine's kind too, since the rewrites depend on the CPU)."""
-    tf = import_tensorflow()
-
     from .. import __version__
     from ..onnx_export import tf2onnx_version
 
@@ -41,7 +40,27 @@ def graph_path(cache_root: str | Path, backbone: Any, precision: str | None = No
     tool = f"-tf2onnx{tf2onnx_version()}" if kind == "onnx" else ""
     suffix = {"tflite": ".tflite", "onnx": ".onnx"}.get(kind, ".pb")
     return (Path(cache_root) / ident
-            / f"{kind}-graph{machine}-tf{tf.__version__}{tool}-r{__version__}{suffix}")
+            / f"{kind}-graph{machine}-tf{tensorflow_version()}{tool}-r{__version__}{suffix}")
+
+
+def tensorflow_version() -> str:
+    """The installed TensorFlow's version, read from its package metadata where it can be, so
+    that a runner on another runtime finds its kept conversion without starting TensorFlow."""
+    return _installed_tensorflow_version() or str(import_tensorflow().__version__)
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_tensorflow_version() -> str | None:
+    from importlib import metadata
+
+    for dist in ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos",
+                 "tf-nightly", "tf-nightly-cpu"):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return version.replace(".dev", "-dev")  # tf-nightly spells tf.__version__ so
+    return None
 
 
 def machine_tag() -> str:
@@ -82,6 +101,15 @@ def backbone_tflite(backbone: Any, cache_root: str | Path, frozen: Any = None) -
     kept under ``cache_root``; exports append their head to it
     (:func:`retrainer.export.tflite_with_head`). ``frozen``: its fp32 frozen graph, when the
     caller has it loaded already."""
+    def graph() -> Any:
+        return frozen if frozen is not None else backbone_graph(backbone, cache_root, "fp32")
+
+    return kept_tflite(graph_path(cache_root, backbone, "fp32", kind="tflite"), graph)
+
+
+def kept_tflite(path: str | Path, frozen: Any) -> bytes:
+    """The TFLite model kept at ``path``; converted from the graph ``frozen()`` gives (and
+    kept) when missing or damaged."""
     from ..graph import kept_file, tflite_model
 
     def load(data: bytes) -> bytes:
@@ -89,12 +117,7 @@ def backbone_tflite(backbone: Any, cache_root: str | Path, frozen: Any = None) -
             raise ValueError("not a TFLite model")
         return data
 
-    def convert() -> bytes:
-        graph = frozen if frozen is not None else backbone_graph(backbone, cache_root, "fp32")
-        return tflite_model(graph)
-
-    return kept_file(graph_path(cache_root, backbone, "fp32", kind="tflite"), convert, bytes,
-                     load, "TFLite backbone")
+    return kept_file(path, lambda: tflite_model(frozen()), bytes, load, "TFLite backbone")
 
 
 def backbone_onnx(backbone: Any, cache_root: str | Path) -> Path:
@@ -173,6 +196,16 @@ def forward_model(backbone: Any, cache_root: str | Path, runtime: str | None = N
     if runtime == "onnxruntime":
         return runtime, "fp32", backbone_onnx(backbone, cache_root).read_bytes()
     return runtime, backbone.precision, _openvino_source(backbone, cache_root).read_bytes()
+
+
+def forward_files(backbone: Any, cache_root: str | Path, runtime: str) -> list[Path]:
+    """The kept files :func:`make_forward` reads to run ``backbone`` on ``runtime`` (resolved;
+    not TensorFlow): where they exist, it converts nothing and starts no TensorFlow."""
+    if runtime == "openvino":
+        kind = "onnx" if importlib.util.find_spec("tf2onnx") is not None else "frozen"
+    else:
+        kind = {"litert": "tflite", "onnxruntime": "onnx"}[runtime]
+    return [graph_path(cache_root, backbone, "fp32", kind=kind)]
 
 
 def _openvino_source(backbone: Any, cache_root: str | Path) -> Path:

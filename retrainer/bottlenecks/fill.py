@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import TrainConfig
 from ..errors import RetrainerError
@@ -88,13 +88,14 @@ class Extractor:
 
 
 def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None,
-         split: bool = True) -> Filled:
+         split: bool = True, on_backbone: Callable[[Any], None] | None = None) -> Filled:
     """Compute the bottlenecks ``train(config)`` needs that are not cached yet.
 
     ``engine`` overrides ``config.extraction.engine`` (e.g. a SparkEngine on a running
     session). With ``split`` the records get their splits once their contents (and
     bottlenecks) are known, so copies of one image land in one split (see
-    :func:`retrainer.split.assign_splits`).
+    :func:`retrainer.split.assign_splits`). ``on_backbone`` is called with the run's backbone
+    before any image is read (``train`` starts its export helper there).
     """
     from ..backbones.composite import is_composite
     from ..backbones.factory import create_backbone, resolve_spec
@@ -129,6 +130,8 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
                             info={"backbone": spec.to_dict(), "precision": wanted.precision,
                                   "tta": wanted.tta, "weights_sha256": backbone.weights_digest})
     extract = Extractor(config, backbone, cache, engine)
+    if on_backbone is not None:
+        on_backbone(backbone)
     timings["setup"] = time.perf_counter() - t0
 
     t = time.perf_counter()

@@ -1,0 +1,199 @@
+"""Exporting from a helper process that starts TensorFlow while the bottlenecks are extracted.
+
+When extraction runs on ONNX Runtime, OpenVINO or LiteRT, a training run needs TensorFlow only
+to write the model (frozen graph, SavedModel), and importing it then is the largest single
+step of a small set's run. It holds the GIL throughout, so a thread could not overlap it with
+extraction or the head; a process can. :class:`ExportWorker` starts ``python -m
+retrainer.export_worker``, which imports TensorFlow at once and then waits for one
+:class:`ExportJob`: the paths of the backbone's kept graphs and the trained head. It writes the
+model with the same function the training process would use
+(:func:`retrainer.export.export_classifier`) and sends back what went where, with its log
+records. Whatever goes wrong with the helper (it cannot start, dies, or fails), the caller
+exports in its own process, as it would have without it: the result is the same files.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .config import ExportConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportJob:
+    """One model to write: a kept backbone graph with the head appended
+    (:func:`retrainer.export.export_classifier`'s arguments, files as paths)."""
+
+    frozen_graph: str  # the backbone's kept fp32 frozen graph
+    backbone_tflite: str | None  # where its TFLite conversion is kept (made there if missing)
+    kernel: np.ndarray
+    bias: np.ndarray
+    labels: list[str]
+    metadata: dict[str, Any]
+    config: ExportConfig
+    log_level: int = logging.INFO
+
+    def run(self) -> dict[str, str]:
+        """Write the model here; what went where."""
+        from .bottlenecks.extractor import kept_tflite
+        from .export import export_classifier
+        from .graph import parse_graph_def
+
+        frozen = parse_graph_def(Path(self.frozen_graph).read_bytes())
+        tflite_path = self.backbone_tflite
+        return export_classifier(
+            frozen, self.kernel, self.bias, self.labels, self.metadata, self.config,
+            backbone_tflite=(lambda: kept_tflite(tflite_path, lambda: frozen))
+            if tflite_path else None)
+
+
+class ExportWorker:
+    """A helper process importing TensorFlow now, to export one model later (:meth:`export`).
+
+    Close it (:meth:`close`, or ``with``) when the run ends without exporting.
+    """
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self._proc = proc
+        self._sender: threading.Thread | None = None
+
+    @classmethod
+    def start(cls) -> ExportWorker | None:
+        """The started helper, or None where no process can be started (or ``sys.executable``
+        is a frozen application, not Python)."""
+        if getattr(sys, "frozen", False):
+            return None
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, path] if path
+                                                          else [package_root]))
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env=env)
+        except OSError as exc:
+            log.debug("no export helper (%s); exporting in this process", exc)
+            return None
+        return cls(proc)
+
+    def submit(self, job: ExportJob) -> None:
+        """Hand ``job`` to the helper and return at once (it may still be importing
+        TensorFlow); :meth:`result` waits for the files."""
+        def send() -> None:
+            try:
+                pickle.dump(job, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.close()
+            except (OSError, ValueError) as exc:  # it ended; result() says so
+                log.debug("cannot hand the job to the export helper (%s)", exc)
+
+        stdin = self._proc.stdin
+        assert stdin is not None
+        self._sender = threading.Thread(target=send, name="export-job", daemon=True)
+        self._sender.start()
+
+    def result(self) -> dict[str, str] | None:
+        """What went where, once the helper has written the model; None when it could not
+        (the caller then exports itself). The helper ends either way."""
+        stdout = self._proc.stdout
+        assert stdout is not None
+        try:
+            try:
+                status, value, records = pickle.load(stdout)
+            except (OSError, EOFError, pickle.PickleError, ValueError, TypeError) as exc:
+                log.debug("the export helper stopped (%s); exporting in this process", exc)
+                return None
+        finally:
+            self.close()
+        for record in records:
+            logging.getLogger(record.name).handle(record)
+        if status != "ok":
+            log.debug("the export helper failed (%s); exporting in this process", value)
+            return None
+        log.debug("exported by the helper process (TensorFlow started during extraction)")
+        return dict(value)
+
+    def export(self, job: ExportJob) -> dict[str, str] | None:
+        """:meth:`submit` then :meth:`result`."""
+        self.submit(job)
+        return self.result()
+
+    def close(self) -> None:
+        """End the helper (it may still be importing TensorFlow)."""
+        proc = self._proc
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if self._sender is not None:
+            self._sender.join()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> ExportWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Kept(logging.Handler):
+    """Keeps the helper's log records, made picklable, to be logged by the caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        record.msg, record.args = record.getMessage(), None
+        record.exc_info = record.exc_text = None
+        self.records.append(record)
+
+
+def _serve(jobs: BinaryIO, replies: BinaryIO) -> None:
+    """The helper's side: import TensorFlow, then write the one job that comes, if any."""
+    from ._tf_internals import import_tensorflow
+
+    import_tensorflow()
+    try:
+        job = pickle.load(jobs)
+    except EOFError:  # the run ended without exporting
+        return
+    kept = _Kept()
+    logger = logging.getLogger("retrainer")
+    logger.handlers[:] = [kept]
+    logger.setLevel(job.log_level)
+    logger.propagate = False
+    for name in ("tensorflow", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        reply = ("ok", job.run(), kept.records)
+    except BaseException as exc:  # noqa: BLE001 - reported; the caller exports itself
+        reply = ("error", f"{type(exc).__name__}: {exc}", kept.records)
+    pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
+    replies.flush()
+
+
+def main() -> None:
+    # Replies go on the real stdout; anything else printed goes to stderr.
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    _serve(sys.stdin.buffer, replies)
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown (about 1 s with TensorFlow loaded): nothing is left
+
+
+if __name__ == "__main__":
+    main()
