@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -199,15 +201,13 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_
         if read is None:
             keep = s > threshold
         else:
-            for i in np.unique(np.concatenate([start + rows, cols])).tolist():
-                if not done[i]:
-                    done[i] = True
-                    try:
-                        t, sides[i] = thumbnail(read(i))
-                    except (OSError, RetrainerError):  # gone since it was read: cosine decides
-                        continue
-                    if t is not None:
-                        thumbs[i] = t
+            todo = [i for i in np.unique(np.concatenate([start + rows, cols])).tolist()
+                    if not done[i]]
+            done[todo] = True
+            for i, (t, side) in zip(todo, _thumbnails(read, todo)):
+                sides[i] = side
+                if t is not None:
+                    thumbs[i] = t
             agree = np.zeros(len(rows), bool)
             for a in range(0, len(rows), 8192):  # gathered thumbnails: 64 MB at most
                 i, j = start + rows[a:a + 8192], cols[a:a + 8192]
@@ -221,6 +221,24 @@ def near_duplicate_pairs(vectors: np.ndarray, threshold: float = NEAR_DUPLICATE_
         if max_pairs is not None and len(pairs) > max_pairs:
             raise LookAlikes
     return pairs
+
+
+def _thumbnails(read: Callable[[int], bytes], items: list[int]
+                ) -> Iterator[tuple[np.ndarray | None, int]]:
+    """:func:`thumbnail` of each item, decoded on every core (the decoders release the GIL);
+    (None, 0) for an item gone since it was read (its cosine alone then decides)."""
+    def one(i: int) -> tuple[np.ndarray | None, int]:
+        try:
+            return thumbnail(read(i))
+        except (OSError, RetrainerError):
+            return None, 0
+
+    workers = min(8, os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        yield from map(one, items)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        yield from pool.map(one, items)
 
 
 def normalised(vectors: np.ndarray) -> np.ndarray:
