@@ -99,8 +99,8 @@ def model_metadata(spec: Any, backbone_cache_id: str, precision: str,
 def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
                       labels: list[str], metadata: dict[str, Any], config: ExportConfig,
                       backbone_tflite: Callable[[], bytes] | None = None,
-                      representative: Callable[[], Iterable[np.ndarray]] | None = None
-                      ) -> dict[str, str]:
+                      representative: Callable[[], Iterable[np.ndarray]] | None = None,
+                      saved_model: SavedModelGraph | None = None) -> dict[str, str]:
     """Write the classifier, a backbone's frozen graph (``backbone_graph``, fp32) with the head
     ``softmax(x @ kernel + bias)`` composed onto it, as ``config`` says (:func:`export_graph`);
     return what went where.
@@ -116,7 +116,8 @@ def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
     if backbone_tflite is not None and "tflite" in config.formats:
         tflite = tflite_with_head(backbone_tflite(), kernel, bias)
     return export_graph(classifier, labels, metadata, config.output_dir, config.formats,
-                        config.output_graph, config.output_labels, tflite, representative)
+                        config.output_graph, config.output_labels, tflite, representative,
+                        saved_model=saved_model)
 
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
@@ -124,13 +125,15 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
                  output_graph: str | None = None, output_labels: str | None = None,
                  tflite: bytes | None = None,
                  representative: Callable[[], Iterable[np.ndarray]] | None = None,
-                 keep: bool = False) -> dict[str, str]:
+                 keep: bool = False, saved_model: SavedModelGraph | None = None
+                 ) -> dict[str, str]:
     """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
 
     Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
-    model or function is traced) and TFLite is converted from it directly, unless the caller
-    has the ``tflite`` model already (:func:`tflite_with_head`). ``int8`` needs
-    ``representative``: a function giving training images' pixels (as ``label`` prepares them).
+    model or function is traced; ``saved_model``: its decoding part built already) and TFLite
+    is converted from it directly, unless the caller has the ``tflite`` model already
+    (:func:`tflite_with_head`). ``int8`` needs ``representative``: a function giving training
+    images' pixels (as ``label`` prepares them).
 
     With ``keep``, the folder's other model files stay as they are (``retrainer export``
     adding a format to a model); without it, they are a previous model's and are removed.
@@ -168,7 +171,7 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
             # deterministic: one model, one byte string (maps in a fixed order)
             put("graph", graph_path, graph_def.SerializeToString(deterministic=True))
         if "saved_model" in formats:
-            write_saved_model(graph_def, metadata, stage / SAVED_MODEL_DIR)
+            write_saved_model(graph_def, metadata, stage / SAVED_MODEL_DIR, saved_model)
             written["saved_model"] = str(out / SAVED_MODEL_DIR)
         if "tflite" in formats:
             put("tflite", out / TFLITE_FILE, tflite_for_devices(
@@ -345,7 +348,8 @@ def _rel(path: str, base: Path) -> str:
         return str(Path(path).resolve())
 
 
-def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> None:
+def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path,
+                      prepared: SavedModelGraph | None = None) -> None:
     """A TF Serving-ready SavedModel around the frozen classifier, renamed into place when whole.
 
     ``serving_default``: float ``images`` (N, H, W, 3), RGB 0..255 -> ``scores``.
@@ -354,43 +358,78 @@ def write_saved_model(graph_def: Any, metadata: dict[str, Any], path: Path) -> N
 
     The frozen graph goes in once, as it is, in a graph-mode SavedModel: no ``tf.Module`` is
     traced, which is several times faster to write with identical scores (docs/performance.md).
-    TF Serving loads either kind natively.
+    TF Serving loads either kind natively. ``prepared``: its decoding part, built already for
+    this input size and resize method (else it is built here).
     """
-    tf = import_tensorflow()
-
-    from .preprocess import decode_and_resize
-
-    v1 = tf.compat.v1
-    height, width = input_shape(graph_def, INPUT_NAME)[1:3]
+    size = tuple(input_shape(graph_def, INPUT_NAME)[1:3])
     method = metadata.get("backbone", {}).get("resize", "bilinear")
+    if prepared is None or not prepared.fits(size, method):
+        prepared = SavedModelGraph(size, method)  # type: ignore[arg-type]
+    prepared.write(graph_def, path)
 
-    @tf.autograph.experimental.do_not_convert
-    def decode_one(data: Any) -> Any:
-        return decode_and_resize(data, (height, width), method)
 
-    def signature(inputs: dict[str, Any], outputs: dict[str, Any]) -> Any:
-        info = v1.saved_model.utils.build_tensor_info
-        return v1.saved_model.signature_def_utils.build_signature_def(
-            inputs={k: info(t) for k, t in inputs.items()},
-            outputs={k: info(t) for k, t in outputs.items()},
-            method_name=tf.saved_model.PREDICT_METHOD_NAME)
+class SavedModelGraph:
+    """The SavedModel's graph before the classifier goes in: ``image_bytes`` decoded and
+    resized in TF, feeding the ``images`` input. Building it is a third of a Lite0 export and
+    needs only the input size and resize method, so the export helper
+    (:mod:`retrainer.export_worker`) builds it while the head trains. Written once."""
 
-    with tf.Graph().as_default() as graph:
-        # Fed images cut the decoding branch off; fed bytes flow through it.
-        data = v1.placeholder_with_default(tf.zeros([0], tf.string), [None], name="image_bytes")
-        decoded = tf.map_fn(decode_one, data, fn_output_signature=tf.TensorSpec(
-            (height, width, 3), tf.float32))
-        images = v1.placeholder_with_default(decoded, [None, height, width, 3], name="images")
-        (probs,) = v1.import_graph_def(graph_def, input_map={f"{INPUT_NAME}:0": images},
-                                       return_elements=[f"{OUTPUT_NAME}:0"], name="classifier")
-        scores = tf.identity(probs, name="scores")
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
-        builder = v1.saved_model.Builder(str(tmp))
-        with v1.Session(graph=graph) as sess:
-            builder.add_meta_graph_and_variables(
-                sess, [tf.saved_model.SERVING], strip_default_attrs=True, signature_def_map={
-                    "serving_default": signature({"images": images}, {"scores": scores}),
-                    "classify_images": signature({"image_bytes": data}, {"scores": scores})})
+    def __init__(self, size: tuple[int, int], resize: str) -> None:
+        tf = import_tensorflow()
+
+        from .preprocess import decode_and_resize
+
+        v1 = tf.compat.v1
+        height, width = self.size = (int(size[0]), int(size[1]))
+        self.resize, self.written = resize, False
+
+        @tf.autograph.experimental.do_not_convert
+        def decode_one(data: Any) -> Any:
+            return decode_and_resize(data, (height, width), resize)
+
+        with tf.Graph().as_default() as self.graph:
+            # Fed images cut the decoding branch off; fed bytes flow through it.
+            self.data = v1.placeholder_with_default(tf.zeros([0], tf.string), [None],
+                                                    name="image_bytes")
+            decoded = tf.map_fn(decode_one, self.data, fn_output_signature=tf.TensorSpec(
+                (height, width, 3), tf.float32))
+            self.images = v1.placeholder_with_default(decoded, [None, height, width, 3],
+                                                      name="images")
+
+    def fits(self, size: tuple[int | None, ...], resize: str) -> bool:
+        return not self.written and tuple(size) == self.size and resize == self.resize
+
+    def write(self, graph_def: Any, path: Path) -> None:
+        """The SavedModel of the classifier ``graph_def`` at ``path`` (see
+        :func:`write_saved_model`)."""
+        tf = import_tensorflow()
+        v1 = tf.compat.v1
+        if self.written:
+            raise RuntimeError("a SavedModelGraph is written once")
+        self.written = True
+
+        def signature(inputs: dict[str, Any], outputs: dict[str, Any]) -> Any:
+            info = v1.saved_model.utils.build_tensor_info
+            return v1.saved_model.signature_def_utils.build_signature_def(
+                inputs={k: info(t) for k, t in inputs.items()},
+                outputs={k: info(t) for k, t in outputs.items()},
+                method_name=tf.saved_model.PREDICT_METHOD_NAME)
+
+        with self.graph.as_default():
+            (probs,) = v1.import_graph_def(graph_def, input_map={f"{INPUT_NAME}:0": self.images},
+                                           return_elements=[f"{OUTPUT_NAME}:0"],
+                                           name="classifier")
+            scores = tf.identity(probs, name="scores")
+            tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+            builder = v1.saved_model.Builder(str(tmp))
+            with v1.Session(graph=self.graph) as sess:
+                builder.add_meta_graph_and_variables(
+                    sess, [tf.saved_model.SERVING], strip_default_attrs=True,
+                    signature_def_map={
+                        "serving_default": signature({"images": self.images},
+                                                     {"scores": scores}),
+                        "classify_images": signature({"image_bytes": self.data},
+                                                     {"scores": scores})})
         try:
             builder.save()
             replace_dir(tmp, path)

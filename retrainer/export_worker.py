@@ -44,8 +44,9 @@ class ExportJob:
     config: ExportConfig
     log_level: int = logging.INFO
 
-    def run(self) -> dict[str, str]:
-        """Write the model here; what went where."""
+    def run(self, saved_model: Any = None) -> dict[str, str]:
+        """Write the model here; what went where. ``saved_model``: a
+        :class:`retrainer.export.SavedModelGraph` built ahead."""
         from .bottlenecks.extractor import kept_tflite
         from .export import export_classifier
         from .graph import parse_graph_def
@@ -55,7 +56,7 @@ class ExportJob:
         return export_classifier(
             frozen, self.kernel, self.bias, self.labels, self.metadata, self.config,
             backbone_tflite=(lambda: kept_tflite(tflite_path, lambda: frozen))
-            if tflite_path else None)
+            if tflite_path else None, saved_model=saved_model)
 
 
 class ExportWorker:
@@ -69,18 +70,21 @@ class ExportWorker:
         self._sender: threading.Thread | None = None
 
     @classmethod
-    def start(cls) -> ExportWorker | None:
+    def start(cls, input_size: tuple[int, int] | None = None, resize: str = "bilinear"
+              ) -> ExportWorker | None:
         """The started helper, or None where no process can be started (or ``sys.executable``
-        is a frozen application, not Python)."""
+        is a frozen application, not Python). With the model's ``input_size`` and ``resize``
+        method, it builds the SavedModel's decoding part while it waits."""
         if getattr(sys, "frozen", False):
             return None
         package_root = str(Path(__file__).resolve().parent.parent)
         path = os.environ.get("PYTHONPATH")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, path] if path
                                                           else [package_root]))
+        args = [str(int(v)) for v in input_size] + [resize] if input_size else []
         try:
-            proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, env=env)
+            proc = subprocess.Popen([sys.executable, "-m", __name__, *args],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         except OSError as exc:
             log.debug("no export helper (%s); exporting in this process", exc)
             return None
@@ -162,11 +166,20 @@ class _Kept(logging.Handler):
         self.records.append(record)
 
 
-def _serve(jobs: BinaryIO, replies: BinaryIO) -> None:
-    """The helper's side: import TensorFlow, then write the one job that comes, if any."""
+def _serve(jobs: BinaryIO, replies: BinaryIO, args: list[str]) -> None:
+    """The helper's side: import TensorFlow (and build the SavedModel's decoding for the input
+    size and resize method ``args`` give, if any), then write the one job that comes, if any."""
     from ._tf_internals import import_tensorflow
 
     import_tensorflow()
+    saved_model = None
+    if len(args) == 3:
+        from .export import SavedModelGraph
+
+        try:
+            saved_model = SavedModelGraph((int(args[0]), int(args[1])), args[2])
+        except Exception:  # noqa: BLE001 - the export builds it again, and says what fails
+            saved_model = None
     try:
         job = pickle.load(jobs)
     except EOFError:  # the run ended without exporting
@@ -179,7 +192,7 @@ def _serve(jobs: BinaryIO, replies: BinaryIO) -> None:
     for name in ("tensorflow", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        reply = ("ok", job.run(), kept.records)
+        reply = ("ok", job.run(saved_model), kept.records)
     except BaseException as exc:  # noqa: BLE001 - reported; the caller exports itself
         reply = ("error", f"{type(exc).__name__}: {exc}", kept.records)
     pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
@@ -190,7 +203,7 @@ def main() -> None:
     # Replies go on the real stdout; anything else printed goes to stderr.
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    _serve(sys.stdin.buffer, replies)
+    _serve(sys.stdin.buffer, replies, sys.argv[1:])
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown (about 1 s with TensorFlow loaded): nothing is left
 

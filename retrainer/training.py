@@ -71,7 +71,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     try:
         filled = fill(config, dataset, on_backbone=start_helper)  # source -> split -> bottlenecks
         timings = {"setup": filled.timings["setup"],
-                   "bottlenecks": filled.timings["hash"] + filled.timings["extract"]}
+                   "bottlenecks": filled.timings["hash"] + filled.timings["extract"],
+                   "split": filled.timings.get("split", 0.0)}
         splits = _splits(filled)
         augmented = _augment(config, filled, splits[TRAINING].pairs, timings)
         fitted = _fit(config, filled, splits, augmented, timings)
@@ -113,7 +114,8 @@ def _export_helper(config: TrainConfig, backbone: Any) -> Any:
         return None
     from .export_worker import ExportWorker
 
-    return ExportWorker.start()
+    spec = backbone.spec
+    return ExportWorker.start(spec.input_size, spec.resize)
 
 
 @dataclass

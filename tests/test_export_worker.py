@@ -59,7 +59,7 @@ def test_the_helper_writes_the_model_this_process_writes(kept, tmp_path):
     from retrainer.export import export_classifier
 
     job = _job(kept, tmp_path / "helper")
-    worker = ExportWorker.start()
+    worker = ExportWorker.start((32, 32), "bilinear")  # builds the SavedModel's decoding ahead
     assert worker is not None
     outputs = worker.export(job)
     assert outputs is not None and set(outputs) >= {"graph", "saved_model", "tflite", "labels"}
@@ -73,9 +73,26 @@ def test_the_helper_writes_the_model_this_process_writes(kept, tmp_path):
     for name in ("retrained_graph.pb", "model.tflite", "retrained_labels.txt", "metadata.json"):
         assert filecmp.cmp(tmp_path / "helper" / name, tmp_path / "here" / name, shallow=False), name
     pixels = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    scores = [tf.saved_model.load(str(tmp_path / d / "saved_model")).signatures[
-        "serving_default"](images=tf.constant(pixels))["scores"].numpy() for d in ("helper", "here")]
-    np.testing.assert_array_equal(scores[0], scores[1])
+    photos = [_png(np.random.default_rng(i).integers(0, 255, (40 + i, 50, 3), np.uint8))
+              for i in range(3)]
+    served = []
+    for d in ("helper", "here"):
+        signatures = tf.saved_model.load(str(tmp_path / d / "saved_model")).signatures
+        served.append((
+            signatures["serving_default"](images=tf.constant(pixels))["scores"].numpy(),
+            signatures["classify_images"](image_bytes=tf.constant(photos))["scores"].numpy()))
+    for a, b in zip(*served):
+        np.testing.assert_array_equal(a, b)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
 
 
 def test_a_helper_that_fails_writes_nothing_and_says_so(kept, tmp_path, caplog):
@@ -124,3 +141,19 @@ def test_train_exports_through_the_helper_the_same_model(tmp_path):
                      for d in ("first", "second"))
     assert first == second
     assert (tmp_path / "second" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_prepared_saved_model_graph_fits_one_model_once(kept, tmp_path):
+    from retrainer.export import SavedModelGraph
+    from retrainer.graph import compose, dense_softmax_graph
+
+    prepared = SavedModelGraph((32, 32), "bilinear")
+    assert prepared.fits((32, 32), "bilinear")
+    assert not prepared.fits((64, 64), "bilinear") and not prepared.fits((32, 32), "bicubic")
+    classifier = compose(kept[0], dense_softmax_graph(np.ones((3, 2), np.float32),
+                                                       np.zeros(2, np.float32)))
+    prepared.write(classifier, tmp_path / "saved_model")
+    assert (tmp_path / "saved_model" / "saved_model.pb").is_file()
+    assert not prepared.fits((32, 32), "bilinear")
+    with pytest.raises(RuntimeError):
+        prepared.write(classifier, tmp_path / "again")
