@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import DEFAULT_MODEL_DIR
+from .errors import FolderNotWritable
 
 
 @dataclass
@@ -127,9 +128,13 @@ def write_fitted_images(output_dir: str | Path, keys: Sequence[str]) -> Path:
     from .bottlenecks.cache import atomic_write
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{k}\n" for k in sorted(set(keys))).encode("ascii")
-    atomic_write(out / FITTED_IMAGES_FILE, lambda fh: fh.write(text))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / FITTED_IMAGES_FILE, lambda fh: fh.write(text))
+    except OSError as exc:
+        raise FolderNotWritable(out, "output folder", exc.strerror or str(exc),
+                                "Choose an output folder you can write to (--output-dir).") from None
     return out / FITTED_IMAGES_FILE
 
 

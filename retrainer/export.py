@@ -212,6 +212,24 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
     return written
 
 
+def check_output_dir(output_dir: str | Path, flag: str = "--output-dir") -> None:
+    """Fail at once, not after the extraction, where the output folder (given by ``flag``)
+    cannot be made: the nearest existing path at or above it must be a folder this user can
+    write to."""
+    out = Path(output_dir).absolute()
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    reason = None
+    if not probe.is_dir():
+        reason = f"'{probe}' is a file, not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        reason = "permission denied"
+    if reason:
+        what = "output folder" if flag == "--output-dir" else f"folder of {flag}"
+        raise FolderNotWritable(out, what, reason, f"Choose a folder you can write to ({flag}).")
+
+
 #: What an export writes, and the evaluation of that model: never carried over from the model
 #: a new export replaces.
 MODEL_FILES = frozenset({GRAPH_FILE, LABELS_FILE, METADATA_FILE, SAVED_MODEL_DIR, TFLITE_FILE,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,9 +58,14 @@ class TrainResult:
 def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     """Train a classifier as ``config`` says and export it; see :class:`TrainResult`."""
     from .bottlenecks.fill import fill
-    from .export import check_formats
+    from .export import check_formats, check_output_dir
 
     check_formats(config.export.formats)  # before hours of extraction, not after
+    out = config.export
+    check_output_dir(out.output_dir)
+    for path, flag in ((out.output_graph, "--output-graph"), (out.output_labels, "--output-labels")):
+        if path:
+            check_output_dir(Path(path).parent, flag)
     t0 = time.perf_counter()
     helper: list[Any] = []  # the export helper, once the backbone is known (where it helps)
 

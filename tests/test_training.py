@@ -97,6 +97,21 @@ def test_explicit_output_graph_and_labels_paths(colour_tree, fast_config, tmp_pa
     assert (tmp_path / "g" / "my.txt").read_text(encoding="utf-8").splitlines() == sorted(COLOURS)
 
 
+@pytest.mark.parametrize("field", ["output_dir", "output_graph", "output_labels"])
+def test_an_output_under_a_file_is_refused_before_any_extraction(colour_tree, fast_config,
+                                                                  tmp_path, field):
+    from retrainer.errors import FolderNotWritable
+
+    (tmp_path / "a-file").write_text("x")
+    target = tmp_path / "a-file" / ("model" if field == "output_dir" else "out.bin")
+    config = fast_config(colour_tree, export={field: str(target)})
+    with pytest.raises(FolderNotWritable, match="is a file, not a folder") as info:
+        train(config)
+    flag = "--" + field.replace("_", "-")
+    assert flag in info.value.hint
+    assert not (tmp_path / "bottlenecks").exists()  # failed before extracting anything
+
+
 def test_a_single_image_class_skips_cross_validation_with_a_warning(tmp_path, fast_config,
                                                                      caplog):
     root = make_colour_tree(tmp_path / "img", per_class=8)
