@@ -155,15 +155,14 @@ def read_fitted_images(folder: str | Path, metadata: dict[str, Any]) -> set[str]
 def confusion_png(report: EvaluationReport) -> bytes:
     """A confusion-matrix heat map (PNG): colour is the share of each true class, text the
     count. An empty matrix gives no picture (b"")."""
+    if not report.confusion:
+        return b""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    if not report.confusion:
-        return b""
 
     cm = np.asarray(report.confusion, dtype=float)
     share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -28,6 +29,13 @@ import numpy as np
 from .config import ExportConfig
 
 log = logging.getLogger(__name__)
+
+#: How long a helper told to stop may take to remove what it was writing.
+STOP_SECONDS = 10.0
+
+
+class _Stopped(BaseException):
+    """SIGTERM in the helper: unwinds the export, whose clean-up removes its staging folder."""
 
 
 @dataclass
@@ -75,16 +83,13 @@ class ExportWorker:
         """The started helper, or None where no process can be started (or ``sys.executable``
         is a frozen application, not Python). With the model's ``input_size`` and ``resize``
         method, it builds the SavedModel's decoding part while it waits."""
-        if getattr(sys, "frozen", False):
+        if getattr(sys, "frozen", False) or not sys.executable:
             return None
-        package_root = str(Path(__file__).resolve().parent.parent)
-        path = os.environ.get("PYTHONPATH")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, path] if path
-                                                          else [package_root]))
         args = [str(int(v)) for v in input_size] + [resize] if input_size else []
         try:
             proc = subprocess.Popen([sys.executable, "-m", __name__, *args],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env=_environment())
         except OSError as exc:
             log.debug("no export helper (%s); exporting in this process", exc)
             return None
@@ -132,10 +137,15 @@ class ExportWorker:
         return self.result()
 
     def close(self) -> None:
-        """End the helper (it may still be importing TensorFlow)."""
+        """End the helper (it may still be importing TensorFlow, or writing: then it removes
+        its unfinished files first)."""
         proc = self._proc
         if proc.poll() is None:
-            proc.kill()
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         proc.wait()
         if self._sender is not None:
             self._sender.join()
@@ -151,6 +161,19 @@ class ExportWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _environment() -> dict[str, str]:
+    """This environment, with retrainer importable in the helper: where it is not installed in
+    a site directory (a checkout on ``sys.path``), its folder goes first on PYTHONPATH."""
+    import site
+
+    root = os.path.realpath(Path(__file__).resolve().parent.parent)
+    sites = [*site.getsitepackages(), site.getusersitepackages()]
+    if root in {os.path.realpath(p) for p in sites}:
+        return dict(os.environ)
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root, path] if path else [root]))
 
 
 class _Kept(logging.Handler):
@@ -193,19 +216,31 @@ def _serve(jobs: BinaryIO, replies: BinaryIO, args: list[str]) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         reply = ("ok", job.run(saved_model), kept.records)
-    except BaseException as exc:  # noqa: BLE001 - reported; the caller exports itself
+    except Exception as exc:  # noqa: BLE001 - reported; the caller exports itself
         reply = ("error", f"{type(exc).__name__}: {exc}", kept.records)
     pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
     replies.flush()
 
 
 def main() -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the training process handles it
+    # (and ends this one), so no second traceback comes from here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)  # ExportWorker.close
     # Replies go on the real stdout; anything else printed goes to stderr.
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    _serve(sys.stdin.buffer, replies, sys.argv[1:])
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter teardown (about 1 s with TensorFlow loaded): nothing is left
+    try:
+        _serve(sys.stdin.buffer, replies, sys.argv[1:])
+    except (_Stopped, OSError):  # told to stop, or the training process is gone: no one to tell
+        pass
+    finally:
+        sys.stderr.flush()
+        os._exit(0)  # no interpreter teardown (about 1 s with TensorFlow loaded): nothing is left
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise _Stopped
 
 
 if __name__ == "__main__":
