@@ -70,7 +70,7 @@ class ExportJob:
 class ExportWorker:
     """A helper process importing TensorFlow now, to export one model later (:meth:`export`).
 
-    Close it (:meth:`close`, or ``with``) when the run ends without exporting.
+    Close it (:meth:`close`) when the run ends without exporting.
     """
 
     def __init__(self, proc: subprocess.Popen) -> None:
@@ -155,12 +155,6 @@ class ExportWorker:
                     pipe.close()
                 except OSError:
                     pass
-
-    def __enter__(self) -> ExportWorker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _environment() -> dict[str, str]:
