@@ -212,10 +212,11 @@ def _openvino_source(backbone: Any, cache_root: str | Path) -> Path:
     # OpenVINO runs the ONNX conversion at the backbone's precision (Lite0: 10% faster in fp32
     # and 20% in bf16 than from the frozen graph); without tf2onnx it reads the fp32 frozen
     # graph itself.
-    if importlib.util.find_spec("tf2onnx") is not None:
+    (source,) = forward_files(backbone, cache_root, "openvino")
+    if source.suffix == ".onnx":
         return backbone_onnx(backbone, cache_root)
     backbone_graph(backbone, cache_root, "fp32")
-    return graph_path(cache_root, backbone, "fp32")
+    return source
 
 
 def _runtime_runner(backbone: Any, cache_root: str | Path, runtime: str, precision: str,
