@@ -46,7 +46,8 @@ def audit(as_json: bool, folds: int, near_threshold: float | None,
 
     \b
       retrainer audit --image-dir photos/ --backbone efficientnet_lite0
-      retrainer audit --image-dir photos/ --json --report audit/ --write-relabel fix.csv
+      retrainer audit --image-dir photos/ --backbone efficientnet_lite0 --json \\
+          --report audit/ --write-relabel fix.csv
       retrainer audit --db images.sqlite --backbone efficientnet_lite0 --write-findings weekly
     """
     from ..audit import audit as run_audit
