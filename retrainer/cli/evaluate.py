@@ -37,7 +37,8 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
     """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on labelled images.
 
     \b
-      retrainer evaluate --image-dir photos/val --model-dir retrained --json
+      retrainer evaluate --image-dir new_photos/ --model-dir retrained --json
+      retrainer evaluate --image-dir photos/ --model-dir retrained  # its test split
     """
     from ..evaluation import evaluate_folder, evaluate_records, evaluation_name
 
