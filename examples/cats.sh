@@ -16,6 +16,8 @@ retrainer train --image-dir "$images" --backbone efficientnet_lite0 \
     --output-dir cats_model --print-misclassified
 
 # Score the model on the held-out split that train kept aside, then label new photos.
+# (evaluate leaves out, by content, the images the model was fitted on.)
+retrainer evaluate --image-dir "$images" --model-dir cats_model
 retrainer label --model-dir cats_model --top-k 3 "$@"
 retrainer label --model-dir cats_model --json "$@" > cats_labels.jsonl
 echo "labels written to cats_labels.jsonl"
