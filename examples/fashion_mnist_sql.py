@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--architecture", default="efficientnet_lite0")
     ap.add_argument("--output-dir", default="fashion_model")
     ap.add_argument("--bottleneck-dir", default=None)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="train the head by Adam for at most this many epochs (default: the "
+                         "cross-validated head, which has no epochs)")
     args = ap.parse_args(argv)
 
     dataset = idx_dataset(args.idx_dir, args.per_class or None)
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
     trained = train(TrainConfig(source=SourceConfig(db=args.db),
                                 backbone=BackboneConfig(args.architecture),
                                 extraction=ExtractionConfig(bottleneck_dir=args.bottleneck_dir),
-                                head=HeadConfig(epochs=args.epochs),
+                                head=(HeadConfig(search="off", epochs=args.epochs)
+                                      if args.epochs else HeadConfig()),
                                 export=ExportConfig(output_dir=args.output_dir,
                                                     formats=("graph",))))
     classifier = Classifier.load(args.output_dir)
