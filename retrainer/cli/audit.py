@@ -5,7 +5,7 @@ import click
 
 from ..config import SourceConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_configs, backbone_options, config_group, echo_json, err, json_option
+from .common import backbone_configs, backbone_options, config_group, echo_json, json_option, note
 
 _S = SourceConfig()
 
@@ -70,14 +70,14 @@ def audit(as_json: bool, folds: int, near_threshold: float | None,
                        else near_threshold)
     if relabel_csv:
         n = result.write_relabel(relabel_csv)
-        err(f"Wrote {n} suggested relabel(s) to {relabel_csv}")
+        note(f"Wrote {n} suggested relabel(s) to {relabel_csv}")
     if report_dir:
-        err(f"Wrote the report to {result.write_report(report_dir)}")
+        note(f"Wrote the report to {result.write_report(report_dir)}")
     if findings_name is not None:
         from ..db.audit_table import write_findings
 
         n = write_findings(source.db, result, findings_name)
-        err(f"Wrote {n} finding(s) to the audit_findings table as '{findings_name}'")
+        note(f"Wrote {n} finding(s) to the audit_findings table as '{findings_name}'")
     if as_json:
         echo_json(result.to_dict())
         return

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import fields
 from typing import Any, Callable, TypeVar
@@ -117,6 +118,12 @@ def backbone_configs(options: dict[str, Any]) -> tuple[Any, Any]:
 
 def err(message: str) -> None:
     click.echo(message, err=True)
+
+
+def note(message: str) -> None:
+    """A line of information on stderr (a summary, what is being done): -q leaves it out."""
+    if logging.getLogger("retrainer").isEnabledFor(logging.INFO):
+        click.echo(message, err=True)
 
 
 def isatty() -> bool:

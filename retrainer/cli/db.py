@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import echo_json, err, json_option
+from .common import echo_json, err, json_option, note
 
 db_option = click.option(
     "--db", required=True, envvar="RETRAINER_DB", metavar="URL",
@@ -114,7 +114,10 @@ def query(db: str, sql: str, model_dir: str | None, limit: int, as_json: bool) -
         click.echo("\t".join(result.columns))
     for row in rows:
         click.echo("\t".join("NULL" if v is None else str(v) for v in row))
-    err(f"Warning: {cut}" if cut else f"{len(rows)} row(s)")
+    if cut:
+        err(f"Warning: {cut}")
+    else:
+        note(f"{len(rows)} row(s)")
 
 
 def _cell(value: Any) -> Any:

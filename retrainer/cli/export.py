@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import DEFAULT_MODEL_DIR
-from .common import echo_json, err, json_option
+from .common import echo_json, json_option, note
 
 #: Mirrors retrainer.export.FORMATS (not imported: ``--help`` must not import TensorFlow).
 FORMAT_NAMES = ("graph", "saved_model", "tflite", "int8", "onnx")
@@ -45,7 +45,7 @@ def export(model_dir: str, formats: tuple[str, ...], image_dir: str | None,
     """
     from ..export import export_existing
 
-    err(f"exporting {', '.join(formats)} ...")
+    note(f"exporting {', '.join(formats)} ...")
     written = export_existing(model_dir, formats, image_dir)
     if as_json:
         echo_json(written)

@@ -5,7 +5,7 @@ import click
 
 from ..config import LabelConfig
 from .bottlenecks import engine_options
-from .common import echo_json, err, export_runtime_option, json_option, model_options
+from .common import echo_json, err, export_runtime_option, json_option, model_options, note
 
 _L = LabelConfig()
 
@@ -86,6 +86,6 @@ def label(images: tuple[str, ...], model_dir: str, graph: str | None, labels: st
                 for p in result.predictions:
                     click.echo(f"{p.label} (score={p.score:.5f})")
     if not as_json:
-        err(f"labelled {len(paths) - (failed - len(missing))} image(s), {failed} failed")
+        note(f"labelled {len(paths) - (failed - len(missing))} image(s), {failed} failed")
     if failed:
         raise click.exceptions.Exit(1)

@@ -13,9 +13,11 @@ import re
 import sys
 import threading
 
+# absl's log lines; LiteRT's delegate banner; the int8 converter's settings line.
 _NATIVE = re.compile(rb"^([IWE]\d{4} [\d:.]+\s+\d+ \S+:\d+\]|"
                      rb"WARNING: All log messages before absl::InitializeLog|"
-                     rb"INFO: Created TensorFlow Lite XNNPACK delegate)")
+                     rb"INFO: Created TensorFlow Lite XNNPACK delegate|"
+                     rb"fully_quantize: \d+, inference_type: )")
 
 
 def filter_native_logs() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .bottlenecks import check_engine
-from .common import echo_json, err
+from .common import echo_json, note
 
 
 def label_spark(images: tuple[str, ...], model_dir: str, graph: str | None, labels: str | None,
@@ -24,7 +24,7 @@ def label_spark(images: tuple[str, ...], model_dir: str, graph: str | None, labe
     if as_json:
         echo_json(result.to_dict())
     else:
-        err(f"labelled {result.images - result.failed} image(s), {result.failed} failed "
+        note(f"labelled {result.images - result.failed} image(s), {result.failed} failed "
             f"-> {result.output}")
     if result.failed:
         raise click.exceptions.Exit(1)
