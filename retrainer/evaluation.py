@@ -71,8 +71,13 @@ class EvaluationReport:
         def fmt_auc(value: float | None) -> str:
             return f"{value:7.3f}" if value is not None else "      -"
 
-        for label in self.labels:
+        predicted = [sum(col) for col in zip(*self.confusion)] if self.confusion else []
+        for i, label in enumerate(self.labels):
             row = self.per_class[label]
+            if not row["support"] and not (predicted and predicted[i]):  # not in the macro
+                lines.append(f"{label:<{width}}  {'-':>9}  {'-':>6}  {'-':>6}  "
+                             f"{fmt_auc(auc.get(label))}  {0:7d}")
+                continue
             lines.append(f"{label:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
                          f"{row['f1']:6.3f}  {fmt_auc(auc.get(label))}  {int(row['support']):7d}")
         for name, avg in (("macro", self.macro), ("weighted", self.weighted)):
@@ -256,8 +261,13 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
     p, r, f, s = precision_recall_f1(cm)
     per_class = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                          "support": int(s[i])} for i, label in enumerate(labels)}
-    averages = {"macro": {"precision": float(p.mean()), "recall": float(r.mean()),
-                          "f1": float(f.mean())},
+    # Macro averages run over the classes that occur (true or predicted), as scikit-learn's
+    # report does: a class absent from the scored images would count as a score of 0.
+    seen = (s > 0) | (cm.sum(axis=0) > 0)
+    if not seen.any():
+        seen[:] = True
+    averages = {"macro": {"precision": float(p[seen].mean()), "recall": float(r[seen].mean()),
+                          "f1": float(f[seen].mean())},
                 "weighted": {name: float(_ratio(values @ s, s.sum()))
                              for name, values in (("precision", p), ("recall", r), ("f1", f))}}
     wrong = np.nonzero(y_true != y_pred)[0]
@@ -335,10 +345,10 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MOD
                 raise DatasetError(
                     f"all {len(records)} images were used to fit this model; nothing is left "
                     "to evaluate.",
-                    "Evaluate on images it has not seen (e.g. a test/ folder), or add "
-                    "--include-training-images to score them anyway (optimistic).")
+                    "Evaluate on images it has not seen (e.g. a test/ folder), or score them "
+                    "anyway (optimistic): --include-training-images (include_fitted=True).")
             log.warning("left out %d of %d images: the model was fitted on them "
-                        "(--include-training-images scores them too)", n_fitted, len(records))
+                        "(--include-training-images, include_fitted=True, scores them too)", n_fitted, len(records))
             records = kept
         elif n_fitted:
             log.warning("%d of %d images were used to fit this model: the accuracy is "

@@ -118,7 +118,20 @@ def test_train_text_summary_and_misclassified(colour_tree, tmp_path):
     assert result.exit_code == 0
     assert "Bottlenecks: 36 computed, 0 cached" in result.stdout
     assert "Final test accuracy = 100.0% (N=" in result.stdout
-    assert "Misclassified test images:" in result.stdout
+    assert "Misclassified test images: none" in result.stdout  # all right: said, not blank
+
+
+def test_quiet_label_prints_the_labels_and_no_summary(colour_tree, tmp_path):
+    out = tmp_path / "m"
+    assert run("-q", "train", "--image-dir", str(colour_tree), "--architecture", TINY,
+               "--output-dir", str(out), "--bottleneck-dir", str(tmp_path / "bn"),
+               "--epochs", "3").exit_code == 0
+    probe = next(colour_tree.rglob("*.png"))
+    loud = run("label", "--model-dir", str(out), str(probe))
+    quiet = run("-q", "label", "--model-dir", str(out), str(probe))
+    assert loud.exit_code == quiet.exit_code == 0
+    assert "labelled 1 image(s), 0 failed" in loud.stderr
+    assert quiet.stderr == "" and quiet.stdout == loud.stdout
 
 
 def test_label_with_no_model_says_how_to_get_one(tmp_path):

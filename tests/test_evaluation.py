@@ -65,8 +65,8 @@ def test_every_figure_equals_scikit_learns_on_random_predictions(seed: int):
         row = report.per_class[label]
         assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((p[i], r[i], f[i]))
         assert row["support"] == s[i]
-    for avg in ("macro", "weighted"):
-        expected = precision_recall_fscore_support(y_true, y_pred, labels=idx, average=avg,
+    for avg in ("macro", "weighted"):  # over the classes that occur, scikit-learn's default
+        expected = precision_recall_fscore_support(y_true, y_pred, average=avg,
                                                    zero_division=0)[:3]
         got = report.macro if avg == "macro" else report.weighted
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(expected)
@@ -75,6 +75,24 @@ def test_every_figure_equals_scikit_learns_on_random_predictions(seed: int):
         expected_auc = roc_auc_score(y_true == i, probs[:, i])
         assert report.roc_auc["per_class"][label] == pytest.approx(expected_auc, abs=1e-12)
     assert report.roc_auc["per_class"]["c4"] is None
+
+
+def test_macro_average_leaves_out_classes_neither_true_nor_predicted():
+    """Scoring a test set where "fox" does not occur: all right is 1.0, not 2/3."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    y_true, y_pred = [0, 0, 1, 1], [0, 0, 1, 1]
+    report = evaluate_predictions(y_true, probs_for(y_pred, [0.9] * 4), LABELS)
+    assert report.macro == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    fox_row = next(line for line in report.table().splitlines() if line.startswith("fox"))
+    assert fox_row.split()[1:4] == ["-", "-", "-"]
+    # a class predicted but never true still counts (its precision is 0), as in scikit-learn
+    y_pred = [0, 2, 1, 1]
+    report = evaluate_predictions(y_true, probs_for(y_pred, [0.9] * 4), LABELS)
+    expected = precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
+    assert (report.macro["precision"], report.macro["recall"],
+            report.macro["f1"]) == pytest.approx(expected[:3])
+    assert report.macro["precision"] == pytest.approx(2 / 3)
 
 
 def test_roc_auc_is_none_for_a_class_without_positives():

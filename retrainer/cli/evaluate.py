@@ -70,7 +70,7 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         return
     click.echo(report.table())
     if print_misclassified:
-        click.echo("Misclassified images:")
+        click.echo("Misclassified images:" + ("" if report.misclassified else " none"))
         for m in report.misclassified:
             click.echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
     if written:

@@ -179,7 +179,7 @@ def _print_summary(result, output_dir: str, print_misclassified: bool) -> None: 
         echo(f"Final test accuracy = {100 * test.accuracy:.1f}% (N={test.n})")
         echo(test.table())
         if print_misclassified:
-            echo("Misclassified test images:")
+            echo("Misclassified test images:" + ("" if test.misclassified else " none"))
             for m in test.misclassified:
                 echo(f"  {m.path}  true={m.true}  predicted={m.predicted} ({m.score:.3f})")
     echo(f"Exported to {output_dir}: " + ", ".join(
