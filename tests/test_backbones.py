@@ -219,3 +219,28 @@ def test_keras_file_cache_id_covers_the_config(tmp_path):
     assert weights_digest(first.model) == weights_digest(changed.model)
     assert same.cache_id == first.cache_id
     assert changed.cache_id != first.cache_id
+
+
+def test_a_whole_classifier_file_warns_to_pick_a_feature_layer(tmp_path, caplog):
+    """A .keras model ending in a softmax trains on class scores unless --feature-layer says
+    otherwise: say so, and name the layer before it; a feature extractor gets no warning."""
+    import keras
+
+    from retrainer.backbones.keras_file import spec_for_file
+
+    inputs = keras.Input((8, 8, 3), name="input")
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(keras.layers.Conv2D(4, 3)(inputs))
+    outputs = keras.layers.Dense(5, activation="softmax", name="predictions")(x)
+    whole = tmp_path / "whole.keras"
+    keras.Model(inputs, outputs).save(whole)
+    features = _save_model(tmp_path / "features.keras", "relu",
+                           np.zeros((3, 3, 3, 4), "float32"))
+    with caplog.at_level("WARNING", logger="retrainer"):
+        assert spec_for_file(whole).feature_dim == 5
+    assert "ends in a classifier (layer 'predictions', softmax over 5 outputs)" in caplog.text
+    assert "--feature-layer NAME (e.g. 'pool')" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="retrainer"):
+        assert spec_for_file(whole, "pool").feature_dim == 4
+        assert spec_for_file(features).feature_dim == 4
+    assert "classifier" not in caplog.text

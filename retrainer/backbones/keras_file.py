@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import zipfile
 from pathlib import Path
@@ -16,12 +17,19 @@ from typing import Any
 from ..errors import WeightsUnavailable
 from .registry import BackboneSpec
 
+log = logging.getLogger(__name__)
+
 CONFIG_MAX_BYTES = 64 << 20  # a config.json larger than this is not a model we will read
 
 
 def spec_for_file(path: str | Path, feature_layer: str | None = None) -> BackboneSpec:
     """Inspect a ``.keras`` file and describe it as a backbone."""
     model, config_digest = _load(path, feature_layer)
+    if not feature_layer and (scores := _class_scores_layer(model)):
+        before = model.layers[-2].name if len(model.layers) > 1 else None
+        log.warning("'%s' ends in a classifier (%s): the head would train on its class scores, "
+                    "not on image features. Pass --feature-layer NAME%s to use a layer before "
+                    "it.", path, scores, f" (e.g. {before!r})" if before else "")
     height, width = model.input_shape[1:3]
     if height is None or width is None:
         raise WeightsUnavailable(f"'{path}' has no fixed input size.",
@@ -36,6 +44,19 @@ def spec_for_file(path: str | Path, feature_layer: str | None = None) -> Backbon
         preprocess="in-model",
         options=(("config_sha256", config_digest),),
     )
+
+
+def _class_scores_layer(model: Any) -> str | None:
+    """The model's last layer, described, where it turns features into class scores (a Dense
+    or Activation layer with a softmax or sigmoid): a whole classifier, not a feature
+    extractor."""
+    last = model.layers[-1] if model.layers else None
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    if type(last).__name__ == "Softmax":
+        activation = "softmax"
+    if activation not in ("softmax", "sigmoid"):
+        return None
+    return f"layer {last.name!r}, {activation} over {int(model.output_shape[-1])} outputs"
 
 
 def load_features(path: str | Path, feature_layer: str | None = None) -> Any:
