@@ -94,3 +94,32 @@ def test_a_file_deleted_before_the_job_is_a_counted_skip(spark, clean_tree,
     assert sorted(f.name for f in failures) == sorted(rec.display for rec in gone)
     assert all("deleted" in f.reason for f in failures)
     assert len(cache.missing([k for k, _ in items[2:]])) == 0
+
+
+def test_a_failed_label_job_leaves_no_output_folder_behind(spark, clean_tree, tmp_path):
+    """The executors fail half-way (Spark's own raise_error, in the JVM): the new output folder
+    is removed, so running again is not refused with "already exists"; an existing one stays."""
+    from pyspark.sql import functions as F
+
+    from retrainer.spark.label import _write
+    from retrainer.spark.session import SparkError
+    from retrainer.spark.workers import spark_path
+
+    def failing_udf(content):
+        return F.struct(F.lit("x").alias("label"), F.lit(1.0).alias("score"),
+                        F.array(F.lit("x")).alias("top_labels"),
+                        F.array(F.lit(1.0)).alias("top_scores"),
+                        F.when(F.length(content) > 0, F.raise_error(F.lit("injected failure")))
+                        .cast("string").alias("error"))
+
+    paths = [spark_path(str(p.resolve())) for p in sorted(clean_tree.rglob("*.png"))]
+    out = tmp_path / "labels.parquet"
+    with pytest.raises(SparkError):
+        _write(spark, paths, [], str(out), failing_udf, fresh=True)
+    assert not out.exists()
+    kept = tmp_path / "kept.parquet"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("not Spark's")
+    with pytest.raises(SparkError):
+        _write(spark, paths, [], str(kept), failing_udf, fresh=False)
+    assert kept.is_dir()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -102,15 +103,18 @@ def label_to_parquet(inputs: Iterable[str], output: str, model_dir: str | None =
                          + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""))
     if not paths and not empty:
         raise SparkError("no images to label.")
-    if not is_remote(output) and os.path.exists(output) and not overwrite:
+    existed = is_remote(output) or os.path.exists(output)
+    if existed and not is_remote(output) and not overwrite:
         raise SparkError(f"'{output}' already exists.", "Remove it or pass overwrite=True.")
     classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
                                 runtime="tensorflow")  # the workers rebuild the graph
     model = ("tensorflow", "fp32", classifier.graph_def.SerializeToString())
     if spark is not None:
-        return _label(spark, paths, empty, output, classifier, model, top_k, batch_size)
+        return _label(spark, paths, empty, output, classifier, model, top_k, batch_size,
+                      fresh=not existed)
     with spark_session(master, "retrainer label") as session:
-        return _label(session, paths, empty, output, classifier, model, top_k, batch_size)
+        return _label(session, paths, empty, output, classifier, model, top_k, batch_size,
+                      fresh=not existed)
 
 
 def _size(path: str) -> int:
@@ -121,17 +125,20 @@ def _size(path: str) -> int:
 
 
 def _label(spark: Any, paths: list[str], empty: list[str], output: str, classifier: Any,
-           model: Shippable, top_k: int, batch_size: int) -> ParquetLabels:
+           model: Shippable, top_k: int, batch_size: int, fresh: bool) -> ParquetLabels:
     with shipped(spark, model) as (broadcast, digest):
         udf = label_udf(broadcast, digest, classifier.labels, classifier.input_size,
                         classifier.resize, top_k, batch_size, worker_threads(spark))
-        counts = _write(spark, paths, empty, output, udf)
+        counts = _write(spark, paths, empty, output, udf, fresh)
     return ParquetLabels(output=str(Path(output)) if not is_remote(output) else output,
                          images=int(counts["n"]), failed=int(counts["failed"] or 0))
 
 
-def _write(spark: Any, paths: list[str], empty: list[str], output: str, udf: Any) -> Any:
-    """The Parquet table written (by the executors): its row count and failures."""
+def _write(spark: Any, paths: list[str], empty: list[str], output: str, udf: Any,
+           fresh: bool = False) -> Any:
+    """The Parquet table written (by the executors): its row count and failures. When the job
+    fails, a ``fresh`` local output (one that did not exist before) is removed, so that running
+    it again is not refused for a folder holding no table."""
     from pyspark.sql import functions as F
 
     reader = spark.read.format("binaryFile")
@@ -159,4 +166,6 @@ def _write(spark: Any, paths: list[str], empty: list[str], output: str, udf: Any
         return written.agg(F.count("*").alias("n"),
                            F.sum(F.col("error").isNotNull().cast("int")).alias("failed")).first()
     except Exception as exc:  # noqa: BLE001 - py4j / Spark raise many kinds
+        if fresh:
+            shutil.rmtree(output, ignore_errors=True)
         raise job_failed(exc) from exc
