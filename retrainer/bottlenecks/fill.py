@@ -111,7 +111,7 @@ def fill(config: TrainConfig, dataset: Dataset | None = None, engine: Any = None
     spec = resolve_spec(wanted.name, wanted.feature_layer)  # fails before TF loads
     runtime = check_runtime(wanted.runtime, wanted.precision)
     dataset = dataset or load_dataset(config, split=False)
-    log.info("found %d files in %d classes", len(dataset.records), len(dataset.classes))
+    log.info("found %d images in %d classes", len(dataset.records), len(dataset.classes))
     if wanted.tta != "none" and config.fine_tune is not None:
         raise RetrainerError("fine-tuning with test-time augmentation is not supported.",
                              "Use tta=none with fine-tuning, or leave fine-tuning off.")

@@ -80,7 +80,9 @@ def choose(backbone: Any, cache_root: str | Path | None, batch: int = 16,
         rates = measure(backbone, cache_root, candidates, batch, seconds, rounds)
         best = max(rates.values())
         runtime = next(r for r in RUNTIMES if rates.get(r, 0.0) >= best * (1 - TIE))
-        log.info("runtime: %s, the fastest here (%s)", runtime, _rates(rates))
+        why = ("the fastest here" if rates[runtime] >= best else
+               f"within {TIE:.0%} of the fastest, and first in the order {', '.join(RUNTIMES)}")
+        log.info("runtime: %s, %s (%s)", runtime, why, _rates(rates))
     if cache_root is not None:
         from ..files import atomic_write
 
