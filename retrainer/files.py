@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -21,6 +22,25 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("retrainer"))
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of the regular file at ``path``. Anything else named like an image (a FIFO, a
+    device, a folder) raises :class:`OSError` at once, instead of blocking until a writer comes
+    or reading without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise OSError(errno.EINVAL, f"not a regular file: {kind}", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
 
 
 def writable_dir(path: str | Path, what: str, hint: str | None = None) -> Path:

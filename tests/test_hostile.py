@@ -15,6 +15,8 @@ import pytest
 from retrainer.bottlenecks import cache as cache_mod
 from retrainer.bottlenecks.cache import BottleneckCache
 
+TINY = "tiny_test_backbone"
+
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 8
 
@@ -145,3 +147,46 @@ def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_p
     monkeypatch.setattr(bn, "hash_records", real_hash)
     again = fill(config)  # the next run takes the new content, under its own key
     assert bn.content_key(victim.read_bytes()) in again.cache and not again.skipped
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks in a worker thread
+def test_a_fifo_a_symlink_loop_and_a_folder_named_like_images_are_counted_skips(tmp_path):
+    """A FIFO named x.jpg must not block the run until a writer comes, and a symlink loop must
+    not vanish from the counts: each is a skipped file with its reason."""
+    import os
+
+    from conftest import make_colour_tree
+    from retrainer.bottlenecks.fill import fill
+    from retrainer.config import BackboneConfig, ExtractionConfig, SourceConfig, TrainConfig
+
+    images = make_colour_tree(tmp_path / "images", per_class=3)
+    os.mkfifo(images / "red" / "fifo.jpg")
+    os.symlink("loop2.jpg", images / "red" / "loop1.jpg")
+    os.symlink("loop1.jpg", images / "red" / "loop2.jpg")
+    config = TrainConfig(source=SourceConfig(image_dir=str(images)), backbone=BackboneConfig(TINY),
+                         extraction=ExtractionConfig(bottleneck_dir=str(tmp_path / "bn")))
+    done = fill(config)
+    reasons = {Path(s.name).name: s.reason for s in done.skipped}
+    assert "FIFO" in reasons["fifo.jpg"]
+    assert "symbolic links" in reasons["loop1.jpg"] and "symbolic links" in reasons["loop2.jpg"]
+    assert done.computed == 9
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks in a worker thread
+def test_label_names_a_fifo_or_a_device_as_unreadable_without_blocking(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+    from conftest import COLOURS, make_image, train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    os.mkfifo(tmp_path / "fifo.jpg")
+    good = make_image(tmp_path / "red.png", COLOURS["red"])
+    result = CliRunner().invoke(cli, ["label", "--model-dir", str(model), "--json",
+                                      str(tmp_path / "fifo.jpg"), "/dev/zero", str(good)])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    by_path = {r["path"]: r for r in rows}
+    assert "FIFO" in by_path[str(tmp_path / "fifo.jpg")]["error"]
+    assert "device" in by_path["/dev/zero"]["error"]
+    assert by_path[str(good)]["predictions"][0]["label"] == "red"
