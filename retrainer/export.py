@@ -655,8 +655,41 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, ValueError) as exc:
         raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
     if not isinstance(data, dict):
-        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
+        raise ModelDirError(f"'{path}' holds a JSON {_json_type(data)}, not an object.", hint)
+    wrong = _wrongly_typed(data)
+    if wrong:
+        key, want, value = wrong
+        raise ModelDirError(f"'{path}': '{key}' is a JSON {_json_type(value)}, not {want}.", hint)
     return data
+
+
+#: The metadata fields the tool reads, and the JSON type each must have where present.
+_METADATA_TYPES = {("backbone",): dict, ("training",): dict, ("files",): dict, ("input",): dict,
+                   ("output",): dict, ("backbone", "resize"): str, ("backbone", "name"): str,
+                   ("training", "image_source"): str, ("training", "fitted_images"): dict,
+                   ("training", "fitted_images", "file"): str}
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _wrongly_typed(data: dict[str, Any]) -> tuple[str, str, Any] | None:
+    """(dotted key, wanted type, value) of the first metadata field of the wrong type."""
+    want_names = {dict: "an object", str: "a string"}
+    for keys, want in _METADATA_TYPES.items():
+        value: Any = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, want):
+            return ".".join(keys), want_names[want], value
+    files = data.get("files") or {}
+    for key, value in files.items():
+        if not isinstance(value, str):
+            return f"files.{key}", "a string", value
+    return None
 
 
 def export_existing(model_dir: str | Path, formats: tuple[str, ...],

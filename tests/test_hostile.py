@@ -190,3 +190,39 @@ def test_label_names_a_fifo_or_a_device_as_unreadable_without_blocking(tmp_path)
     assert "FIFO" in by_path[str(tmp_path / "fifo.jpg")]["error"]
     assert "device" in by_path["/dev/zero"]["error"]
     assert by_path[str(good)]["predictions"][0]["label"] == "red"
+
+
+def test_metadata_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
+    """A hand-edited metadata.json with a string where an object belongs (or a number where a
+    file name belongs) names the field; a null field is as if it were absent."""
+    from click.testing import CliRunner
+    from conftest import train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    images = str(tmp_path / "images")
+    good = str(next((tmp_path / "images").rglob("*.png")))
+    meta = model / "metadata.json"
+    original = json.loads(meta.read_text())
+    commands = [["label", good], ["evaluate", "--image-dir", images],
+                ["export", "--format", "graph"]]
+    for change, field in [(lambda d: d.update(training="x"), "'training' is a JSON string"),
+                          (lambda d: d["backbone"].update(resize={"a": 1}),
+                           "'backbone.resize' is a JSON object"),
+                          (lambda d: d.update(files={"graph": 5}), "'files.graph' is a JSON number"),
+                          (lambda d: d.update(training=None, backbone=None), None)]:
+        data = json.loads(json.dumps(original))
+        change(data)
+        meta.write_text(json.dumps(data))
+        for args in commands:
+            result = CliRunner().invoke(cli, [*args[:1], "--model-dir", str(model), *args[1:]])
+            assert "unexpected" not in result.output, (args, result.output)
+            if field is None:
+                assert result.exit_code == 0, (args, result.output)
+            else:
+                assert result.exit_code == 1 and field in result.output, (args, result.output)
+    from retrainer.serve.server import load_model
+    from retrainer.serve.settings import ServeConfig
+
+    info = load_model(ServeConfig(model_dir=str(model), runtime="tensorflow"))[1]
+    assert info["backbone"] is None and info["training"] == {}

@@ -60,11 +60,11 @@ def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
     meta = classifier.metadata
     name = (Path(config.model_dir).resolve().name if not config.graph
             else graph_path.stem)
-    training = {k: v for k, v in meta.get("training", {}).items() if k != "image_source"}
+    training = {k: v for k, v in (meta.get("training") or {}).items() if k != "image_source"}
     info: dict[str, Any] = {
         "name": name,
         "version": digest[:16],
-        "backbone": meta.get("backbone", {}).get("name"),
+        "backbone": (meta.get("backbone") or {}).get("name"),
         "input_size": list(classifier.input_size),
         "resize": classifier.resize,
         "labels": list(classifier.labels),
