@@ -226,3 +226,19 @@ def test_metadata_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
 
     info = load_model(ServeConfig(model_dir=str(model), runtime="tensorflow"))[1]
     assert info["backbone"] is None and info["training"] == {}
+
+
+@pytest.mark.parametrize("args", [["train", "--image-dir", ".", "--learning-rate", "nan"],
+                                  ["train", "--image-dir", ".", "--dropout", "nan"],
+                                  ["train", "--image-dir", ".", "--l2", "inf"],
+                                  ["label", "--min-confidence", "nan", "x.jpg"],
+                                  ["serve", "--max-body-mb", "inf"],
+                                  ["audit", "--image-dir", ".", "--near-threshold", "nan"]])
+def test_nan_and_infinity_are_refused_by_every_float_option(args):
+    """nan passes click's range checks (every comparison with it is false): it trained a head
+    of nan weights, or labelled every image 'unknown'."""
+    from click.testing import CliRunner
+    from retrainer.cli import cli
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "is not a finite number" in result.output, result.output

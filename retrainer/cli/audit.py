@@ -5,7 +5,8 @@ import click
 
 from ..config import SourceConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_configs, backbone_options, config_group, echo_json, err, json_option
+from .common import (FloatRange, backbone_configs, backbone_options, config_group, echo_json, err,
+                     json_option)
 
 _S = SourceConfig()
 
@@ -19,13 +20,13 @@ _S = SourceConfig()
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @backbone_options
 @click.option("--validation-percentage", default=_S.validation_percentage, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True),
+              type=FloatRange(0, 100, max_open=True),
               help="As in train: the splits shown for duplicate groups.")
 @click.option("--testing-percentage", default=_S.testing_percentage, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True))
+              type=FloatRange(0, 100, max_open=True))
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds for the out-of-fold probabilities.")
-@click.option("--near-threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--near-threshold", default=None, type=FloatRange(0, 1),
               help="Cosine similarity above which two images are near-duplicates "
                    "(default: the measured one, see docs/audit.md).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import fields
 from typing import Any, Callable, TypeVar
@@ -9,6 +10,18 @@ from typing import Any, Callable, TypeVar
 import click
 
 from ..config import DEFAULT_MODEL_DIR
+
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and infinity: they pass its comparisons
+    (``nan < 0`` is false) and would train or serve with nonsense."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
 
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print machine-readable JSON on stdout.")
