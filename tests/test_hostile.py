@@ -242,3 +242,19 @@ def test_nan_and_infinity_are_refused_by_every_float_option(args):
 
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "is not a finite number" in result.output, result.output
+
+
+def test_serve_loads_an_export_that_has_only_its_tflite_model(tmp_path):
+    """label runs a folder with model.tflite and no frozen graph on LiteRT; serve did too, then
+    died with 'unexpected FileNotFoundError' hashing the missing graph for its version."""
+    from conftest import make_colour_tree, tiny_config
+    from retrainer.serve.server import load_model
+    from retrainer.serve.settings import ServeConfig
+    from retrainer.training import train
+
+    images = make_colour_tree(tmp_path / "images", per_class=4)
+    train(tiny_config(images, tmp_path / "model", tmp_path / "bn",
+                      export={"formats": ("graph", "tflite")}))
+    (tmp_path / "model" / "retrained_graph.pb").unlink()
+    classifier, info = load_model(ServeConfig(model_dir=str(tmp_path / "model"), runtime="litert"))
+    assert classifier.runtime == "litert" and len(info["version"]) == 16
