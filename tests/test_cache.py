@@ -62,6 +62,17 @@ def test_a_damaged_shard_is_set_aside_and_recomputed(tmp_path, caplog):
     assert not shard.exists() and shard.with_suffix(".bad").exists()
 
 
+def test_a_shard_of_random_bytes_is_set_aside_without_numpys_pickle_advice(tmp_path, caplog):
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1)], rows(1))
+    shard = cache.shards()[0]
+    shard.write_bytes(np.random.default_rng(0).bytes(5000))
+    with caplog.at_level(logging.WARNING):
+        assert BottleneckCache(tmp_path, "bb", 5).missing([key(1)]) == [key(1)]
+    assert "damaged shard" in caplog.text and "not a .npz file" in caplog.text
+    assert "allow_pickle" not in caplog.text
+
+
 def test_a_shard_of_the_wrong_width_is_rejected(tmp_path):
     with BottleneckCache(tmp_path, "bb", 5) as cache:
         cache.add([key(1)], rows(1))

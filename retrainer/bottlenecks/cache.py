@@ -145,10 +145,12 @@ class BottleneckCache:
             self._set_aside(path, exc)
             return None
         except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            self._set_aside(path, exc)
+            # Bytes that are no .npz read as a pickle, and numpy's message then suggests
+            # loading them with allow_pickle: no advice to pass on.
+            self._set_aside(path, "not a .npz file" if "allow_pickle" in str(exc) else exc)
             return None
 
-    def _set_aside(self, path: Path, exc: BaseException) -> None:
+    def _set_aside(self, path: Path, exc: BaseException | str) -> None:
         log.warning("bottleneck cache: damaged shard %s (%s); its entries will be "
                     "recomputed", path.name, exc)
         try:
