@@ -168,3 +168,14 @@ def _cli():
     from retrainer.cli import cli
 
     return cli
+
+
+def test_a_sqlite_path_under_a_file_is_a_one_line_error(tmp_path):
+    from retrainer.cli import cli
+
+    (tmp_path / "afile").write_text("x")
+    for db in (tmp_path / "afile" / "x.db", tmp_path / "afile" / "sub" / "x.db"):
+        result = CliRunner().invoke(cli, ["db", "stats", "--db", str(db)])
+        assert result.exit_code == 1, result.output
+        assert "cannot write to the database's folder" in result.output
+        assert "unexpected" not in result.output and "--db PATH" in result.output
