@@ -258,3 +258,22 @@ def test_serve_loads_an_export_that_has_only_its_tflite_model(tmp_path):
     (tmp_path / "model" / "retrained_graph.pb").unlink()
     classifier, info = load_model(ServeConfig(model_dir=str(tmp_path / "model"), runtime="litert"))
     assert classifier.runtime == "litert" and len(info["version"]) == 16
+
+
+def test_json_output_stays_utf8_with_a_file_name_that_is_not(tmp_path):
+    """A non-UTF-8 byte of a file name went to stdout raw: no JSON parser read the line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import COLOURS, make_image, train_tiny_model
+
+    model = train_tiny_model(tmp_path)
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    make_image(Path(name), COLOURS["red"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "retrainer", "label", "--json", "--model-dir",
+                          str(model), name], capture_output=True, env=env, check=True).stdout
+    row = json.loads(out.decode("utf-8"))
+    assert os.fsencode(row["path"]) == os.fsencode(name)
+    assert row["predictions"][0]["label"] == "red"
