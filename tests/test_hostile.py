@@ -277,3 +277,20 @@ def test_json_output_stays_utf8_with_a_file_name_that_is_not(tmp_path):
     row = json.loads(out.decode("utf-8"))
     assert os.fsencode(row["path"]) == os.fsencode(name)
     assert row["predictions"][0]["label"] == "red"
+
+
+def test_a_class_emptied_by_conflicting_duplicates_says_so(tmp_path):
+    """Folders 'Cat' and 'cat' holding the same files: both classes lose every image to the
+    conflicting-duplicates rule, and 'add images to it' was the wrong advice."""
+    import shutil
+
+    from conftest import make_colour_tree, tiny_config
+    from retrainer.errors import DatasetError
+    from retrainer.training import train
+
+    images = make_colour_tree(tmp_path / "images", per_class=4)
+    shutil.copytree(images / "red", images / "Red")
+    with pytest.raises(DatasetError) as err:
+        train(tiny_config(images, tmp_path / "model", tmp_path / "bn"))
+    assert "classes 'Red', 'red' have no usable image once the 8 identical file(s)" in str(err.value)
+    assert "keep_conflicting_duplicates=True" in err.value.hint
