@@ -66,6 +66,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     for path, flag in ((out.output_graph, "--output-graph"), (out.output_labels, "--output-labels")):
         if path:
             check_output_dir(Path(path).parent, flag)
+    if config.summaries_dir:
+        check_output_dir(config.summaries_dir, "--summaries-dir")
     t0 = time.perf_counter()
     helper: list[Any] = []  # the export helper, once the backbone is known (where it helps)
 

@@ -294,3 +294,36 @@ def test_a_class_emptied_by_conflicting_duplicates_says_so(tmp_path):
         train(tiny_config(images, tmp_path / "model", tmp_path / "bn"))
     assert "classes 'Red', 'red' have no usable image once the 8 identical file(s)" in str(err.value)
     assert "keep_conflicting_duplicates=True" in err.value.hint
+
+
+def test_output_paths_under_a_file_fail_at_once_with_one_line(tmp_path):
+    """--summaries-dir under a file was 'unexpected FailedPreconditionError' after the whole
+    extraction; --write-relabel under a file 'unexpected NotADirectoryError' after the audit."""
+    from click.testing import CliRunner
+    from conftest import make_colour_tree
+    from retrainer.cli import cli
+
+    images = str(make_colour_tree(tmp_path / "images", per_class=3))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    common = ["--image-dir", images, "--backbone", TINY, "--bottleneck-dir", str(tmp_path / "bn")]
+    for args, flag in [(["train", *common, "--output-dir", str(tmp_path / "m"), "--head-search",
+                         "off", "--summaries-dir", str(blocker / "logs")], "--summaries-dir"),
+                       (["audit", *common, "--write-relabel", str(blocker / "x.csv")],
+                        "--write-relabel"),
+                       (["audit", *common, "--report", str(blocker / "report")], "--report")]:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert f"cannot write to the folder of {flag}" in result.output, result.output
+        assert "is a file, not a folder" in result.output
+    assert not (tmp_path / "bn").exists()  # refused before any extraction
+
+
+def test_audit_write_relabel_that_cannot_be_written_is_an_error(tmp_path):
+    from retrainer.audit import AuditResult
+    from retrainer.errors import RetrainerError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RetrainerError, match="cannot write the relabel CSV"):
+        AuditResult(label_issues=[], duplicates=[], outliers=[], summary={}).write_relabel(
+            tmp_path / "afile" / "x.csv")

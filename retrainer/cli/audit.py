@@ -1,6 +1,8 @@
 """``retrainer audit``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..config import SourceConfig, TrainConfig
@@ -61,6 +63,12 @@ def audit(as_json: bool, folds: int, near_threshold: float | None,
         raise click.BadParameter("give a name of 1 to 64 characters.",
                                  param_hint="'--write-findings'")
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
+    from ..export import check_output_dir
+
+    if relabel_csv:  # at once, not after the extraction
+        check_output_dir(Path(relabel_csv).parent, "--write-relabel")
+    if report_dir:
+        check_output_dir(report_dir, "--report")
     source = config_group(SourceConfig, options)
     backbone, extraction = backbone_configs(options)
     assert not options, f"options in no config group: {sorted(options)}"
