@@ -22,7 +22,7 @@ import numpy as np
 from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
 from .files import atomic_write, writable_dir
-from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, tflite_model
+from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, output_dim, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
@@ -717,6 +717,16 @@ def export_existing(model_dir: str | Path, formats: tuple[str, ...],
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
         raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
     labels = read_labels(labels_path)
+    try:
+        outputs = output_dim(graph_def)
+    except (ValueError, KeyError) as exc:
+        raise ModelDirError(f"'{graph_path}' has no '{OUTPUT_NAME}' output ({exc}).",
+                            "Use a graph exported by 'retrainer train'.") from None
+    if outputs is not None and outputs != len(labels):
+        raise ModelDirError(f"the model has {outputs} outputs but '{labels_path}' lists "
+                            f"{len(labels)} labels.",
+                            "Restore the labels file the model was exported with (one label "
+                            "per line), or train again.")
     representative = None
     if "int8" in formats:
         representative = _representative_from(image_dir, metadata, graph_def)

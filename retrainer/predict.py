@@ -88,7 +88,9 @@ class Classifier:
         self.metadata = metadata
         if self.runner.output_dim != len(labels):
             raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
-                                f"file lists {len(labels)} labels.")
+                                f"file lists {len(labels)} labels.",
+                                "Restore the labels file the model was exported with (one "
+                                "label per line), or train again.")
         self.input_size = self.runner.input_size
         backbone = metadata.get("backbone")
         self.resize = (backbone.get("resize") if isinstance(backbone, dict) else None) or "bilinear"

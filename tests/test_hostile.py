@@ -327,3 +327,19 @@ def test_audit_write_relabel_that_cannot_be_written_is_an_error(tmp_path):
     with pytest.raises(RetrainerError, match="cannot write the relabel CSV"):
         AuditResult(label_issues=[], duplicates=[], outliers=[], summary={}).write_relabel(
             tmp_path / "afile" / "x.csv")
+
+
+def test_export_refuses_a_labels_file_that_does_not_match_the_model(tmp_path):
+    """label and evaluate refused it; export wrote an ONNX/TFLite model with the wrong labels."""
+    from click.testing import CliRunner
+    from conftest import train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    labels = model / "retrained_labels.txt"
+    labels.write_text(labels.read_text() + "extra\n")
+    result = CliRunner().invoke(cli, ["export", "--model-dir", str(model), "--format", "tflite"])
+    assert result.exit_code == 1, result.output
+    assert "the model has 3 outputs but" in result.output and "lists 4 labels" in result.output
+    assert "Restore the labels file" in result.output
+    assert not (model / "model.tflite").exists()
