@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
-from .files import atomic_write, writable_dir
+from .files import atomic_write, read_regular_file, writable_dir
 from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, output_dim, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
@@ -636,7 +636,8 @@ __all__ = ["check_labels", "DEFAULT_FORMATS", "export_classifier", "export_graph
 
 def read_labels(path: str | Path) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # Universal newlines, as Path.read_text; a FIFO or a device is refused, not waited on.
+        text = read_regular_file(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as exc:
         raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
     except UnicodeDecodeError as exc:
@@ -649,7 +650,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
     hint = "Export the model again, or delete the file to load the graph without it."
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except OSError as exc:
         raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
     except (UnicodeDecodeError, ValueError) as exc:

@@ -343,3 +343,18 @@ def test_export_refuses_a_labels_file_that_does_not_match_the_model(tmp_path):
     assert "the model has 3 outputs but" in result.output and "lists 4 labels" in result.output
     assert "Restore the labels file" in result.output
     assert not (model / "model.tflite").exists()
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks on the FIFO
+def test_a_fifo_as_the_labels_file_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    from conftest import train_tiny_model
+    from retrainer.errors import ModelDirError
+    from retrainer.predict import Classifier
+
+    model = train_tiny_model(tmp_path)
+    (model / "retrained_labels.txt").unlink()
+    os.mkfifo(model / "retrained_labels.txt")
+    with pytest.raises(ModelDirError, match="not a regular file: a FIFO"):
+        Classifier.load(model, runtime="tensorflow")
