@@ -358,3 +358,20 @@ def test_a_fifo_as_the_labels_file_is_an_error_not_a_hang(tmp_path):
     os.mkfifo(model / "retrained_labels.txt")
     with pytest.raises(ModelDirError, match="not a regular file: a FIFO"):
         Classifier.load(model, runtime="tensorflow")
+
+
+def test_with_json_a_failure_is_a_json_document_on_stdout_too(tmp_path):
+    """A script parsing stdout got nothing to parse when the command failed."""
+    from click.testing import CliRunner
+    from conftest import COLOURS, make_image
+    from retrainer.cli import cli
+
+    image = str(make_image(tmp_path / "red.png", COLOURS["red"]))
+    args = ["label", "--model-dir", str(tmp_path / "none"), image]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["exit_code"] == 1 and "no frozen graph" in error["message"]
+    assert error["hint"].startswith("Train a model first")
+    plain = CliRunner().invoke(cli, args)
+    assert plain.exit_code == 1 and plain.stdout == ""
