@@ -10,6 +10,7 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import FolderNotWritable
 
@@ -24,10 +25,10 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("retrainer"))
 
 
-def read_regular_file(path: str | Path) -> bytes:
-    """The bytes of the regular file at ``path``. Anything else named like an image (a FIFO, a
-    device, a folder) raises :class:`OSError` at once, instead of blocking until a writer comes
-    or reading without end."""
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """The regular file at ``path``, open for reading in binary mode. Anything else named like
+    one (a FIFO, a device, a folder) raises :class:`OSError` at once, instead of blocking until
+    a writer comes or reading without end."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         mode = os.fstat(fd).st_mode
@@ -37,10 +38,16 @@ def read_regular_file(path: str | Path) -> bytes:
             raise OSError(errno.EINVAL, f"not a regular file: {kind}", str(path))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            return fh.read()
-    finally:
+        return os.fdopen(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of the regular file at ``path`` (see :func:`open_regular_file`)."""
+    with open_regular_file(path) as fh:
+        return fh.read()
 
 
 def writable_dir(path: str | Path, what: str, hint: str | None = None) -> Path:

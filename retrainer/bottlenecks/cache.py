@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import CacheError, FolderNotWritable
-from ..files import atomic_write, writable_dir
+from ..files import atomic_write, open_regular_file, writable_dir
 
 try:
     import fcntl
@@ -126,7 +126,7 @@ class BottleneckCache:
         """The shard's keys (or bottlenecks); None when it has gone or is damaged (then it is
         set aside). An OSError that says nothing about the content is raised as it is."""
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with open_regular_file(path) as fh, np.load(fh, allow_pickle=False) as npz:
                 keys = npz["keys"]
                 if what == "keys":
                     arr = keys
