@@ -225,6 +225,7 @@ def test_cv_loss_gradient_matches_finite_differences():
     np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-4)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow, on the way there
 def test_weights_that_blow_up_to_nan_are_an_error_not_an_export():
     from retrainer.errors import RetrainerError
 
