@@ -58,11 +58,17 @@ class AuditResult:
 
     def write_relabel(self, path: str | Path) -> int:
         """path,label,suggested_label for every likely mislabel (undecodable name bytes kept)."""
-        with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label", "suggested_label"])
-            for row in self.label_issues:
-                writer.writerow([row["_path"], row["label"], row["suggested_label"]])
+        try:
+            with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+                writer = csv.writer(f)
+                writer.writerow(["path", "label", "suggested_label"])
+                for row in self.label_issues:
+                    writer.writerow([row["_path"], row["label"], row["suggested_label"]])
+        except OSError as exc:
+            raise RetrainerError(f"cannot write the relabel CSV '{path}' "
+                                 f"({exc.strerror or exc}).",
+                                 "Give a file in a folder you can write to "
+                                 "(--write-relabel FILE).") from None
         return len(self.label_issues)
 
     def write_report(self, folder: str | Path) -> Path:

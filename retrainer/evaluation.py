@@ -146,7 +146,7 @@ def write_fitted_images(output_dir: str | Path, keys: Sequence[str]) -> Path:
 def read_fitted_images(folder: str | Path, metadata: dict[str, Any]) -> set[str] | None:
     """The hashes a model's metadata points to; None for a model without them (older, or a
     bare graph)."""
-    entry = metadata.get("training", {}).get("fitted_images")
+    entry = (metadata.get("training") or {}).get("fitted_images")
     if not isinstance(entry, dict) or not entry.get("file"):
         return None
     path = Path(folder) / str(entry["file"])

@@ -21,8 +21,8 @@ import numpy as np
 
 from .config import ExportConfig
 from .errors import DatasetError, FolderNotWritable, ModelDirError, RetrainerError
-from .files import atomic_write, writable_dir
-from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, tflite_model
+from .files import atomic_write, read_regular_file, writable_dir
+from .graph import INPUT_NAME, OUTPUT_NAME, input_shape, output_dim, tflite_model
 from ._tf_internals import import_tensorflow, tflite_schema
 
 log = logging.getLogger(__name__)
@@ -636,7 +636,8 @@ __all__ = ["check_labels", "DEFAULT_FORMATS", "export_classifier", "export_graph
 
 def read_labels(path: str | Path) -> list[str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # Universal newlines, as Path.read_text; a FIFO or a device is refused, not waited on.
+        text = read_regular_file(path).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except OSError as exc:
         raise ModelDirError(f"cannot read labels file '{path}' ({exc.strerror or exc}).") from None
     except UnicodeDecodeError as exc:
@@ -649,14 +650,47 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     """An export's ``metadata.json`` as a dict, or a :class:`ModelDirError` saying what is wrong."""
     hint = "Export the model again, or delete the file to load the graph without it."
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except OSError as exc:
         raise ModelDirError(f"cannot read '{path}' ({exc.strerror or exc}).") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ModelDirError(f"'{path}' is not valid JSON ({exc}).", hint) from None
     if not isinstance(data, dict):
-        raise ModelDirError(f"'{path}' holds a JSON {type(data).__name__}, not an object.", hint)
+        raise ModelDirError(f"'{path}' holds a JSON {_json_type(data)}, not an object.", hint)
+    wrong = _wrongly_typed(data)
+    if wrong:
+        key, want, value = wrong
+        raise ModelDirError(f"'{path}': '{key}' is a JSON {_json_type(value)}, not {want}.", hint)
     return data
+
+
+#: The metadata fields the tool reads, and the JSON type each must have where present.
+_METADATA_TYPES = {("backbone",): dict, ("training",): dict, ("files",): dict, ("input",): dict,
+                   ("output",): dict, ("backbone", "resize"): str, ("backbone", "name"): str,
+                   ("training", "image_source"): str, ("training", "fitted_images"): dict,
+                   ("training", "fitted_images", "file"): str}
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _wrongly_typed(data: dict[str, Any]) -> tuple[str, str, Any] | None:
+    """(dotted key, wanted type, value) of the first metadata field of the wrong type."""
+    want_names = {dict: "an object", str: "a string"}
+    for keys, want in _METADATA_TYPES.items():
+        value: Any = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, want):
+            return ".".join(keys), want_names[want], value
+    files = data.get("files") or {}
+    for key, value in files.items():
+        if not isinstance(value, str):
+            return f"files.{key}", "a string", value
+    return None
 
 
 def export_existing(model_dir: str | Path, formats: tuple[str, ...],
@@ -684,6 +718,16 @@ def export_existing(model_dir: str | Path, formats: tuple[str, ...],
     except Exception as exc:  # noqa: BLE001 - protobuf raises its own kinds
         raise ModelDirError(f"'{graph_path}' is not a frozen TensorFlow graph ({exc}).") from None
     labels = read_labels(labels_path)
+    try:
+        outputs = output_dim(graph_def)
+    except (ValueError, KeyError) as exc:
+        raise ModelDirError(f"'{graph_path}' has no '{OUTPUT_NAME}' output ({exc}).",
+                            "Use a graph exported by 'retrainer train'.") from None
+    if outputs is not None and outputs != len(labels):
+        raise ModelDirError(f"the model has {outputs} outputs but '{labels_path}' lists "
+                            f"{len(labels)} labels.",
+                            "Restore the labels file the model was exported with (one label "
+                            "per line), or train again.")
     representative = None
     if "int8" in formats:
         representative = _representative_from(image_dir, metadata, graph_def)

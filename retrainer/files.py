@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import FolderNotWritable
 
@@ -21,6 +23,31 @@ def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("retrainer"))
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """The regular file at ``path``, open for reading in binary mode. Anything else named like
+    one (a FIFO, a device, a folder) raises :class:`OSError` at once, instead of blocking until
+    a writer comes or reading without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            raise OSError(errno.EINVAL, f"not a regular file: {kind}", str(path))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """The bytes of the regular file at ``path`` (see :func:`open_regular_file`)."""
+    with open_regular_file(path) as fh:
+        return fh.read()
 
 
 def writable_dir(path: str | Path, what: str, hint: str | None = None) -> Path:

@@ -208,6 +208,16 @@ def input_shape(graph_def: Any, name: str) -> list[int | None]:
     raise ValueError(f"the graph has no input node {name!r}")
 
 
+def output_dim(graph_def: Any, name: str = OUTPUT_NAME) -> int | None:
+    """The last dimension of node ``name``'s output (None where the graph does not say)."""
+    tf = import_tensorflow()
+
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        dims = graph.get_tensor_by_name(f"{name}:0").shape.as_list()
+    return dims[-1] if dims else None
+
+
 def tflite_model(graph_def: Any) -> bytes:
     """TFLite of a frozen graph (``input`` -> ``final_result``) with a free batch dimension.
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import HeadConfig
+from .errors import RetrainerError
 from .progress import bar
 from ._tf_internals import import_tensorflow
 
@@ -184,6 +185,12 @@ def train_head(x_train: np.ndarray, y_train: np.ndarray, n_classes: int, cfg: He
     if writer is not None:
         writer.close()
     log.info("kept the weights of epoch %d of %d", best_epoch, len(history))
+    if not (np.isfinite(best[0]).all() and np.isfinite(best[1]).all()):
+        raise RetrainerError(f"the head's weights became nan or infinite while training "
+                             f"(learning_rate={cfg.learning_rate:g}, l2={cfg.l2:g}); nothing "
+                             "was exported.",
+                             f"Train again with a smaller learning rate or L2 penalty (defaults: "
+                             f"{HeadConfig.learning_rate:g} and {HeadConfig.l2:g}).")
     # Fold the standardisation into the layer: ((x - m) / s) @ W + b == x @ (W / s) + (b - (m / s) @ W)
     w_raw = (best[0] / std[:, None]).astype(np.float32)
     b_raw = (best[1] - (mean / std) @ best[0]).astype(np.float32)

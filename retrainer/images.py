@@ -24,6 +24,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .files import read_regular_file
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG covers MPO
 RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -350,7 +351,7 @@ def load_file(path: str | Path, size: tuple[int, int], resize: str = "bilinear")
     """Read and prepare one image file (see :func:`load_pixels`)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except OSError as exc:
         raise ImageError(str(path), f"cannot read ({exc.strerror or exc})") from None
     return load_pixels(data, size, resize, name=str(path))

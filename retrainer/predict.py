@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import ModelDirError
+from .files import read_regular_file
 from .export import (GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE, read_labels,
                      read_metadata)
 from .images import RESAMPLE, load_pixels
@@ -87,7 +88,9 @@ class Classifier:
         self.metadata = metadata
         if self.runner.output_dim != len(labels):
             raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
-                                f"file lists {len(labels)} labels.")
+                                f"file lists {len(labels)} labels.",
+                                "Restore the labels file the model was exported with (one "
+                                "label per line), or train again.")
         self.input_size = self.runner.input_size
         backbone = metadata.get("backbone")
         self.resize = (backbone.get("resize") if isinstance(backbone, dict) else None) or "bilinear"
@@ -224,7 +227,7 @@ class Classifier:
                                       probabilities=scores)
 
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
-        records = [ImageRecord(key=p, label="", read=Path(p).read_bytes, path=p) for p in paths]
+        records = [ImageRecord(key=p, label="", read=functools.partial(read_regular_file, p), path=p) for p in paths]
         return self.label_records(records, **kw)
 
 

@@ -66,6 +66,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> TrainResult:
     for path, flag in ((out.output_graph, "--output-graph"), (out.output_labels, "--output-labels")):
         if path:
             check_output_dir(Path(path).parent, flag)
+    if config.summaries_dir:
+        check_output_dir(config.summaries_dir, "--summaries-dir")
     t0 = time.perf_counter()
     helper: list[Any] = []  # the export helper, once the backbone is known (where it helps)
 
@@ -157,7 +159,8 @@ def _splits(filled: Any) -> dict[str, _Split]:
               if k is not None and k in cache]
     by_split = {s: [(k, r) for k, r in usable if r.split == s]
                 for s in (TRAINING, VALIDATION, TESTING)}
-    _check_classes(dataset.classes, usable, by_split[TRAINING])
+    _check_classes(dataset.classes, usable, by_split[TRAINING],
+                   filled.grouping.excluded if filled.grouping else 0)
     class_index = {label: i for i, label in enumerate(dataset.classes)}
 
     def split(pairs: list[tuple[str, ImageRecord]]) -> _Split:
@@ -385,12 +388,20 @@ def _fine_tune(config: TrainConfig, filled: Any, head: Any, splits: dict[str, _S
 
 
 def _check_classes(classes: list[str], usable: list[tuple[str, ImageRecord]],
-                   training: list[tuple[str, ImageRecord]]) -> None:
+                   training: list[tuple[str, ImageRecord]], excluded: int = 0) -> None:
+    """``excluded``: identical files under two labels left out, which may have emptied one."""
     have = {r.label for _, r in usable}
     empty = [c for c in classes if c not in have]
     if empty:
-        raise DatasetError(f"class {', '.join(repr(c) for c in empty)} has no usable image.",
-                           "Add images to it or remove the folder.")
+        names = ", ".join(repr(c) for c in empty)
+        what = f"class {names} has" if len(empty) == 1 else f"classes {names} have"
+        if excluded:
+            raise DatasetError(
+                f"{what} no usable image once the {excluded} identical file(s) found under "
+                "two labels are left out.",
+                "Keep each file under its right label only, or train with "
+                "keep_conflicting_duplicates=True.")
+        raise DatasetError(f"{what} no usable image.", "Add images to it or remove the folder.")
     untrained = sorted({c for c in classes} - {r.label for _, r in training})
     if untrained:
         raise DatasetError(

@@ -62,6 +62,30 @@ def test_a_damaged_shard_is_set_aside_and_recomputed(tmp_path, caplog):
     assert not shard.exists() and shard.with_suffix(".bad").exists()
 
 
+def test_a_shard_of_random_bytes_is_set_aside_without_numpys_pickle_advice(tmp_path, caplog):
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1)], rows(1))
+    shard = cache.shards()[0]
+    shard.write_bytes(np.random.default_rng(0).bytes(5000))
+    with caplog.at_level(logging.WARNING):
+        assert BottleneckCache(tmp_path, "bb", 5).missing([key(1)]) == [key(1)]
+    assert "damaged shard" in caplog.text and "not a .npz file" in caplog.text
+    assert "allow_pickle" not in caplog.text
+
+
+@pytest.mark.timeout(60, method="thread")  # a regression blocks on the FIFO
+def test_a_fifo_named_like_a_shard_is_set_aside_not_waited_on(tmp_path, caplog):
+    import os
+
+    with BottleneckCache(tmp_path, "bb", 5) as cache:
+        cache.add([key(1)], rows(1))
+    os.mkfifo(cache.dir / "shard-0-fifo.npz")
+    with caplog.at_level(logging.WARNING):
+        assert BottleneckCache(tmp_path, "bb", 5).missing([key(1)]) == []
+    assert "not a regular file: a FIFO" in caplog.text
+    assert (cache.dir / "shard-0-fifo.bad").exists()
+
+
 def test_a_shard_of_the_wrong_width_is_rejected(tmp_path):
     with BottleneckCache(tmp_path, "bb", 5) as cache:
         cache.add([key(1)], rows(1))

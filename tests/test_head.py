@@ -223,3 +223,12 @@ def test_cv_loss_gradient_matches_finite_differences():
                          - problem.loss_grad(theta - eps * e, 0.1)[0]) / (2 * eps)
                         for e in np.eye(len(theta))])
     np.testing.assert_allclose(grad, numeric, rtol=2e-2, atol=2e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's overflow, on the way there
+def test_weights_that_blow_up_to_nan_are_an_error_not_an_export():
+    from retrainer.errors import RetrainerError
+
+    x, y = blobs(20)
+    with pytest.raises(RetrainerError, match="nan or infinite.*l2=1e\\+308"):
+        train_head(x, y, 4, HeadConfig(epochs=3, l2=1e308))

@@ -15,6 +15,8 @@ import pytest
 from retrainer.bottlenecks import cache as cache_mod
 from retrainer.bottlenecks.cache import BottleneckCache
 
+TINY = "tiny_test_backbone"
+
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 8
 
@@ -145,3 +147,231 @@ def test_an_image_replaced_after_hashing_is_never_cached_under_its_old_key(tmp_p
     monkeypatch.setattr(bn, "hash_records", real_hash)
     again = fill(config)  # the next run takes the new content, under its own key
     assert bn.content_key(victim.read_bytes()) in again.cache and not again.skipped
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks in a worker thread
+def test_a_fifo_a_symlink_loop_and_a_folder_named_like_images_are_counted_skips(tmp_path):
+    """A FIFO named x.jpg must not block the run until a writer comes, and a symlink loop must
+    not vanish from the counts: each is a skipped file with its reason."""
+    import os
+
+    from conftest import make_colour_tree
+    from retrainer.bottlenecks.fill import fill
+    from retrainer.config import BackboneConfig, ExtractionConfig, SourceConfig, TrainConfig
+
+    images = make_colour_tree(tmp_path / "images", per_class=3)
+    os.mkfifo(images / "red" / "fifo.jpg")
+    os.symlink("loop2.jpg", images / "red" / "loop1.jpg")
+    os.symlink("loop1.jpg", images / "red" / "loop2.jpg")
+    config = TrainConfig(source=SourceConfig(image_dir=str(images)), backbone=BackboneConfig(TINY),
+                         extraction=ExtractionConfig(bottleneck_dir=str(tmp_path / "bn")))
+    done = fill(config)
+    reasons = {Path(s.name).name: s.reason for s in done.skipped}
+    assert "FIFO" in reasons["fifo.jpg"]
+    assert "symbolic links" in reasons["loop1.jpg"] and "symbolic links" in reasons["loop2.jpg"]
+    assert done.computed == 9
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks in a worker thread
+def test_label_names_a_fifo_or_a_device_as_unreadable_without_blocking(tmp_path):
+    import os
+
+    from click.testing import CliRunner
+    from conftest import COLOURS, make_image, train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    os.mkfifo(tmp_path / "fifo.jpg")
+    good = make_image(tmp_path / "red.png", COLOURS["red"])
+    result = CliRunner().invoke(cli, ["label", "--model-dir", str(model), "--json",
+                                      str(tmp_path / "fifo.jpg"), "/dev/zero", str(good)])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    by_path = {r["path"]: r for r in rows}
+    assert "FIFO" in by_path[str(tmp_path / "fifo.jpg")]["error"]
+    assert "device" in by_path["/dev/zero"]["error"]
+    assert by_path[str(good)]["predictions"][0]["label"] == "red"
+
+
+def test_metadata_fields_of_the_wrong_type_are_one_line_errors(tmp_path):
+    """A hand-edited metadata.json with a string where an object belongs (or a number where a
+    file name belongs) names the field; a null field is as if it were absent."""
+    from click.testing import CliRunner
+    from conftest import train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    images = str(tmp_path / "images")
+    good = str(next((tmp_path / "images").rglob("*.png")))
+    meta = model / "metadata.json"
+    original = json.loads(meta.read_text())
+    commands = [["label", good], ["evaluate", "--image-dir", images],
+                ["export", "--format", "graph"]]
+    for change, field in [(lambda d: d.update(training="x"), "'training' is a JSON string"),
+                          (lambda d: d["backbone"].update(resize={"a": 1}),
+                           "'backbone.resize' is a JSON object"),
+                          (lambda d: d.update(files={"graph": 5}), "'files.graph' is a JSON number"),
+                          (lambda d: d.update(training=None, backbone=None), None)]:
+        data = json.loads(json.dumps(original))
+        change(data)
+        meta.write_text(json.dumps(data))
+        for args in commands:
+            result = CliRunner().invoke(cli, [*args[:1], "--model-dir", str(model), *args[1:]])
+            assert "unexpected" not in result.output, (args, result.output)
+            if field is None:
+                assert result.exit_code == 0, (args, result.output)
+            else:
+                assert result.exit_code == 1 and field in result.output, (args, result.output)
+    from retrainer.serve.server import load_model
+    from retrainer.serve.settings import ServeConfig
+
+    info = load_model(ServeConfig(model_dir=str(model), runtime="tensorflow"))[1]
+    assert info["backbone"] is None and info["training"] == {}
+
+
+@pytest.mark.parametrize("args", [["train", "--image-dir", ".", "--learning-rate", "nan"],
+                                  ["train", "--image-dir", ".", "--dropout", "nan"],
+                                  ["train", "--image-dir", ".", "--l2", "inf"],
+                                  ["label", "--min-confidence", "nan", "x.jpg"],
+                                  ["serve", "--max-body-mb", "inf"],
+                                  ["audit", "--image-dir", ".", "--near-threshold", "nan"]])
+def test_nan_and_infinity_are_refused_by_every_float_option(args):
+    """nan passes click's range checks (every comparison with it is false): it trained a head
+    of nan weights, or labelled every image 'unknown'."""
+    from click.testing import CliRunner
+    from retrainer.cli import cli
+
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "is not a finite number" in result.output, result.output
+
+
+def test_serve_loads_an_export_that_has_only_its_tflite_model(tmp_path):
+    """label runs a folder with model.tflite and no frozen graph on LiteRT; serve did too, then
+    died with 'unexpected FileNotFoundError' hashing the missing graph for its version."""
+    from conftest import make_colour_tree, tiny_config
+    from retrainer.serve.server import load_model
+    from retrainer.serve.settings import ServeConfig
+    from retrainer.training import train
+
+    images = make_colour_tree(tmp_path / "images", per_class=4)
+    train(tiny_config(images, tmp_path / "model", tmp_path / "bn",
+                      export={"formats": ("graph", "tflite")}))
+    (tmp_path / "model" / "retrained_graph.pb").unlink()
+    classifier, info = load_model(ServeConfig(model_dir=str(tmp_path / "model"), runtime="litert"))
+    assert classifier.runtime == "litert" and len(info["version"]) == 16
+
+
+def test_json_output_stays_utf8_with_a_file_name_that_is_not(tmp_path):
+    """A non-UTF-8 byte of a file name went to stdout raw: no JSON parser read the line."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import COLOURS, make_image, train_tiny_model
+
+    model = train_tiny_model(tmp_path)
+    name = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    make_image(Path(name), COLOURS["red"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "retrainer", "label", "--json", "--model-dir",
+                          str(model), name], capture_output=True, env=env, check=True).stdout
+    row = json.loads(out.decode("utf-8"))
+    assert os.fsencode(row["path"]) == os.fsencode(name)
+    assert row["predictions"][0]["label"] == "red"
+
+
+def test_a_class_emptied_by_conflicting_duplicates_says_so(tmp_path):
+    """Folders 'Cat' and 'cat' holding the same files: both classes lose every image to the
+    conflicting-duplicates rule, and 'add images to it' was the wrong advice."""
+    import shutil
+
+    from conftest import make_colour_tree, tiny_config
+    from retrainer.errors import DatasetError
+    from retrainer.training import train
+
+    images = make_colour_tree(tmp_path / "images", per_class=4)
+    shutil.copytree(images / "red", images / "Red")
+    with pytest.raises(DatasetError) as err:
+        train(tiny_config(images, tmp_path / "model", tmp_path / "bn"))
+    assert "classes 'Red', 'red' have no usable image once the 8 identical file(s)" in str(err.value)
+    assert "keep_conflicting_duplicates=True" in err.value.hint
+
+
+def test_output_paths_under_a_file_fail_at_once_with_one_line(tmp_path):
+    """--summaries-dir under a file was 'unexpected FailedPreconditionError' after the whole
+    extraction; --write-relabel under a file 'unexpected NotADirectoryError' after the audit."""
+    from click.testing import CliRunner
+    from conftest import make_colour_tree
+    from retrainer.cli import cli
+
+    images = str(make_colour_tree(tmp_path / "images", per_class=3))
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    common = ["--image-dir", images, "--backbone", TINY, "--bottleneck-dir", str(tmp_path / "bn")]
+    for args, flag in [(["train", *common, "--output-dir", str(tmp_path / "m"), "--head-search",
+                         "off", "--summaries-dir", str(blocker / "logs")], "--summaries-dir"),
+                       (["audit", *common, "--write-relabel", str(blocker / "x.csv")],
+                        "--write-relabel"),
+                       (["audit", *common, "--report", str(blocker / "report")], "--report")]:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert f"cannot write to the folder of {flag}" in result.output, result.output
+        assert "is a file, not a folder" in result.output
+    assert not (tmp_path / "bn").exists()  # refused before any extraction
+
+
+def test_audit_write_relabel_that_cannot_be_written_is_an_error(tmp_path):
+    from retrainer.audit import AuditResult
+    from retrainer.errors import RetrainerError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RetrainerError, match="cannot write the relabel CSV"):
+        AuditResult(label_issues=[], duplicates=[], outliers=[], summary={}).write_relabel(
+            tmp_path / "afile" / "x.csv")
+
+
+def test_export_refuses_a_labels_file_that_does_not_match_the_model(tmp_path):
+    """label and evaluate refused it; export wrote an ONNX/TFLite model with the wrong labels."""
+    from click.testing import CliRunner
+    from conftest import train_tiny_model
+    from retrainer.cli import cli
+
+    model = train_tiny_model(tmp_path)
+    labels = model / "retrained_labels.txt"
+    labels.write_text(labels.read_text() + "extra\n")
+    result = CliRunner().invoke(cli, ["export", "--model-dir", str(model), "--format", "tflite"])
+    assert result.exit_code == 1, result.output
+    assert "the model has 3 outputs but" in result.output and "lists 4 labels" in result.output
+    assert "Restore the labels file" in result.output
+    assert not (model / "model.tflite").exists()
+
+
+@pytest.mark.timeout(120, method="thread")  # a regression blocks on the FIFO
+def test_a_fifo_as_the_labels_file_is_an_error_not_a_hang(tmp_path):
+    import os
+
+    from conftest import train_tiny_model
+    from retrainer.errors import ModelDirError
+    from retrainer.predict import Classifier
+
+    model = train_tiny_model(tmp_path)
+    (model / "retrained_labels.txt").unlink()
+    os.mkfifo(model / "retrained_labels.txt")
+    with pytest.raises(ModelDirError, match="not a regular file: a FIFO"):
+        Classifier.load(model, runtime="tensorflow")
+
+
+def test_with_json_a_failure_is_a_json_document_on_stdout_too(tmp_path):
+    """A script parsing stdout got nothing to parse when the command failed."""
+    from click.testing import CliRunner
+    from conftest import COLOURS, make_image
+    from retrainer.cli import cli
+
+    image = str(make_image(tmp_path / "red.png", COLOURS["red"]))
+    args = ["label", "--model-dir", str(tmp_path / "none"), image]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["exit_code"] == 1 and "no frozen graph" in error["message"]
+    assert error["hint"].startswith("Train a model first")
+    plain = CliRunner().invoke(cli, args)
+    assert plain.exit_code == 1 and plain.stdout == ""

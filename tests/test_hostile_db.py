@@ -168,3 +168,47 @@ def _cli():
     from retrainer.cli import cli
 
     return cli
+
+
+def test_a_sqlite_path_under_a_file_is_a_one_line_error(tmp_path):
+    from retrainer.cli import cli
+
+    (tmp_path / "afile").write_text("x")
+    for db in (tmp_path / "afile" / "x.db", tmp_path / "afile" / "sub" / "x.db"):
+        result = CliRunner().invoke(cli, ["db", "stats", "--db", str(db)])
+        assert result.exit_code == 1, result.output
+        assert "cannot write to the database's folder" in result.output
+        assert "unexpected" not in result.output and "--db PATH" in result.output
+
+
+def test_text_or_numbers_in_the_blob_column_are_counted_skips(tmp_path):
+    """SQLite lets any column hold TEXT or a number; such a row was 'unexpected TypeError' for
+    train, label, evaluate and audit, and a failing classify() in db query."""
+    import sqlite3
+
+    from conftest import tiny_config
+    from retrainer.cli import cli
+    from retrainer.training import train
+
+    db = tmp_path / "images.db"
+    import_folder(str(db), make_colour_tree(tmp_path / "images", per_class=4))
+    with sqlite3.connect(db) as conn:
+        label, role = conn.execute("SELECT label_id, role_id FROM images LIMIT 1").fetchone()
+        for path, value, digest in [("text.jpg", "a text value", "d"), ("int.jpg", 12345, "e")]:
+            conn.execute("INSERT INTO images (label_id, role_id, blob, path, sha256) "
+                         "VALUES (?, ?, ?, ?, ?)", (label, role, value, path, digest * 64))
+    result = train(tiny_config(None, tmp_path / "model", tmp_path / "bn",
+                               source={"db": str(db), "validation_percentage": 0.0}))
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert "its blob is TEXT, not bytes" in reasons["#13 text.jpg"]
+    assert "its blob is an INTEGER, not bytes" in reasons["#14 int.jpg"]
+
+    labelled = CliRunner().invoke(cli, ["label", "--model-dir", str(tmp_path / "model"),
+                                        "--db", str(db), "--json"])
+    assert "unexpected" not in labelled.output, labelled.output
+    query = CliRunner().invoke(cli, ["db", "query", "--db", str(db), "--model-dir",
+                                     str(tmp_path / "model"), "--json",
+                                     "SELECT path, classify(blob) AS label FROM images "
+                                     "WHERE path IN ('text.jpg', 'int.jpg')"])
+    assert query.exit_code == 0, query.output
+    assert "null" in query.stdout and "unexpected" not in query.output

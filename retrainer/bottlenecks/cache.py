@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import CacheError, FolderNotWritable
-from ..files import atomic_write, writable_dir
+from ..files import atomic_write, open_regular_file, writable_dir
 
 try:
     import fcntl
@@ -126,7 +126,7 @@ class BottleneckCache:
         """The shard's keys (or bottlenecks); None when it has gone or is damaged (then it is
         set aside). An OSError that says nothing about the content is raised as it is."""
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with open_regular_file(path) as fh, np.load(fh, allow_pickle=False) as npz:
                 keys = npz["keys"]
                 if what == "keys":
                     arr = keys
@@ -145,10 +145,12 @@ class BottleneckCache:
             self._set_aside(path, exc)
             return None
         except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            self._set_aside(path, exc)
+            # Bytes that are no .npz read as a pickle, and numpy's message then suggests
+            # loading them with allow_pickle: no advice to pass on.
+            self._set_aside(path, "not a .npz file" if "allow_pickle" in str(exc) else exc)
             return None
 
-    def _set_aside(self, path: Path, exc: BaseException) -> None:
+    def _set_aside(self, path: Path, exc: BaseException | str) -> None:
         log.warning("bottleneck cache: damaged shard %s (%s); its entries will be "
                     "recomputed", path.name, exc)
         try:

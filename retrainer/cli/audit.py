@@ -1,11 +1,14 @@
 """``retrainer audit``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..config import SourceConfig, TrainConfig
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_configs, backbone_options, config_group, echo_json, json_option, note
+from .common import (FloatRange, backbone_configs, backbone_options, config_group, echo_json,
+                     json_option, note)
 
 _S = SourceConfig()
 
@@ -19,13 +22,13 @@ _S = SourceConfig()
               help="With --db: which images, e.g. \"label IN ('cat', 'dog')\".")
 @backbone_options
 @click.option("--validation-percentage", default=_S.validation_percentage, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True),
+              type=FloatRange(0, 100, max_open=True),
               help="As in train: the splits shown for duplicate groups.")
 @click.option("--testing-percentage", default=_S.testing_percentage, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True))
+              type=FloatRange(0, 100, max_open=True))
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(min=2),
               help="Cross-validation folds for the out-of-fold probabilities.")
-@click.option("--near-threshold", default=None, type=click.FloatRange(0, 1),
+@click.option("--near-threshold", default=None, type=FloatRange(0, 1),
               help="Cosine similarity above which two images are near-duplicates "
                    "(default: the measured one, see docs/audit.md).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
@@ -61,6 +64,12 @@ def audit(as_json: bool, folds: int, near_threshold: float | None,
         raise click.BadParameter("give a name of 1 to 64 characters.",
                                  param_hint="'--write-findings'")
     check_engine(str(options["engine"]), options.get("spark_master"))  # type: ignore[arg-type]
+    from ..export import check_output_dir
+
+    if relabel_csv:  # at once, not after the extraction
+        check_output_dir(Path(relabel_csv).parent, "--write-relabel")
+    if report_dir:
+        check_output_dir(report_dir, "--report")
     source = config_group(SourceConfig, options)
     backbone, extraction = backbone_configs(options)
     assert not options, f"options in no config group: {sorted(options)}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
 from dataclasses import fields
 from typing import Any, Callable, TypeVar
@@ -11,13 +13,32 @@ import click
 
 from ..config import DEFAULT_MODEL_DIR
 
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses nan and infinity: they pass its comparisons
+    (``nan < 0`` is false) and would train or serve with nonsense."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+                ) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print machine-readable JSON on stdout.")
 
 
+#: A lone surrogate: a byte of a file name that is not UTF-8 (Python's surrogateescape).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def echo_json(data: Any) -> None:
-    """One JSON document (or one JSON Lines row) on stdout."""
-    click.echo(json.dumps(data, ensure_ascii=False, default=_default))
+    """One JSON document (or one JSON Lines row) on stdout, always valid UTF-8: a non-UTF-8
+    byte of a file name is written as its escape (``"caf\\udce9.jpg"``), which Python's
+    ``json.loads`` and ``os.fsencode`` turn back into the name, not as the raw byte."""
+    text = json.dumps(data, ensure_ascii=False, default=_default)
+    click.echo(_SURROGATE.sub(lambda m: f"\\u{ord(m[0]):04x}", text))
 
 
 def _default(obj: Any) -> Any:

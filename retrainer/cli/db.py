@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .common import echo_json, err, json_option, note
+from .common import FloatRange, echo_json, err, json_option, note
 
 db_option = click.option(
     "--db", required=True, envvar="RETRAINER_DB", metavar="URL",
@@ -33,10 +33,10 @@ def db() -> None:
               help="Folder with one sub-folder per class (or train/ val/ test/ folders).")
 @db_option
 @click.option("--validation-percentage", default=10.0, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True),
+              type=FloatRange(0, 100, max_open=True),
               help="Share given the 'validation' role (when the folder has no val/).")
 @click.option("--testing-percentage", default=10.0, show_default=True,
-              type=click.FloatRange(0, 100, max_open=True),
+              type=FloatRange(0, 100, max_open=True),
               help="Share given the 'testing' role (when the folder has no test/).")
 @click.option("--batch-size", default=200, show_default=True, type=click.IntRange(min=1),
               help="Images per INSERT transaction.")

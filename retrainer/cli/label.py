@@ -5,7 +5,8 @@ import click
 
 from ..config import LabelConfig
 from .bottlenecks import engine_options
-from .common import echo_json, err, export_runtime_option, json_option, model_options, note
+from .common import (FloatRange, echo_json, err, export_runtime_option, json_option,
+                     model_options, note)
 
 _L = LabelConfig()
 
@@ -20,7 +21,7 @@ _L = LabelConfig()
 @click.option("--top-k", default=_L.top_k, show_default=True, type=click.IntRange(min=1),
               help="How many labels to show per image.")
 @click.option("--batch-size", default=_L.batch_size, show_default=True, type=click.IntRange(min=1))
-@click.option("--min-confidence", type=click.FloatRange(0, 1), default=_L.min_confidence,
+@click.option("--min-confidence", type=FloatRange(0, 1), default=_L.min_confidence,
               help="Answer 'unknown' when the top score is below this (out-of-domain photos).")
 @export_runtime_option
 @engine_options

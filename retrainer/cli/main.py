@@ -81,6 +81,8 @@ class LazyGroup(click.Group):
         return with_global_options(getattr(importlib.import_module(module), attr))
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        options = args[: args.index("--")] if "--" in args else args
+        ctx.meta[JSON_ERRORS] = "--json" in options
         name = args[0] if args else ""
         if name and not name.startswith("-") and name not in COMMANDS:
             import difflib
@@ -97,9 +99,12 @@ class LazyGroup(click.Group):
             if _debug(ctx):
                 traceback.print_exc()
             flags = self._flags(ctx)
-            click.echo(f"Error: {as_flags(exc.message, flags)}", err=True)
-            if exc.hint:
-                click.echo(as_flags(exc.hint, flags), err=True)
+            message = as_flags(exc.message, flags)
+            hint = as_flags(exc.hint, flags) if exc.hint else None
+            click.echo(f"Error: {message}", err=True)
+            if hint:
+                click.echo(hint, err=True)
+            _json_error(ctx, message, hint, exc.exit_code)
             ctx.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -115,9 +120,25 @@ class LazyGroup(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if _debug(ctx):
                 raise
-            click.echo(f"Error: unexpected {type(exc).__name__}: {exc}", err=True)
-            click.echo("Run again with --debug for the traceback, and please report it.", err=True)
+            message = f"unexpected {type(exc).__name__}: {exc}"
+            hint = "Run again with --debug for the traceback, and please report it."
+            click.echo(f"Error: {message}", err=True)
+            click.echo(hint, err=True)
+            _json_error(ctx, message, hint, 1)
             ctx.exit(1)
+
+
+#: ``ctx.meta`` key: the command line asks for --json, so a failure is a JSON document too.
+JSON_ERRORS = "retrainer.json_errors"
+
+
+def _json_error(ctx: click.Context, message: str, hint: str | None, exit_code: int) -> None:
+    """With --json, stdout gets ``{"error": {...}}`` (one more row for JSON Lines commands), so a
+    script parsing stdout reads why the command failed instead of nothing."""
+    if ctx.meta.get(JSON_ERRORS):
+        from .common import echo_json
+
+        echo_json({"error": {"message": message, "hint": hint, "exit_code": exit_code}})
 
 
 def _late_flag(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

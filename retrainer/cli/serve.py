@@ -5,7 +5,7 @@ import click
 
 from ..serve.auth import API_KEY_ENV
 from ..serve.settings import ServeConfig
-from .common import echo_json, err, export_runtime_option, json_option, model_options
+from .common import FloatRange, echo_json, err, export_runtime_option, json_option, model_options
 
 _S = ServeConfig()
 
@@ -23,13 +23,13 @@ _S = ServeConfig()
               type=click.IntRange(min=1),
               help="Most images per forward pass; 1 turns micro-batching off.")
 @click.option("--max-wait-ms", default=_S.max_wait_ms, show_default=True,
-              type=click.FloatRange(min=0),
+              type=FloatRange(min=0),
               help="Longest wait for requests still decoding to join a forward pass "
                    "(a lone request never waits).")
 @click.option("--max-queue", default=_S.max_queue, show_default=True, type=click.IntRange(min=1),
               help="Images waiting for the model beyond this get 503.")
 @click.option("--max-body-mb", default=_S.max_body_bytes / 2**20, show_default=True,
-              type=click.FloatRange(min=0, min_open=True), help="Largest request body, in MiB.")
+              type=FloatRange(min=0, min_open=True), help="Largest request body, in MiB.")
 @click.option("--max-pixels", default=_S.max_pixels, show_default=True,
               type=click.IntRange(min=1),
               help="Largest image (width x height), checked before decoding.")
@@ -41,14 +41,14 @@ _S = ServeConfig()
               type=click.IntRange(min=1),
               help="Open connections beyond this are answered 503 at once.")
 @click.option("--header-timeout", default=_S.header_timeout, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
+              type=FloatRange(min=0, min_open=True),
               help="Seconds a client gets to send a request's headers; a slower one, or a "
                    "new connection that sends nothing, is disconnected.")
 @click.option("--body-timeout", default=_S.body_timeout, show_default=True,
-              type=click.FloatRange(min=0, min_open=True),
+              type=FloatRange(min=0, min_open=True),
               help="Seconds a client gets to send a request's body after its headers.")
 @click.option("--graceful-timeout", default=_S.graceful_timeout, show_default=True,
-              type=click.FloatRange(min=0),
+              type=FloatRange(min=0),
               help="Seconds in-flight requests get to finish after SIGTERM.")
 @json_option
 @export_runtime_option

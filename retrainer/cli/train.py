@@ -6,7 +6,8 @@ import click
 from ..config import (AugmentConfig, ExportConfig, FineTuneConfig, HeadConfig, SourceConfig,
                       TrainConfig)
 from .bottlenecks import check_engine, engine_options
-from .common import backbone_configs, backbone_options, config_group, echo_json, json_option
+from .common import (FloatRange, backbone_configs, backbone_options, config_group, echo_json,
+                     json_option)
 from .export import FORMAT_NAMES, parse_formats
 
 _S = SourceConfig()
@@ -43,7 +44,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
                    "Adam fit with early stopping on the validation split (implied by the Adam "
                    "options --learning-rate, --epochs, --steps, --batch-size, --dropout, --l2, "
                    "--label-smoothing, --patience).")
-@click.option("--learning-rate", default=_H.learning_rate, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--learning-rate", default=_H.learning_rate, show_default=True, type=FloatRange(min=0, min_open=True))
 @click.option("--epochs", default=_H.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="Training steps (batches) instead of --epochs.")
@@ -62,29 +63,29 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--keep-conflicting-duplicates", is_flag=True,
               help="Train and evaluate on identical files found under two labels too "
                    "(default: left out, counted).")
-@click.option("--dropout", default=_H.dropout, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+@click.option("--dropout", default=_H.dropout, show_default=True, type=FloatRange(0, 1, max_open=True),
               help="Dropout on the bottleneck while training the head.")
-@click.option("--l2", default=_H.l2, show_default=True, type=click.FloatRange(min=0),
+@click.option("--l2", default=_H.l2, show_default=True, type=FloatRange(min=0),
               help="L2 penalty on the head's weights.")
 @click.option("--label-smoothing", default=_H.label_smoothing, show_default=True,
-              type=click.FloatRange(0, 1, max_open=True))
+              type=FloatRange(0, 1, max_open=True))
 @click.option("--patience", default=_H.patience, show_default=True, type=click.IntRange(min=0),
               help="Stop after this many epochs without a better validation loss (0: never).")
 @click.option("--class-weight", default=_H.class_weight, show_default=True,
               type=click.Choice(["balanced", "none"]),
               help="'balanced' weighs each class's loss by its rarity.")
-@click.option("--assert-accuracy-at-least", type=click.FloatRange(0, 1), default=None,
+@click.option("--assert-accuracy-at-least", type=FloatRange(0, 1), default=None,
               help="Fail (exit 3) and export nothing if the test (or validation) accuracy is "
                    "below this, e.g. 0.9.")
 @click.option("--summaries-dir", type=click.Path(file_okay=False), default=None,
               help="Write TensorBoard logs of the head training here.")
 @click.option("--flip-left-right", is_flag=True,
               help="Augment: mirror half of the variants horizontally.")
-@click.option("--random-crop", default=_A.random_crop, type=click.FloatRange(0, 100),
+@click.option("--random-crop", default=_A.random_crop, type=FloatRange(0, 100),
               help="Augment: percentage of margin cropped away at random.")
-@click.option("--random-scale", default=_A.random_scale, type=click.FloatRange(0, 100),
+@click.option("--random-scale", default=_A.random_scale, type=FloatRange(0, 100),
               help="Augment: percentage the image is enlarged by at most before cropping.")
-@click.option("--random-brightness", default=_A.random_brightness, type=click.FloatRange(0, 100),
+@click.option("--random-brightness", default=_A.random_brightness, type=FloatRange(0, 100),
               help="Augment: percentage the brightness is changed by at most.")
 @click.option("--augment-variants", default=_A.variants, show_default=True,
               type=click.IntRange(min=1),
@@ -97,7 +98,7 @@ def _percentage(ctx: click.Context, param: click.Parameter, value: float) -> flo
 @click.option("--fine-tune-epochs", default=_F.epochs, show_default=True,
               type=click.IntRange(min=1))
 @click.option("--fine-tune-learning-rate", default=_F.learning_rate, show_default=True,
-              type=click.FloatRange(min=0, min_open=True))
+              type=FloatRange(min=0, min_open=True))
 @engine_options
 @json_option
 @click.pass_context

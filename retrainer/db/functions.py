@@ -47,8 +47,8 @@ def register_classify(sqlite_conn: Any, classifier: Any) -> OrderedDict:
     memo: OrderedDict[bytes, tuple[str, float] | None] = OrderedDict()
 
     def top(blob: Any) -> tuple[str, float] | None:
-        if blob is None:
-            return None
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
+            return None  # NULL, or TEXT / a number in the blob column: not an image
         data = bytes(blob)
         key = hashlib.sha256(data).digest()
         if key in memo:

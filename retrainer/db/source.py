@@ -23,13 +23,15 @@ class BlobFetcher:
         self.order = list(order)
         self.position = {image_id: i for i, image_id in enumerate(self.order)}
         self.batch = max(1, batch)
-        self.ready: OrderedDict[int, bytes] = OrderedDict()
+        self.ready: OrderedDict[int, bytes | OSError] = OrderedDict()
         self.lock = threading.Lock()
         self.queries = 0
 
     def read(self, image_id: int) -> bytes:
         with self.lock:
             data = self.ready.pop(image_id, None)
+            if isinstance(data, OSError):
+                raise data
             if data is not None:
                 return data
             start = self.position.get(image_id, None)
@@ -41,9 +43,11 @@ class BlobFetcher:
                 self.ready.popitem(last=False)
         if data is None:
             raise OSError(f"image {image_id} is no longer in the database")
+        if isinstance(data, OSError):
+            raise data
         return data
 
-    def _fetch(self, ids: list[int]) -> dict[int, bytes]:
+    def _fetch(self, ids: list[int]) -> dict[int, bytes | OSError]:
         from sqlalchemy import select
 
         from .schema import images
@@ -52,10 +56,19 @@ class BlobFetcher:
         self.queries += 1
         with errors(self.engine, "reading images"), self.engine.connect() as conn:
             rows = conn.execute(select(images.c.id, images.c.blob).where(images.c.id.in_(ids)))
-            return {int(i): bytes(b) for i, b in rows}
+            return {int(i): _blob_bytes(b) for i, b in rows}
 
     def reader(self, image_id: int):
         return lambda: self.read(image_id)
+
+
+def _blob_bytes(value: Any) -> bytes | OSError:
+    """A BLOB's bytes; for a NULL, or the TEXT or number SQLite lets any column hold, the
+    error reading it raises."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    kinds = {type(None): "NULL", str: "TEXT", int: "an INTEGER", float: "a REAL"}
+    return OSError(f"its blob is {kinds.get(type(value), type(value).__name__)}, not bytes")
 
 
 def display_name(image_id: int, path: str | None) -> str:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import RetrainerError
+from ..errors import FolderNotWritable, RetrainerError
 
 PASSWORD_ENV = "RETRAINER_DB_PASSWORD"
 #: Drivers used when a URL names only the database kind.
@@ -97,7 +97,15 @@ def connect(value: Any, create: bool = True) -> Any:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if url.get_backend_name() == "sqlite":
             if url.database and url.database != ":memory:" and create:
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+                folder = Path(url.database).parent
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:  # a file in the way, or no permission
+                    reason = ("a file is in the way" if isinstance(exc, FileExistsError)
+                              else exc.strerror or str(exc))
+                    raise FolderNotWritable(folder, "database's folder", reason,
+                                            "Give a SQLite file in a folder you can write to "
+                                            "(db=PATH).") from None
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         elif url.get_backend_name() in ("mysql", "mariadb"):
             kwargs["pool_recycle"] = 3600

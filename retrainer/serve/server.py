@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelDirError, RetrainerError
-from ..export import GRAPH_FILE
+from ..export import GRAPH_FILE, TFLITE_FILE
 from .auth import is_loopback
 from .settings import ServeConfig
 
@@ -56,15 +56,21 @@ def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
                                  graph=config.graph, labels=config.labels,
                                  runtime=config.runtime)
     graph_path = Path(config.graph) if config.graph else Path(config.model_dir) / GRAPH_FILE
-    digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
+    if not config.graph and not graph_path.is_file():  # a folder with model.tflite only
+        graph_path = Path(config.model_dir) / TFLITE_FILE
+    try:
+        digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ModelDirError(f"cannot read '{graph_path}' ({exc.strerror or exc}).",
+                            "Check the model folder (model_dir=DIR).") from None
     meta = classifier.metadata
     name = (Path(config.model_dir).resolve().name if not config.graph
             else graph_path.stem)
-    training = {k: v for k, v in meta.get("training", {}).items() if k != "image_source"}
+    training = {k: v for k, v in (meta.get("training") or {}).items() if k != "image_source"}
     info: dict[str, Any] = {
         "name": name,
         "version": digest[:16],
-        "backbone": meta.get("backbone", {}).get("name"),
+        "backbone": (meta.get("backbone") or {}).get("name"),
         "input_size": list(classifier.input_size),
         "resize": classifier.resize,
         "labels": list(classifier.labels),

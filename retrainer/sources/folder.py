@@ -1,6 +1,7 @@
 """A folder with one sub-folder per class (or train/ val/ test/ folders holding those)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ from typing import Iterable
 
 from ..config import DEFAULT_MODEL_DIR
 from ..errors import DatasetError
+from ..files import read_regular_file
 from .base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord
 
 #: Top-level folder names that define the split themselves.
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def _reader(path: Path):
-    return path.read_bytes
+    return functools.partial(read_regular_file, path)
 
 
 def _walk_files(folder: Path, exclude: set[Path], walk: "_Walk") -> Iterable[Path]:
@@ -44,7 +46,8 @@ def _walk_files(folder: Path, exclude: set[Path], walk: "_Walk") -> Iterable[Pat
         path = folder / entry.name
         try:
             is_dir = entry.is_dir()  # follows links
-        except OSError:
+        except OSError:  # a symlink loop: reported as unreadable when it is read
+            yield path
             continue
         if is_dir:
             if entry.name not in OWN_DIRS:
