@@ -298,7 +298,7 @@ def evaluate_folder(image_dir: str, model_dir: str | None = DEFAULT_MODEL_DIR,
     from .sources.base import TESTING, VALIDATION
     from .sources.folder import scan_folder
 
-    dataset = scan_folder(image_dir)
+    dataset = scan_folder(image_dir, min_classes=1)  # one class's photos can be scored too
     records = dataset.records
     if any(r.split for r in records):
         wanted = TESTING if any(r.split == TESTING for r in records) else VALIDATION

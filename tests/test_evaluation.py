@@ -220,6 +220,22 @@ def test_evaluate_leaves_out_fitted_images_by_content_and_keeps_the_training_rep
     assert data["outputs"]["report"].endswith("evaluation-copies.json")
     assert "left out 18 of 19 images" in fresh.stderr
 
+    reds = tmp_path / "reds"  # new photos of one class only: scored, not refused
+    for i in range(2):
+        make_image(reds / "red" / f"new{i}.png", COLOURS["red"], seed=900 + i)
+    one = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(reds), "--model-dir", str(out),
+                                   "--json"])
+    assert one.exit_code == 0, one.output
+    data = json.loads(one.stdout)
+    assert data["n"] == 2 and data["per_class"]["red"]["support"] == 2
+    assert data["accuracy"] == 1.0
+    assert data["macro"]["recall"] == 1.0  # the classes not scored are not in the average
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(empty), "--model-dir",
+                                    str(out)])
+    assert none.exit_code == 1 and "need at least 1 class folder" in none.output
+
     nothing = CliRunner().invoke(cli, ["evaluate", "--image-dir", str(root), "--model-dir",
                                        str(out)])
     assert nothing.exit_code == 1 and "Traceback" not in nothing.output

@@ -116,10 +116,12 @@ def _split_layout(root: Path, exclude: set[Path]) -> dict[str, Path] | None:
     return None
 
 
-def scan_folder(image_dir: str | Path, exclude: Iterable[str | Path] = ()) -> Dataset:
+def scan_folder(image_dir: str | Path, exclude: Iterable[str | Path] = (),
+                min_classes: int = 2) -> Dataset:
     """List the labelled images below ``image_dir``. Decoding happens later, during extraction.
 
-    Raises :class:`DatasetError` when the folder cannot define at least two classes.
+    Raises :class:`DatasetError` when the folder has fewer than ``min_classes`` class folders
+    (training needs two; scoring a model on one class's photos needs one).
     """
     root = Path(image_dir)
     if not root.is_dir():
@@ -145,11 +147,12 @@ def scan_folder(image_dir: str | Path, exclude: Iterable[str | Path] = ()) -> Da
         log.warning("folder walk: %d linked folder(s) not followed (already walked, a loop, or "
                     "another class's), %d file(s) reached twice counted once",
                     walk.links_skipped, walk.repeated_files)
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         loose = sum(1 for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
         where = f" ({loose} loose files)" if loose else ""
+        folders = "class folder" if min_classes == 1 else "class folders"
         raise DatasetError(
-            f"need at least 2 class folders in '{image_dir}', found {len(classes)}{where}.",
+            f"need at least {min_classes} {folders} in '{image_dir}', found {len(classes)}{where}.",
             "Put each class in its own subfolder: DIR/cats/*.jpg, DIR/dogs/*.jpg.",
         )
     return Dataset(classes=sorted(classes), records=records, root=str(root))
