@@ -346,9 +346,10 @@ def evaluate_records(records: Sequence[Any], model_dir: str | None = DEFAULT_MOD
                     f"all {len(records)} images were used to fit this model; nothing is left "
                     "to evaluate.",
                     "Evaluate on images it has not seen (e.g. a test/ folder), or score them "
-                    "anyway (optimistic): --include-training-images (include_fitted=True).")
+                    "anyway (optimistic): include_fitted=True.")
             log.warning("left out %d of %d images: the model was fitted on them "
-                        "(--include-training-images, include_fitted=True, scores them too)", n_fitted, len(records))
+                        "(--include-training-images, include_fitted=True in Python, scores "
+                        "them too)", n_fitted, len(records))
             records = kept
         elif n_fitted:
             log.warning("%d of %d images were used to fit this model: the accuracy is "

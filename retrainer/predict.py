@@ -126,8 +126,13 @@ class Classifier:
         base = Path(model_dir) if model_dir else None
         graph_path = Path(graph) if graph else (base / GRAPH_FILE if base else None)
         labels_path = Path(labels) if labels else (base / LABELS_FILE if base else None)
+        if labels_path is None and graph_path is not None:  # the labels written beside it
+            beside = graph_path.with_name(LABELS_FILE)
+            labels_path = beside if beside.is_file() else None
         if graph_path is None or labels_path is None:
-            raise ModelDirError("give a model folder, or both a graph and a labels file.")
+            raise ModelDirError("give a model folder, or both a graph and a labels file.",
+                                f"Pass labels=FILE too: there is no {LABELS_FILE} beside "
+                                "the graph.")
         tflite_path = base / TFLITE_FILE if base and not graph else None
         has_tflite = tflite_path is not None and tflite_path.is_file()
         if runtime == "auto":

@@ -132,6 +132,13 @@ def test_quiet_label_prints_the_labels_and_no_summary(colour_tree, tmp_path):
     assert loud.exit_code == quiet.exit_code == 0
     assert "labelled 1 image(s), 0 failed" in loud.stderr
     assert quiet.stderr == "" and quiet.stdout == loud.stdout
+    # --graph alone: the labels written beside it; a graph with none beside it: say what to pass
+    graph = run("label", "--graph", str(out / "retrained_graph.pb"), str(probe))
+    assert graph.exit_code == 0 and graph.stdout == loud.stdout
+    lonely = tmp_path / "lonely.pb"
+    lonely.write_bytes((out / "retrained_graph.pb").read_bytes())
+    alone = run("label", "--graph", str(lonely), str(probe))
+    assert alone.exit_code == 1 and "Pass --labels FILE too" in alone.stderr
 
 
 def test_label_with_no_model_says_how_to_get_one(tmp_path):

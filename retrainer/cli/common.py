@@ -50,7 +50,8 @@ def _default(obj: Any) -> Any:
 def model_options(fn: Callable) -> Callable:
     """--model-dir, --graph, --labels: where an export is read from."""
     fn = click.option("--labels", type=click.Path(dir_okay=False),
-                      help="Labels file (with --graph; default: the model dir's).")(fn)
+                      help="Labels file (with --graph; default: the model dir's, or the "
+                           "retrained_labels.txt beside the graph).")(fn)
     fn = click.option("--graph", type=click.Path(dir_okay=False),
                       help="A frozen graph file instead of --model-dir.")(fn)
     fn = click.option("--model-dir", default=DEFAULT_MODEL_DIR, show_default=True,

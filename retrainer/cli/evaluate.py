@@ -23,7 +23,7 @@ from .common import echo_json, err, export_runtime_option, json_option, model_op
                    "is never overwritten).")
 @click.option("--name", "report_name", default=None,
               help="NAME in those file names (default: the image folder's name, or 'db').")
-@click.option("--include-training-images", is_flag=True,
+@click.option("--include-training-images", "include_fitted", is_flag=True,
               help="Also score the images the model was fitted on (left out by default, found "
                    "by content); the accuracy is then optimistic.")
 @click.option("--print-misclassified", is_flag=True, help="List the images the model gets wrong.")
@@ -32,7 +32,7 @@ from .common import echo_json, err, export_runtime_option, json_option, model_op
 def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | None,
              batch_size: int, output_dir: str | None, print_misclassified: bool,
              as_json: bool, db: str | None = None, where: str | None = None,
-             report_name: str | None = None, include_training_images: bool = False,
+             report_name: str | None = None, include_fitted: bool = False,
              runtime: str = "auto") -> None:
     """Accuracy, precision / recall / F1, ROC AUC and the confusion matrix on labelled images.
 
@@ -51,11 +51,11 @@ def evaluate(image_dir: str, model_dir: str, graph: str | None, labels: str | No
         records = scan_database(db, where=where, min_classes=1).records
         report = evaluate_records(records, model_dir if not graph else None, graph=graph,
                                   labels=labels, batch_size=batch_size,
-                                  include_fitted=include_training_images, runtime=runtime)
+                                  include_fitted=include_fitted, runtime=runtime)
     else:
         report = evaluate_folder(image_dir, model_dir if not graph else None, graph=graph,
                                  labels=labels, batch_size=batch_size,
-                                 include_fitted=include_training_images, runtime=runtime)
+                                 include_fitted=include_fitted, runtime=runtime)
     out = output_dir or (str(Path(graph).parent) if graph else model_dir)
     name = evaluation_name(report_name or ("db" if db else Path(image_dir).resolve().name))
     try:
