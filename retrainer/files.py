@@ -25,6 +25,18 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("retrainer"))
 
 
+def not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read ("does not exist", "is a folder", ...), or
+    None when it is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return "does not exist" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    return "is a folder, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+
+
 def open_regular_file(path: str | Path) -> BinaryIO:
     """The regular file at ``path``, open for reading in binary mode. Anything else named like
     one (a FIFO, a device, a folder) raises :class:`OSError` at once, instead of blocking until

@@ -116,3 +116,23 @@ def test_keras_file_with_code_is_refused(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "Error: " in result.output and "holds Python code" in result.output
     assert not marker.exists()
+
+
+def test_weights_and_model_files_that_are_folders_or_junk_say_what_they_are(tmp_path):
+    from retrainer.backbones.efficientnet_lite import build
+    from retrainer.backbones.keras_file import spec_for_file
+    from retrainer.backbones.registry import get_spec
+
+    folder = tmp_path / "weights.pth"
+    folder.mkdir()
+    with pytest.raises(WeightsUnavailable, match=r"weights\.pth is a folder, not a file"):
+        build(get_spec("efficientnet_lite0"), str(folder))
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        build(get_spec("efficientnet_lite0"), str(tmp_path / "missing.pth"))
+    junk = tmp_path / "junk.keras"
+    junk.write_bytes(os.urandom(512))
+    with pytest.raises(WeightsUnavailable, match=r"is not a Keras model file") as info:
+        spec_for_file(junk)
+    assert "model.save('NAME.keras')" in (info.value.hint or "")
+    with pytest.raises(WeightsUnavailable, match="is a folder, not a file"):
+        spec_for_file(folder)

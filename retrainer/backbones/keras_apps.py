@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightsUnavailable
+from ..files import not_a_file
 from .registry import BackboneSpec, WeightsSource, normalisation_layer, register, spec_for_mode
 
 
@@ -33,8 +34,8 @@ def build(spec: Any, weights: str | None) -> Any:
     elif weights == "random":
         source = None
     else:
-        if not os.path.isfile(weights):
-            raise WeightsUnavailable(f"weights file '{weights}' does not exist.",
+        if why := not_a_file(weights):
+            raise WeightsUnavailable(f"weights file '{weights}' {why}.",
                                      f"Pass the file keras.applications uses: {spec.source.file}.")
         source = weights
     height, width = spec.input_size

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import WeightsUnavailable
+from ..files import not_a_file
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,11 @@ def _load(path: str | Path, feature_layer: str | None = None) -> tuple[Any, str]
     import keras
 
     path = Path(path)
-    if not path.is_file():
-        raise WeightsUnavailable(f"model file '{path}' does not exist.")
+    if why := not_a_file(path):
+        raise WeightsUnavailable(f"model file '{path}' {why}.")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):
+        raise WeightsUnavailable(f"'{path}' is not a Keras model file (a .keras file is a zip "
+                                 "archive).", "Save the model with model.save('NAME.keras').")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - many failure kinds for a bad file
