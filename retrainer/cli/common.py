@@ -13,6 +13,7 @@ import click
 
 from ..config import DEFAULT_MODEL_DIR
 
+
 class FloatRange(click.FloatRange):
     """``click.FloatRange`` that also refuses nan and infinity: they pass its comparisons
     (``nan < 0`` is false) and would train or serve with nonsense."""
