@@ -112,7 +112,30 @@ class Classifier:
         frozen graph on TensorFlow. ``tensorflow``, ``litert``, ``openvino`` (reads the frozen
         graph itself, no TensorFlow import) or ``onnxruntime`` (the graph converted by tf2onnx
         once, kept in the cache dir) force one.
+
+        A folder that an export replaces meanwhile is loaded again, so the graph, labels and
+        metadata are always one model's (the old or the new), never a mix.
         """
+        base = Path(model_dir) if model_dir else None
+        if base is None or graph or labels:
+            return cls._load(model_dir, graph, labels, runtime)
+        for _ in range(MODEL_LOAD_ATTEMPTS):
+            before = _model_identity(base)
+            try:
+                loaded = cls._load(model_dir, graph, labels, runtime)
+            except (ModelDirError, OSError):
+                if _model_identity(base) == before:
+                    raise
+                continue  # read while an export replaced it
+            if _model_identity(base) == before:
+                return loaded
+        raise ModelDirError(f"the model folder '{base}' was replaced {MODEL_LOAD_ATTEMPTS} times "
+                            "while it was being loaded.",
+                            "Load it when the exports writing to it have finished.")
+
+    @classmethod
+    def _load(cls, model_dir: str | Path | None, graph: str | None, labels: str | None,
+              runtime: str) -> "Classifier":
         from .runner import RUNTIMES
         from .runtimes import RuntimeNotInstalled, check_runtime, installed
 
@@ -226,6 +249,21 @@ class Classifier:
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
         records = [ImageRecord(key=p, label="", read=Path(p).read_bytes, path=p) for p in paths]
         return self.label_records(records, **kw)
+
+
+#: How many times :meth:`Classifier.load` reads a model folder that exports keep replacing.
+MODEL_LOAD_ATTEMPTS = 5
+
+
+def _model_identity(folder: Path) -> tuple[int, ...] | None:
+    """What changes when an export replaces the model in ``folder``: the folder itself (a new
+    one takes its place) or, where the files are renamed in one by one, ``metadata.json``
+    (renamed in last)."""
+    try:
+        d, m = os.stat(folder), os.stat(folder / METADATA_FILE)
+    except OSError:
+        return None
+    return d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size
 
 
 def _export_runner(runtime: str, path: Path) -> Any:

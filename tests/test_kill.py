@@ -115,3 +115,64 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bn", "images", "model", "stuck.py"]
     assert json.loads((out / "metadata.json").read_text())["labels"] == \
         (out / "retrained_labels.txt").read_text().splitlines()
+
+
+# Exports two models in turn (3 and 2 classes) to one folder for a few seconds.
+ALTERNATE_EXPORTS = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv[1])
+    import numpy as np
+    import conftest
+    from retrainer.backbones.factory import create_backbone
+    from retrainer.export import export_graph
+    from retrainer.graph import compose, dense_softmax_graph, freeze
+
+    next(conftest.registered_backbone(conftest.TINY, 32, 3, conftest.tiny_builder))
+    backbone = freeze(create_backbone(conftest.TINY).model)
+    models = []
+    for n in (3, 2):
+        kernel = np.random.default_rng(n).normal(size=(3, n)).astype(np.float32)
+        models.append((compose(backbone, dense_softmax_graph(kernel, np.zeros(n, np.float32))),
+                       [f"class{i}" for i in range(n)]))
+    export_graph(*models[0], {"classes": 3}, sys.argv[2], formats=("graph", "tflite"))
+    print("ready", flush=True)
+    end, i = time.monotonic() + float(sys.argv[3]), 1
+    while time.monotonic() < end:
+        graph, labels = models[i % 2]
+        export_graph(graph, labels, {"classes": len(labels)}, sys.argv[2],
+                     formats=("graph", "tflite"))
+        i += 1
+    print(i, flush=True)
+""")
+
+
+def test_a_model_loaded_while_exports_replace_it_is_one_whole_model(tmp_path):
+    """label/serve/evaluate load the metadata, the graph and the labels one after the other:
+    an export replacing the folder in between gave a mix ('the model has 3 outputs but the
+    labels file lists 2 labels', or another model's metadata)."""
+    import numpy as np
+
+    from retrainer.predict import Classifier
+
+    script, out = tmp_path / "exports.py", tmp_path / "model"
+    script.write_text(ALTERNATE_EXPORTS)
+    proc = subprocess.Popen([sys.executable, str(script), str(TESTS), str(out), "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+        loads, mixed = 0, []
+        while proc.poll() is None:
+            try:
+                model = Classifier.load(out)
+                classes = model.predict(np.zeros((1, 32, 32, 3), np.float32)).shape[1]
+                if not classes == len(model.labels) == model.metadata["classes"]:
+                    mixed.append("metadata of another model")
+            except Exception as exc:  # noqa: BLE001 - every failure is counted
+                mixed.append(str(exc))
+            loads += 1
+        exports = int(proc.stdout.read().split()[-1])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert exports > 20 and loads > 100, (exports, loads)
+    assert mixed == [], f"{len(mixed)} of {loads} loads: {sorted(set(mixed))[:3]}"
