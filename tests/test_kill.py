@@ -176,3 +176,23 @@ def test_a_model_loaded_while_exports_replace_it_is_one_whole_model(tmp_path):
         proc.wait()
     assert exports > 20 and loads > 100, (exports, loads)
     assert mixed == [], f"{len(mixed)} of {loads} loads: {sorted(set(mixed))[:3]}"
+
+
+def test_a_relabel_list_is_written_whole_or_not_at_all(tmp_path):
+    """The list was written row by row into the file itself: stopped half-way (here: a row it
+    cannot write) it left the first rows only, a list that looks complete, in place of the
+    previous one."""
+    from retrainer.audit import AuditResult
+
+    rows = [{"_path": f"cats/{i}.jpg", "label": "cats", "suggested_label": "dogs"}
+            for i in range(3)]
+    done = AuditResult(rows, [], [], {})
+    fix = tmp_path / "fix.csv"
+    assert done.write_relabel(fix) == 3
+    before = fix.read_bytes()
+    assert before.decode().splitlines()[1] == "cats/0.jpg,cats,dogs"
+    stopped = AuditResult([*rows[:2], {"_path": "dogs/9.jpg", "label": "dogs"}], [], [], {})
+    with pytest.raises(KeyError):
+        stopped.write_relabel(fix)
+    assert fix.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fix.csv"]
