@@ -85,6 +85,9 @@ class Classifier:
         self.graph_def = graph_def
         self.labels = labels
         self.metadata = metadata
+        #: SHA-256 of the frozen graph file this model was loaded with (:meth:`load` with
+        #: ``graph_digest``): the predictions' model id in a database; else None.
+        self.graph_sha256: str | None = None
         if self.runner.output_dim != len(labels):
             raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
                                 f"file lists {len(labels)} labels.")
@@ -104,7 +107,8 @@ class Classifier:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = "retrained", graph: str | None = None,
-             labels: str | None = None, runtime: str = "auto") -> "Classifier":
+             labels: str | None = None, runtime: str = "auto", graph_digest: bool = False
+             ) -> "Classifier":
         """Load from an export folder, or from explicit ``graph`` and ``labels`` files.
 
         ``runtime``: ``auto`` runs the folder's ``model.tflite`` on LiteRT when it is installed
@@ -114,15 +118,21 @@ class Classifier:
         once, kept in the cache dir) force one.
 
         A folder that an export replaces meanwhile is loaded again, so the graph, labels and
-        metadata are always one model's (the old or the new), never a mix.
+        metadata are always one model's (the old or the new), never a mix. With
+        ``graph_digest``, :attr:`graph_sha256` is that model's graph file's.
         """
         base = Path(model_dir) if model_dir else None
         if base is None or graph or labels:
-            return cls._load(model_dir, graph, labels, runtime)
+            loaded = cls._load(model_dir, graph, labels, runtime)
+            if graph_digest:
+                loaded.graph_sha256 = _file_sha256(Path(graph) if graph else base / GRAPH_FILE)
+            return loaded
         for _ in range(MODEL_LOAD_ATTEMPTS):
             before = _model_identity(base)
             try:
                 loaded = cls._load(model_dir, graph, labels, runtime)
+                if graph_digest:
+                    loaded.graph_sha256 = _file_sha256(base / GRAPH_FILE)
             except (ModelDirError, OSError):
                 if _model_identity(base) == before:
                     raise
@@ -253,6 +263,20 @@ class Classifier:
 
 #: How many times :meth:`Classifier.load` reads a model folder that exports keep replacing.
 MODEL_LOAD_ATTEMPTS = 5
+
+
+def _file_sha256(path: Path) -> str | None:
+    """The file's SHA-256 (hex); None where there is no such file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 def _model_identity(folder: Path) -> tuple[int, ...] | None:

@@ -119,7 +119,7 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tmp_path):
 
 # Exports two models in turn (3 and 2 classes) to one folder for a few seconds.
 ALTERNATE_EXPORTS = textwrap.dedent("""
-    import sys, time
+    import hashlib, json, sys, time
     sys.path.insert(0, sys.argv[1])
     import numpy as np
     import conftest
@@ -135,7 +135,9 @@ ALTERNATE_EXPORTS = textwrap.dedent("""
         models.append((compose(backbone, dense_softmax_graph(kernel, np.zeros(n, np.float32))),
                        [f"class{i}" for i in range(n)]))
     export_graph(*models[0], {"classes": 3}, sys.argv[2], formats=("graph", "tflite"))
-    print("ready", flush=True)
+    digests = {len(labels): hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+               for graph, labels in models}
+    print(json.dumps(digests), flush=True)
     end, i = time.monotonic() + float(sys.argv[3]), 1
     while time.monotonic() < end:
         graph, labels = models[i % 2]
@@ -149,7 +151,8 @@ ALTERNATE_EXPORTS = textwrap.dedent("""
 def test_a_model_loaded_while_exports_replace_it_is_one_whole_model(tmp_path):
     """label/serve/evaluate load the metadata, the graph and the labels one after the other:
     an export replacing the folder in between gave a mix ('the model has 3 outputs but the
-    labels file lists 2 labels', or another model's metadata)."""
+    labels file lists 2 labels', or another model's metadata), and 'label --db' filed the
+    predictions under the id of the graph the folder held a moment later."""
     import numpy as np
 
     from retrainer.predict import Classifier
@@ -159,14 +162,18 @@ def test_a_model_loaded_while_exports_replace_it_is_one_whole_model(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(TESTS), str(out), "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-2000:]
+        line = proc.stdout.readline()
+        assert line.startswith("{"), proc.stderr.read()[-2000:]
+        digests = {int(k): v for k, v in json.loads(line).items()}
         loads, mixed = 0, []
         while proc.poll() is None:
             try:
-                model = Classifier.load(out)
+                model = Classifier.load(out, graph_digest=True)
                 classes = model.predict(np.zeros((1, 32, 32, 3), np.float32)).shape[1]
                 if not classes == len(model.labels) == model.metadata["classes"]:
                     mixed.append("metadata of another model")
+                elif model.graph_sha256 != digests[classes]:
+                    mixed.append("the digest of another model's graph")
             except Exception as exc:  # noqa: BLE001 - every failure is counted
                 mixed.append(str(exc))
             loads += 1
