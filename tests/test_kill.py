@@ -203,3 +203,49 @@ def test_a_relabel_list_is_written_whole_or_not_at_all(tmp_path):
         stopped.write_relabel(fix)
     assert fix.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["fix.csv"]
+
+
+# `retrainer train` (the real command line) whose TFLite conversion never ends.
+STUCK_CLI = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, sys.argv.pop(1))
+    import tensorflow  # noqa: F401 - started here: no export helper process
+    import conftest
+    from retrainer import export
+    from retrainer.cli.main import main
+
+    next(conftest.registered_backbone(conftest.TINY, 32, 3, conftest.tiny_builder))
+    export.tflite_for_devices = lambda *args, **kwargs: time.sleep(3600)
+    sys.argv[0] = "retrainer"
+    main()
+""")
+
+
+def test_sigterm_while_exporting_unwinds_like_ctrl_c(tmp_path):
+    """SIGTERM (kill, timeout, docker stop) ended the process where it stood: no message, the
+    staged model left beside the folder, the bottlenecks computed in the last seconds lost."""
+    out, bn = tmp_path / "model", tmp_path / "bn"
+    images = make_colour_tree(tmp_path / "images", per_class=6)
+    train(tiny_config(images, out, bn, export=dict(formats=("graph", "tflite"))))
+    before = _files(out)
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_CLI)
+    proc = subprocess.Popen([sys.executable, str(script), str(TESTS), "train", "--image-dir",
+                             str(images), "--backbone", "tiny_test_backbone", "--output-dir",
+                             str(out), "--bottleneck-dir", str(bn), "--export-formats",
+                             "graph,tflite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((s / "retrained_graph.pb").exists() for s in _staged(tmp_path)):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the stuck export never staged its graph"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert err.decode().rstrip().endswith("Terminated.")
+    assert _staged(tmp_path) == []
+    assert _files(out) == before
