@@ -7,11 +7,14 @@ so nothing about preprocessing is passed by hand at label time. The SavedModel's
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import unicodedata
 import uuid
 from pathlib import Path
@@ -206,10 +209,12 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
         for path, data in outside.values():
             atomic_write(path, lambda fh, data=data: fh.write(data))
         if in_place:
-            _commit_in_place(stage, out, keep)
+            with _signals_held():
+                _commit_in_place(stage, out, keep)
         else:
             _carry_others(out, stage, keep)
-            replace_dir(stage, out)
+            with _signals_held():
+                replace_dir(stage, out)
     except OSError as exc:
         where, name = out, getattr(exc, "filename", None)
         if name and stage.name not in str(name) and not _inside(Path(name), out):
@@ -385,6 +390,29 @@ def _link(src: Any, dst: Any) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Any:
+    """Hold Ctrl-C and SIGTERM (where Python handles them: the CLI, the export helper) until
+    the block ends, so the files of a model renamed in one by one are all renamed; then the
+    held one is handled as it would have been."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: h for sig, h in handlers.items() if callable(h)}
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if held:
+            signum, frame = held[0]
+            handlers[signum](signum, frame)
 
 
 def _commit_in_place(stage: Path, out: Path, keep: bool = False) -> None:

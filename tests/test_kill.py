@@ -249,3 +249,59 @@ def test_sigterm_while_exporting_unwinds_like_ctrl_c(tmp_path):
     assert err.decode().rstrip().endswith("Terminated.")
     assert _staged(tmp_path) == []
     assert _files(out) == before
+
+
+# A run exporting into its working directory (files renamed in one by one): Ctrl-C arrives
+# as the first file has been renamed in.
+INTERRUPTED_COMMIT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    import conftest
+    from retrainer.training import train
+
+    next(conftest.registered_backbone(conftest.TINY, 32, 3, conftest.tiny_builder))
+
+    def ctrl_c_after_the_first_rename(frame, event, arg):
+        if event == "c_return" and arg is os.replace and \\
+                frame.f_code.co_name == "_commit_in_place":
+            sys.setprofile(None)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sys.setprofile(ctrl_c_after_the_first_rename)
+    try:
+        train(conftest.tiny_config(sys.argv[2], ".", sys.argv[3],
+                                   export=dict(formats=("graph", "saved_model"))))
+    except KeyboardInterrupt:
+        sys.exit(130)
+""")
+
+
+def test_ctrl_c_while_files_are_renamed_in_leaves_one_whole_model(tmp_path):
+    """Exporting into the working directory, the files are renamed in one by one; Ctrl-C or
+    SIGTERM between two renames left the new graph beside the old labels and metadata."""
+    from retrainer.predict import Classifier
+
+    out, bn = tmp_path / "model", tmp_path / "bn"
+    out.mkdir()
+    old = make_colour_tree(tmp_path / "old", per_class=6)
+    new = make_colour_tree(tmp_path / "new", per_class=6,
+                           colours={"black": (10, 10, 10), "white": (240, 240, 240)})
+    config = tiny_config(old, ".", bn, export=dict(formats=("graph", "saved_model")))
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        train(config)
+    finally:
+        os.chdir(cwd)
+    assert len(Classifier.load(out).labels) == 3
+    script = tmp_path / "interrupted.py"
+    script.write_text(INTERRUPTED_COMMIT)
+    done = subprocess.run([sys.executable, str(script), str(TESTS), str(new), str(bn)],
+                          cwd=out, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr[-2000:]
+    # one whole model, the old one or the new one: every file of it describes it
+    meta = json.loads((out / "metadata.json").read_text())
+    assert Classifier.load(out).labels == meta["labels"]
+    assert json.loads((out / "report.json").read_text())["labels"] == meta["labels"]
+    assert _fitted_lines(out) == meta["training"]["fitted_images"]["count"]
+    assert not list(out.glob(".export-*"))
