@@ -14,6 +14,7 @@ import csv
 import html
 import io
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -57,13 +58,25 @@ class AuditResult:
                 "outliers": self.outliers, "summary": self.summary}
 
     def write_relabel(self, path: str | Path) -> int:
-        """path,label,suggested_label for every likely mislabel (undecodable name bytes kept)."""
+        """path,label,suggested_label for every likely mislabel (undecodable name bytes kept).
+
+        Written whole or not at all (a temporary file renamed into place): a run stopped while
+        writing leaves no partial list, and the previous one stays as it was."""
+        from .files import atomic_write
+
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["path", "label", "suggested_label"])
+        for row in self.label_issues:
+            writer.writerow([row["_path"], row["label"], row["suggested_label"]])
+        data = text.getvalue().encode("utf-8", "surrogateescape")
         try:
-            with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-                writer = csv.writer(f)
-                writer.writerow(["path", "label", "suggested_label"])
-                for row in self.label_issues:
-                    writer.writerow([row["_path"], row["label"], row["suggested_label"]])
+            target = Path(os.path.realpath(path))
+            if target.exists() and not target.is_file():  # /dev/stdout, a named pipe: as it is
+                with open(target, "wb") as fh:
+                    fh.write(data)
+            else:
+                atomic_write(target, lambda fh: fh.write(data))
         except OSError as exc:
             raise RetrainerError(f"cannot write the relabel CSV '{path}' "
                                  f"({exc.strerror or exc}).",
@@ -73,11 +86,14 @@ class AuditResult:
 
     def write_report(self, folder: str | Path) -> Path:
         """A self-contained HTML page (thumbnails inlined as base64) of every flagged image."""
+        from .files import atomic_write
+
         out = Path(folder)
         try:
             out.mkdir(parents=True, exist_ok=True)
             page = out / "index.html"
-            page.write_text(_html(self), encoding="utf-8")
+            data = _html(self).encode("utf-8")
+            atomic_write(page, lambda fh: fh.write(data))  # whole, or the previous page
         except OSError as exc:
             raise RetrainerError(f"cannot write the report to '{folder}' ({exc.strerror or exc}).",
                                  "Give a writable folder with --report DIR.") from exc

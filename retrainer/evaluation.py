@@ -15,7 +15,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import DEFAULT_MODEL_DIR
-from .errors import FolderNotWritable
 
 
 @dataclass
@@ -119,6 +118,22 @@ class EvaluationReport:
             written["confusion_png"] = str(out / picture)
         return written
 
+    def write_png(self, output_dir: str | Path, png: bytes | None, report: bytes) -> str | None:
+        """``confusion_matrix.png`` beside the ``report.json`` whose content is ``report``
+        (written with the model); its path, or None where that folder holds another model's
+        report now (a run exporting to the same folder finished after this one)."""
+        from .files import atomic_write
+
+        out = Path(output_dir)
+        try:
+            if (out / REPORT_FILE).read_bytes() != report:
+                return None
+        except OSError:
+            return None
+        data = png if png is not None else confusion_png(self)
+        atomic_write(out / CONFUSION_PNG, lambda fh: fh.write(data))
+        return str(out / CONFUSION_PNG)
+
 
 def evaluation_name(text: str) -> str:
     """A file-name-safe name for an evaluation (the scored folder's name, 'db'...)."""
@@ -128,19 +143,9 @@ def evaluation_name(text: str) -> str:
     return cleaned or "images"
 
 
-def write_fitted_images(output_dir: str | Path, keys: Sequence[str]) -> Path:
-    """The content hashes of the images a model was fitted on, beside its metadata."""
-    from .bottlenecks.cache import atomic_write
-
-    out = Path(output_dir)
-    text = "".join(f"{k}\n" for k in sorted(set(keys))).encode("ascii")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / FITTED_IMAGES_FILE, lambda fh: fh.write(text))
-    except OSError as exc:
-        raise FolderNotWritable(out, "output folder", exc.strerror or str(exc),
-                                "Choose an output folder you can write to (--output-dir).") from None
-    return out / FITTED_IMAGES_FILE
+def fitted_images_text(keys: Sequence[str]) -> bytes:
+    """The content of a model's ``fitted_images.sha256``: one hash per line, sorted."""
+    return "".join(f"{k}\n" for k in sorted(set(keys))).encode("ascii")
 
 
 def read_fitted_images(folder: str | Path, metadata: dict[str, Any]) -> set[str] | None:

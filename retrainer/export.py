@@ -7,11 +7,14 @@ so nothing about preprocessing is passed by hand at label time. The SavedModel's
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import unicodedata
 import uuid
 from pathlib import Path
@@ -66,12 +69,17 @@ def write_labels(path: Path, labels: list[str]) -> None:
     atomic_write(path, lambda fh: fh.write("".join(f"{label}\n" for label in labels).encode()))
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
+def json_bytes(data: dict[str, Any]) -> bytes:
+    """``data`` as the UTF-8 JSON text :func:`write_json` writes."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     try:
-        blob = text.encode("utf-8")
+        return text.encode("utf-8")
     except UnicodeEncodeError:  # a path that is not UTF-8: escaped, so the file stays UTF-8
-        blob = (json.dumps(data, indent=2) + "\n").encode("ascii")
+        return (json.dumps(data, indent=2) + "\n").encode("ascii")
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    blob = json_bytes(data)
     atomic_write(path, lambda fh: fh.write(blob))
 
 
@@ -100,14 +108,16 @@ def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
                       labels: list[str], metadata: dict[str, Any], config: ExportConfig,
                       backbone_tflite: Callable[[], bytes] | None = None,
                       representative: Callable[[], Iterable[np.ndarray]] | None = None,
-                      saved_model: SavedModelGraph | None = None) -> dict[str, str]:
+                      saved_model: SavedModelGraph | None = None,
+                      more_files: dict[str, tuple[str, bytes]] | None = None) -> dict[str, str]:
     """Write the classifier, a backbone's frozen graph (``backbone_graph``, fp32) with the head
     ``softmax(x @ kernel + bias)`` composed onto it, as ``config`` says (:func:`export_graph`);
     return what went where.
 
     No second freeze of the whole classifier; and the TFLite model, when asked for, is the
     backbone's (``backbone_tflite()``: converted once and kept) with the head appended, or
-    converted from the composed graph without it.
+    converted from the composed graph without it. ``more_files``: more files of the model, as
+    :func:`export_graph` takes them.
     """
     from .graph import compose, dense_softmax_graph
 
@@ -117,7 +127,7 @@ def export_classifier(backbone_graph: Any, kernel: np.ndarray, bias: np.ndarray,
         tflite = tflite_with_head(backbone_tflite(), kernel, bias)
     return export_graph(classifier, labels, metadata, config.output_dir, config.formats,
                         config.output_graph, config.output_labels, tflite, representative,
-                        saved_model=saved_model)
+                        saved_model=saved_model, more_files=more_files)
 
 
 def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
@@ -125,15 +135,17 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
                  output_graph: str | None = None, output_labels: str | None = None,
                  tflite: bytes | None = None,
                  representative: Callable[[], Iterable[np.ndarray]] | None = None,
-                 keep: bool = False, saved_model: SavedModelGraph | None = None
-                 ) -> dict[str, str]:
+                 keep: bool = False, saved_model: SavedModelGraph | None = None,
+                 more_files: dict[str, tuple[str, bytes]] | None = None) -> dict[str, str]:
     """Write a frozen classifier graph (``input`` -> ``final_result``) in ``formats``.
 
     Every format comes from the one frozen graph: the SavedModel holds it as it is (no Keras
     model or function is traced; ``saved_model``: its decoding part built already) and TFLite
     is converted from it directly, unless the caller has the ``tflite`` model already
     (:func:`tflite_with_head`). ``int8`` needs ``representative``: a function giving training
-    images' pixels (as ``label`` prepares them).
+    images' pixels (as ``label`` prepares them). ``more_files``: more files that belong to this
+    model (kind -> (file name, content): the hashes of the images it was fitted on, its
+    evaluation report), written with it as part of the one set.
 
     With ``keep``, the folder's other model files stay as they are (``retrainer export``
     adding a format to a model); without it, they are a previous model's and are removed.
@@ -148,13 +160,14 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
     """
     check_labels(labels)
     check_formats(formats)
+    more = more_files or {}
     if "int8" in formats and representative is None:
         raise RetrainerError("the int8 export needs training images to calibrate on.",
                              "Give the images the model was trained on (--image-dir DIR).")
     out = Path(output_dir)
     labels_path = Path(output_labels) if output_labels else out / LABELS_FILE
     graph_path = Path(output_graph) if output_graph else out / GRAPH_FILE
-    stage, in_place = _staging(out)
+    stage, in_place, lock = _staging(out)
     try:
         written: dict[str, str] = {}
         outside: dict[str, tuple[Path, bytes]] = {}
@@ -185,6 +198,8 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
             from .onnx_export import onnx_model
 
             put("onnx", out / ONNX_FILE, onnx_model(graph_def, labels, metadata))
+        for kind, (name, data) in more.items():
+            put(kind, out / name, data)
         files = dict(metadata.get("files") or {}) if keep else {}
         files = {k: v for k, v in files.items() if k not in ("labels", "metadata")}
         files.update({k: _rel(v, out) for k, v in written.items()})
@@ -194,10 +209,12 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
         for path, data in outside.values():
             atomic_write(path, lambda fh, data=data: fh.write(data))
         if in_place:
-            _commit_in_place(stage, out, keep)
+            with _signals_held():
+                _commit_in_place(stage, out, keep)
         else:
             _carry_others(out, stage, keep)
-            replace_dir(stage, out)
+            with _signals_held():
+                replace_dir(stage, out)
     except OSError as exc:
         where, name = out, getattr(exc, "filename", None)
         if name and stage.name not in str(name) and not _inside(Path(name), out):
@@ -208,7 +225,9 @@ def export_graph(graph_def: Any, labels: list[str], metadata: dict[str, Any],
             "your user (chown/chmod); the previous model there is unchanged.") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    log.info("exported %s to %s", ", ".join(sorted(written)), out)
+        if lock is not None:
+            os.close(lock)
+    log.info("exported %s to %s", ", ".join(sorted(k for k in written if k not in more)), out)
     return written
 
 
@@ -233,7 +252,8 @@ def check_output_dir(output_dir: str | Path, flag: str = "--output-dir") -> None
 #: What an export writes, and the evaluation of that model: never carried over from the model
 #: a new export replaces.
 MODEL_FILES = frozenset({GRAPH_FILE, LABELS_FILE, METADATA_FILE, SAVED_MODEL_DIR, TFLITE_FILE,
-                         INT8_FILE, ONNX_FILE, "report.json", "confusion_matrix.png"})
+                         INT8_FILE, ONNX_FILE, "report.json", "confusion_matrix.png",
+                         "fitted_images.sha256"})
 
 
 class UnknownFormat(RetrainerError):
@@ -253,21 +273,31 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().parent == folder.resolve()
 
 
-def _staging(out: Path) -> tuple[Path, bool]:
-    """A new, empty folder for the export's files, and whether it is inside ``out``."""
-    tag = uuid.uuid4().hex[:12]
+def _staging(out: Path) -> tuple[Path, bool, int | None]:
+    """A new, empty folder for the export's files, whether it is inside ``out``, and the
+    descriptor holding its lock (close it when the folder has gone).
+
+    The folder's name carries this process's id, and the folder is locked while it is
+    written: staging folders that a run killed half-way left behind (no clean-up runs on
+    SIGKILL) are removed here, by the next export to the same folder (:func:`_sweep`).
+    """
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
     if out.exists() and not out.is_dir():
         raise FolderNotWritable(out, "output folder", "a file of that name is in the way",
                                 "Choose another output folder, or move the file.")
     resolved = out.resolve()
     movable = not (resolved == Path.cwd().resolve() or resolved == resolved.parent
                    or (out.is_dir() and os.path.ismount(out)))
+    if out.is_dir():
+        _sweep(out, ".export-")
     if movable:
-        stage = out.parent / f".{out.name}.export-{tag}"
+        prefix = f".{out.name}.export-"
+        stage = out.parent / f"{prefix}{tag}"
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            _sweep(out.parent, prefix)
             stage.mkdir()
-            return stage, False
+            return stage, False, _lock_stage(stage)
         except OSError:
             pass
     writable_dir(out, "output folder")
@@ -276,7 +306,66 @@ def _staging(out: Path) -> tuple[Path, bool]:
         stage.mkdir()
     except OSError as exc:
         raise FolderNotWritable(out, "output folder", exc.strerror or str(exc)) from None
-    return stage, True
+    return stage, True, _lock_stage(stage)
+
+
+def _lock_stage(stage: Path) -> int | None:
+    """Hold an exclusive lock on the staging folder ``stage`` (None where there is none)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    try:
+        fd = os.open(stage, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _sweep(folder: Path, prefix: str) -> None:
+    """Remove the staging folders ``folder/<prefix><pid>-<tag>`` of exports that were killed:
+    their process is gone from this machine and no one holds their lock (so a run on another
+    machine, or in another container, sharing the folder keeps its own)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no way to tell a live export
+        return
+    try:
+        entries = [e for e in folder.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)) or entry.is_symlink():
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # an export is writing it
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.debug("removed %s, left by an export that was stopped", entry)
+        finally:
+            os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
 
 
 def _carry_others(out: Path, stage: Path, keep: bool = False) -> None:
@@ -301,6 +390,29 @@ def _link(src: Any, dst: Any) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Any:
+    """Hold Ctrl-C and SIGTERM (where Python handles them: the CLI, the export helper) until
+    the block ends, so the files of a model renamed in one by one are all renamed; then the
+    held one is handled as it would have been."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: h for sig, h in handlers.items() if callable(h)}
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if held:
+            signum, frame = held[0]
+            handlers[signum](signum, frame)
 
 
 def _commit_in_place(stage: Path, out: Path, keep: bool = False) -> None:

@@ -51,6 +51,8 @@ class ExportJob:
     metadata: dict[str, Any]
     config: ExportConfig
     log_level: int = logging.INFO
+    #: more files of the model (:func:`retrainer.export.export_graph`'s ``more_files``)
+    more_files: dict[str, tuple[str, bytes]] | None = None
 
     def run(self, saved_model: Any = None) -> dict[str, str]:
         """Write the model here; what went where. ``saved_model``: a
@@ -64,7 +66,7 @@ class ExportJob:
         return export_classifier(
             frozen, self.kernel, self.bias, self.labels, self.metadata, self.config,
             backbone_tflite=(lambda: kept_tflite(tflite_path, lambda: frozen))
-            if tflite_path else None, saved_model=saved_model)
+            if tflite_path else None, saved_model=saved_model, more_files=self.more_files)
 
 
 class ExportWorker:

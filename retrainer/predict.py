@@ -86,6 +86,9 @@ class Classifier:
         self.graph_def = graph_def
         self.labels = labels
         self.metadata = metadata
+        #: SHA-256 of the frozen graph file this model was loaded with (:meth:`load` with
+        #: ``graph_digest``): the predictions' model id in a database; else None.
+        self.graph_sha256: str | None = None
         if self.runner.output_dim != len(labels):
             raise ModelDirError(f"the model has {self.runner.output_dim} outputs but the labels "
                                 f"file lists {len(labels)} labels.",
@@ -107,7 +110,8 @@ class Classifier:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = "retrained", graph: str | None = None,
-             labels: str | None = None, runtime: str = "auto") -> "Classifier":
+             labels: str | None = None, runtime: str = "auto", graph_digest: bool = False
+             ) -> "Classifier":
         """Load from an export folder, or from explicit ``graph`` and ``labels`` files.
 
         ``runtime``: ``auto`` runs the folder's ``model.tflite`` on LiteRT when it is installed
@@ -115,7 +119,36 @@ class Classifier:
         frozen graph on TensorFlow. ``tensorflow``, ``litert``, ``openvino`` (reads the frozen
         graph itself, no TensorFlow import) or ``onnxruntime`` (the graph converted by tf2onnx
         once, kept in the cache dir) force one.
+
+        A folder that an export replaces meanwhile is loaded again, so the graph, labels and
+        metadata are always one model's (the old or the new), never a mix. With
+        ``graph_digest``, :attr:`graph_sha256` is that model's graph file's.
         """
+        base = Path(model_dir) if model_dir else None
+        if base is None or graph or labels:
+            loaded = cls._load(model_dir, graph, labels, runtime)
+            if graph_digest:
+                loaded.graph_sha256 = _file_sha256(Path(graph) if graph else base / GRAPH_FILE)
+            return loaded
+        for _ in range(MODEL_LOAD_ATTEMPTS):
+            before = _model_identity(base)
+            try:
+                loaded = cls._load(model_dir, graph, labels, runtime)
+                if graph_digest:
+                    loaded.graph_sha256 = _file_sha256(base / GRAPH_FILE)
+            except (ModelDirError, OSError):
+                if _model_identity(base) == before:
+                    raise
+                continue  # read while an export replaced it
+            if _model_identity(base) == before:
+                return loaded
+        raise ModelDirError(f"the model folder '{base}' was replaced {MODEL_LOAD_ATTEMPTS} times "
+                            "while it was being loaded.",
+                            "Load it when the exports writing to it have finished.")
+
+    @classmethod
+    def _load(cls, model_dir: str | Path | None, graph: str | None, labels: str | None,
+              runtime: str) -> "Classifier":
         from .runner import RUNTIMES
         from .runtimes import RuntimeNotInstalled, check_runtime, installed
 
@@ -234,6 +267,35 @@ class Classifier:
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
         records = [ImageRecord(key=p, label="", read=functools.partial(read_regular_file, p), path=p) for p in paths]
         return self.label_records(records, **kw)
+
+
+#: How many times :meth:`Classifier.load` reads a model folder that exports keep replacing.
+MODEL_LOAD_ATTEMPTS = 5
+
+
+def _file_sha256(path: Path) -> str | None:
+    """The file's SHA-256 (hex); None where there is no such file."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+def _model_identity(folder: Path) -> tuple[int, ...] | None:
+    """What changes when an export replaces the model in ``folder``: the folder itself (a new
+    one takes its place) or, where the files are renamed in one by one, ``metadata.json``
+    (renamed in last)."""
+    try:
+        d, m = os.stat(folder), os.stat(folder / METADATA_FILE)
+    except OSError:
+        return None
+    return d.st_dev, d.st_ino, m.st_ino, m.st_mtime_ns, m.st_size
 
 
 def _export_runner(runtime: str, path: Path) -> Any:

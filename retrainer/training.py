@@ -11,7 +11,8 @@ import numpy as np
 
 from .config import TrainConfig
 from .errors import AccuracyGateFailed, DatasetError
-from .evaluation import FITTED_IMAGES_FILE, EvaluationReport, evaluate_predictions, write_fitted_images
+from .evaluation import (FITTED_IMAGES_FILE, REPORT_FILE, EvaluationReport, evaluate_predictions,
+                         fitted_images_text)
 from .sources.base import TESTING, TRAINING, VALIDATION, Dataset, ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
     :class:`retrainer.export_worker.ExportWorker`, where it can), the hashes of the images
     it was fitted on and its evaluation report; what went where."""
     from .bottlenecks.extractor import backbone_graph, backbone_tflite, graph_path, graphs_dir
-    from .export import export_classifier, model_metadata, representative_images
+    from .export import export_classifier, json_bytes, model_metadata, representative_images
 
     spec, out, head = filled.spec, config.export, fitted.head
     # Every image the head was fitted on or chosen with (training and validation: the refit
@@ -260,7 +261,6 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
         "fine_tuned": config.fine_tune is not None, "test_accuracy": result.test_accuracy,
         "fitted_images": {"file": FITTED_IMAGES_FILE, "count": len(fitted_keys),
                           "hash": "sha256 of each image's bytes, one per line"}})
-    fitted_path = write_fitted_images(out.output_dir, fitted_keys)
 
     def representative() -> list[np.ndarray]:  # for the int8 model: training images only
         return representative_images([r for _, r in splits[TRAINING].pairs], spec.input_size,
@@ -271,6 +271,13 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
     backbone = filled.backbone
     kept = None if config.fine_tune is not None else graphs_dir()
     report = fitted.test or fitted.validation
+    # The hashes and the report are files of this model: written with it, as one set, so a
+    # run stopped half-way (or another run exporting to the same folder) never leaves them
+    # beside a model they do not describe.
+    more_files = {"fitted_images": (FITTED_IMAGES_FILE, fitted_images_text(fitted_keys))}
+    if report is not None:
+        more_files["report"] = (REPORT_FILE, json_bytes({**report.to_dict(),
+                                                         "backbone": spec.name}))
     outputs, png = None, None
     if helper is not None and kept is not None:
         from .evaluation import confusion_png
@@ -279,7 +286,7 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
         helper.submit(ExportJob(
             str(graph_path(kept, backbone, "fp32")),
             str(graph_path(kept, backbone, "fp32", kind="tflite")), head.kernel, head.bias,
-            filled.dataset.classes, metadata, out, log.getEffectiveLevel()))
+            filled.dataset.classes, metadata, out, log.getEffectiveLevel(), more_files))
         png = confusion_png(report) if report is not None else None  # while the model is written
         outputs = helper.result()
     if outputs is None:
@@ -287,10 +294,11 @@ def _export(config: TrainConfig, filled: Any, splits: dict[str, _Split], fitted:
         outputs = export_classifier(
             frozen, head.kernel, head.bias, filled.dataset.classes, metadata, out,
             backbone_tflite=(lambda: backbone_tflite(backbone, kept, frozen)) if kept else None,
-            representative=representative)
-    outputs["fitted_images"] = str(fitted_path)
-    if report is not None:
-        outputs.update(report.write(out.output_dir, {"backbone": spec.name}, png=png))
+            representative=representative, more_files=more_files)
+    if report is not None and report.confusion:
+        picture = report.write_png(out.output_dir, png, more_files["report"][1])
+        if picture:
+            outputs["confusion_png"] = picture
     return outputs
 
 

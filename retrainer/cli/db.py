@@ -139,8 +139,13 @@ def label_database_command(db: str, where: str | None, images: tuple[str, ...],
 
     if images:
         raise click.UsageError("give images or --db, not both.")
-    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels)
-    result = label_database(db, classifier, model_id_of(model_dir, graph), where=where,
+    classifier = Classifier.load(model_dir if not graph else None, graph=graph, labels=labels,
+                                 graph_digest=True)
+    # the id of the graph loaded, not of the folder's graph now (a new export may have
+    # replaced it since): predictions are never filed under another model
+    model_id = classifier.graph_sha256[:16] if classifier.graph_sha256 else \
+        model_id_of(model_dir, graph)
+    result = label_database(db, classifier, model_id, where=where,
                             top_k=top_k, batch_size=batch_size)
     if as_json:
         echo_json(result.to_dict())

@@ -4,11 +4,14 @@ Subcommands are imported only when named, so ``retrainer --help`` never imports 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -48,6 +51,34 @@ def as_flags(text: str, options: dict[str, click.Option]) -> str:
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a reader that quit early
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, ``docker stop``): the command unwinds as on Ctrl-C, so
+    what it computed is kept (bottlenecks flushed), what it was writing is removed (a staged
+    model, the export helper) and the old model stays as it was."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Any:
+    """While a command runs, SIGTERM raises :class:`Terminated` (once: a second one ends the
+    process at once). Left alone where the embedding program handles SIGTERM itself, or off
+    the main thread; commands that handle it (serve) install their own handler."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class LazyGroup(click.Group):
@@ -93,6 +124,10 @@ class LazyGroup(click.Group):
         return super().resolve_command(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        with _sigterm_unwinds():
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except RetrainerError as exc:
@@ -106,6 +141,9 @@ class LazyGroup(click.Group):
                 click.echo(hint, err=True)
             _json_error(ctx, message, hint, exc.exit_code)
             ctx.exit(exc.exit_code)
+        except Terminated:
+            click.echo("Terminated.", err=True)
+            ctx.exit(EXIT_TERMINATED)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(EXIT_INTERRUPTED)
