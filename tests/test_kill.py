@@ -85,6 +85,15 @@ def _staged(tmp_path: Path) -> list[Path]:
     return sorted(tmp_path.glob(".model.export-*"))
 
 
+def _wait_for_staged_graph(proc: subprocess.Popen, tmp_path: Path) -> None:
+    """Until the export in ``proc`` has staged its graph (it must stay alive meanwhile)."""
+    deadline = time.monotonic() + 120
+    while not any((s / "retrained_graph.pb").exists() for s in _staged(tmp_path)):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the stuck export never staged its graph"
+        time.sleep(0.05)
+
+
 def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tmp_path):
     """SIGKILL while the model is staged leaves the staging folder (no clean-up can run): the
     next export to that folder removes it, and never one that a live run is writing."""
@@ -97,11 +106,7 @@ def test_staging_left_by_a_killed_export_is_removed_by_the_next_one(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(TESTS), str(images), str(out),
                              str(bn)], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not any((s / "retrained_graph.pb").exists() for s in _staged(tmp_path)):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the stuck export never staged its graph"
-            time.sleep(0.05)
+        _wait_for_staged_graph(proc, tmp_path)
         live = _staged(tmp_path)
         train(config)  # meanwhile: the live run's staging folder is left alone
         assert _staged(tmp_path) == live
@@ -235,11 +240,7 @@ def test_sigterm_while_exporting_unwinds_like_ctrl_c(tmp_path):
                              str(out), "--bottleneck-dir", str(bn), "--export-formats",
                              "graph,tflite"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while not any((s / "retrained_graph.pb").exists() for s in _staged(tmp_path)):
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the stuck export never staged its graph"
-            time.sleep(0.05)
+        _wait_for_staged_graph(proc, tmp_path)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
