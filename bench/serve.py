@@ -102,7 +102,7 @@ def train_quick(args: argparse.Namespace, train_dir: Path, work: Path) -> Path:
                       backbone=BackboneConfig(args.architecture),
                       extraction=ExtractionConfig(bottleneck_dir=str(work / "bottlenecks")),
                       head=HeadConfig(epochs=20),
-                      export=ExportConfig(output_dir=str(out), formats=("graph",))))
+                      export=ExportConfig(output_dir=str(out))))  # as users export it
     log(f"trained {args.architecture} on {args.per_class} images/class in "
         f"{time.perf_counter() - t:.1f} s")
     return out
