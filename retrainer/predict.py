@@ -265,7 +265,8 @@ class Classifier:
                                       probabilities=scores)
 
     def label_paths(self, paths: Iterable[str], **kw: Any) -> Iterator[LabelResult]:
-        records = [ImageRecord(key=p, label="", read=functools.partial(read_regular_file, p), path=p) for p in paths]
+        records = [ImageRecord(key=p, label="", read=functools.partial(read_regular_file, p),
+                               path=p) for p in paths]
         return self.label_records(records, **kw)
 
 
