@@ -6,6 +6,7 @@ write safely without importing another stage.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import uuid
@@ -25,16 +26,29 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("retrainer"))
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of the file at ``path``, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _kind(mode: int) -> str:
+    """What a path that is not a regular file is, for messages."""
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+
+
 def not_a_file(path: str | Path) -> str | None:
-    """Why ``path`` is not a regular file to read ("does not exist", "is a folder", ...), or
-    None when it is one."""
+    """Why ``path`` is not a regular file to read ("does not exist", "is a folder, not a
+    file", ...), or None when it is one."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
         return "does not exist" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror})"
-    if stat.S_ISREG(mode):
-        return None
-    return "is a folder, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+    return None if stat.S_ISREG(mode) else f"is {_kind(mode)}, not a file"
 
 
 def open_regular_file(path: str | Path) -> BinaryIO:
@@ -45,9 +59,7 @@ def open_regular_file(path: str | Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-            raise OSError(errno.EINVAL, f"not a regular file: {kind}", str(path))
+            raise OSError(errno.EINVAL, f"not a regular file: {_kind(mode)}", str(path))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from .errors import ModelDirError
-from .files import read_regular_file
+from .files import file_sha256, read_regular_file
 from .export import (GRAPH_FILE, LABELS_FILE, METADATA_FILE, TFLITE_FILE, read_labels,
                      read_metadata)
 from .images import RESAMPLE, load_pixels
@@ -275,17 +275,11 @@ MODEL_LOAD_ATTEMPTS = 5
 
 
 def _file_sha256(path: Path) -> str | None:
-    """The file's SHA-256 (hex); None where there is no such file."""
-    import hashlib
-
-    digest = hashlib.sha256()
+    """The file's SHA-256 (hex); None where there is no such file (a model.tflite-only export)."""
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except FileNotFoundError:
         return None
-    return digest.hexdigest()
 
 
 def _model_identity(folder: Path) -> tuple[int, ...] | None:

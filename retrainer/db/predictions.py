@@ -10,7 +10,6 @@ predictions of different models sit side by side.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -34,12 +33,9 @@ def model_id_of(model_dir: str | Path | None, graph: str | None = None) -> str:
     """The first 16 hex digits of the frozen graph's SHA-256: the same export, the same id."""
     from ..export import GRAPH_FILE
 
-    path = Path(graph) if graph else Path(model_dir or ".") / GRAPH_FILE
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    from ..files import file_sha256
+
+    return file_sha256(Path(graph) if graph else Path(model_dir or ".") / GRAPH_FILE)[:16]
 
 
 @dataclass

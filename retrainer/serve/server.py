@@ -5,7 +5,6 @@ SIGTERM and SIGINT stop accepting connections, let in-flight requests finish (up
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from typing import Any, Callable
 
 from ..errors import ModelDirError, RetrainerError
 from ..export import GRAPH_FILE, TFLITE_FILE
+from ..files import file_sha256
 from .auth import is_loopback
 from .settings import ServeConfig
 
@@ -54,15 +54,16 @@ def load_model(config: ServeConfig) -> tuple[Any, dict[str, Any]]:
 
     classifier = Classifier.load(config.model_dir if not config.graph else None,
                                  graph=config.graph, labels=config.labels,
-                                 runtime=config.runtime)
+                                 runtime=config.runtime, graph_digest=True)
     graph_path = Path(config.graph) if config.graph else Path(config.model_dir) / GRAPH_FILE
-    if not config.graph and not graph_path.is_file():  # a folder with model.tflite only
+    digest = classifier.graph_sha256  # of the graph loaded (an export may replace it later)
+    if digest is None:  # a folder with model.tflite only
         graph_path = Path(config.model_dir) / TFLITE_FILE
-    try:
-        digest = hashlib.sha256(graph_path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ModelDirError(f"cannot read '{graph_path}' ({exc.strerror or exc}).",
-                            "Check the model folder (model_dir=DIR).") from None
+        try:
+            digest = file_sha256(graph_path)
+        except OSError as exc:
+            raise ModelDirError(f"cannot read '{graph_path}' ({exc.strerror or exc}).",
+                                "Check the model folder (model_dir=DIR).") from None
     meta = classifier.metadata
     name = (Path(config.model_dir).resolve().name if not config.graph
             else graph_path.stem)
