@@ -70,10 +70,10 @@ class EvaluationReport:
         def fmt_auc(value: float | None) -> str:
             return f"{value:7.3f}" if value is not None else "      -"
 
-        predicted = [sum(col) for col in zip(*self.confusion)] if self.confusion else []
+        scored = occurring(np.array(self.confusion)) if self.confusion else None
         for i, label in enumerate(self.labels):
             row = self.per_class[label]
-            if not row["support"] and not (predicted and predicted[i]):  # not in the macro
+            if scored is not None and not scored[i]:  # not in the macro average
                 lines.append(f"{label:<{width}}  {'-':>9}  {'-':>6}  {'-':>6}  "
                              f"{fmt_auc(auc.get(label))}  {0:7d}")
                 continue
@@ -99,10 +99,9 @@ class EvaluationReport:
         return "\n".join(rows)
 
     def write(self, output_dir: str | Path, extra: dict[str, Any] | None = None,
-              name: str | None = None, png: bytes | None = None) -> dict[str, str]:
+              name: str | None = None) -> dict[str, str]:
         """``report.json`` and ``confusion_matrix.png`` in ``output_dir`` (or, given a
-        ``name``, ``evaluation-<name>.json`` and ``.png``); returns their paths. ``png``: the
-        picture :func:`confusion_png` made already."""
+        ``name``, ``evaluation-<name>.json`` and ``.png``); returns their paths."""
         from .export import write_json
         from .files import atomic_write
 
@@ -113,7 +112,7 @@ class EvaluationReport:
         written = {"report": str(out / report)}
         write_json(out / report, {**self.to_dict(), **(extra or {})})
         if self.confusion:
-            data = png if png is not None else confusion_png(self)
+            data = confusion_png(self)
             atomic_write(out / picture, lambda fh: fh.write(data))
             written["confusion_png"] = str(out / picture)
         return written
@@ -256,6 +255,14 @@ def roc_auc_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> 
     return {"per_class": per_class, "macro": macro, "weighted": weighted}
 
 
+def occurring(cm: np.ndarray) -> np.ndarray:
+    """The classes a confusion matrix's images show (true or predicted): the macro averages
+    run over them, as scikit-learn's report does, since a class absent from the scored images
+    would count as a score of 0. All classes when there are no images."""
+    seen = (cm.sum(axis=1) > 0) | (cm.sum(axis=0) > 0)
+    return seen if seen.any() else np.ones_like(seen)
+
+
 def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[str],
                          paths: Sequence[str] | None = None, split: str = "") -> EvaluationReport:
     """Metrics for class indices ``y_true`` against predicted probabilities (N, classes)."""
@@ -266,11 +273,7 @@ def evaluate_predictions(y_true: Sequence[int], probs: np.ndarray, labels: list[
     p, r, f, s = precision_recall_f1(cm)
     per_class = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                          "support": int(s[i])} for i, label in enumerate(labels)}
-    # Macro averages run over the classes that occur (true or predicted), as scikit-learn's
-    # report does: a class absent from the scored images would count as a score of 0.
-    seen = (s > 0) | (cm.sum(axis=0) > 0)
-    if not seen.any():
-        seen[:] = True
+    seen = occurring(cm)
     averages = {"macro": {"precision": float(p[seen].mean()), "recall": float(r[seen].mean()),
                           "f1": float(f[seen].mean())},
                 "weighted": {name: float(_ratio(values @ s, s.sum()))
